@@ -1,0 +1,3 @@
+from rcopy.cli.main import main
+
+raise SystemExit(main())

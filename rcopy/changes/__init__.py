@@ -1,0 +1,1 @@
+"""Sources of changed extents between two snapshots of one volume."""

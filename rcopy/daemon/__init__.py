@@ -1,0 +1,1 @@
+"""The long-running service: scheduler, link and device watch."""

@@ -1,0 +1,1 @@
+"""Pure replication logic: states, transitions, plans. Imports nothing from rcopy.sys."""

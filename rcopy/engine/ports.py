@@ -1,0 +1,68 @@
+"""The interfaces the engine drives; the engine sees nothing else of the system.
+
+Implementations live outside rcopy.engine (rcopy.snapshot, rcopy.changes, rcopy.transport); unit tests
+hand the engine fakes of these, the lab hands it the real ones (zrepl's driver over Planner/FS/Step).
+Volumes and snapshots are named by block-device path (``/dev/VG/LV``); snapshot names follow the
+reserved name space documented in rcopy/engine/DESIGN.md (``rcopy.<group>.<volume>.<kind><gen>``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Iterator, Protocol, Sequence
+
+from rcopy.extent import Extent
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A point-in-time copy of one volume, owned by rcopy."""
+
+    origin: str          # device path of the volume, e.g. /dev/vg0/data
+    name: str            # LV name of the snapshot, e.g. rcopy.g1.data.P3
+    path: str            # device path of the snapshot, e.g. /dev/vg0/rcopy.g1.data.P3
+    backend: str         # "thin" or "cow" (classic dm-snapshot)
+
+
+class Snapshotter(Protocol):
+    """Takes, checks, deletes and rolls back snapshots. Every method is idempotent."""
+
+    def cut(self, requests: Sequence[tuple[str, str]]) -> list[Snapshot]:
+        """Snapshot every (origin path, snapshot name) at one instant (crash-consistent across all)."""
+
+    def find(self, origin: str, name: str) -> Snapshot | None:
+        """The snapshot of that name on that origin, or None if it does not exist."""
+
+    def valid(self, snap: Snapshot) -> bool:
+        """False when the snapshot can no longer serve as a base (e.g. an overflowed dm-snapshot)."""
+
+    def delete(self, snap: Snapshot) -> None:
+        """Remove the snapshot; a missing one is not an error."""
+
+    def rollback(self, snap: Snapshot) -> None:
+        """Make the origin read exactly as the snapshot; the snapshot is consumed."""
+
+
+class ChangeSource(Protocol):
+    def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
+        """Sorted, non-overlapping extents of ``new`` that differ from ``old`` (zero runs marked)."""
+
+
+class Sender(Protocol):
+    def send(self, source_path: str, extents: Iterable[Extent], export: "ExportInfo",
+             progress=None) -> int:
+        """Write each extent of source_path to the export (zero extents as write-zeroes), then flush.
+
+        Returns the payload bytes sent. Raises a LinkError subclass when the connection is lost.
+        """
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+    """Where the backup exports one secondary for the duration of a sync."""
+
+    host: str
+    port: int
+    name: str
+    size: int
+    tls_psk: str | None = None   # hex PSK handed over by the control channel, None for plain
+    tls_username: str = "rcopy"

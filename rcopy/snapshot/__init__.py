@@ -1,0 +1,1 @@
+"""Snapshot back-ends (LVM thin, dm-snapshot) behind one interface."""

@@ -1,0 +1,1 @@
+"""Wrappers around every external tool and kernel interface; the only code that touches them."""

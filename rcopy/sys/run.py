@@ -1,0 +1,98 @@
+"""The one place rcopy runs external programs.
+
+Every subprocess goes through :func:`run`: it forces ``LC_ALL=C`` so tools print what parsers expect,
+never goes through a shell, applies a timeout, and keeps the last commands in a ring buffer (the flight
+recorder) that ``rcopy status --debug`` and crash reports print (blivet ``util._run_program``, lvmdbusd's
+flight recorder). Wrappers in rcopy.sys turn a failed :class:`Result` into their own typed error.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import subprocess
+import threading
+import time
+
+from rcopy.errors import ToolError
+
+log = logging.getLogger("rcopy.run")
+
+_RECORDER_SIZE = 64
+_recorder: collections.deque = collections.deque(maxlen=_RECORDER_SIZE)
+_lock = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+class CommandNotFound(ToolError):
+    """{tool} is not installed: install the package that provides it"""
+
+
+class CommandTimeout(ToolError):
+    """{cmd} did not finish within {timeout} s"""
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["LC_ALL"] = "C"
+    env.pop("LANG", None)
+    return env
+
+
+def run(argv, *, input: str | bytes | None = None, timeout: float = 120.0, check: bool = False,
+        error: type[ToolError] = ToolError) -> Result:
+    """Run argv (a sequence, never a shell string); return its Result.
+
+    With check=True a non-zero exit raises ``error`` carrying the command, code and stderr.
+    """
+    argv = tuple(str(a) for a in argv)
+    t0 = time.monotonic()
+    text = not isinstance(input, bytes)
+    try:
+        cp = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, env=_env(),
+                            text=text, stdin=None if input is not None else subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise CommandNotFound(tool=argv[0]) from None
+    except subprocess.TimeoutExpired:
+        _record(argv, -1, "", f"timeout after {timeout}s", time.monotonic() - t0)
+        raise CommandTimeout(cmd=" ".join(argv), timeout=timeout) from None
+    out = cp.stdout if text else cp.stdout.decode(errors="replace")
+    err = cp.stderr if text else cp.stderr.decode(errors="replace")
+    res = _record(argv, cp.returncode, out, err, time.monotonic() - t0)
+    if check and not res.ok:
+        raise error(describe(res))
+    return res
+
+
+def describe(res: Result) -> str:
+    """One line naming the command, its exit code and the last line of its stderr."""
+    last = (res.stderr.strip().splitlines() or ["(no message)"])[-1].strip()
+    return f"{' '.join(res.argv)} failed (exit {res.rc}): {last}"
+
+
+def _record(argv, rc, out, err, seconds) -> Result:
+    res = Result(argv, rc, out, err, seconds)
+    with _lock:
+        _recorder.append(res)
+    log.debug("ran %s rc=%s in %.3fs%s", " ".join(argv), rc, seconds,
+              f" stderr={err.strip()!r}" if rc else "")
+    return res
+
+
+def recent() -> list[Result]:
+    """The flight recorder: the last commands run by this process, oldest first."""
+    with _lock:
+        return list(_recorder)

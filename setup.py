@@ -1,0 +1,4 @@
+"""Only names the cffi module; everything else is in pyproject.toml."""
+from setuptools import setup
+
+setup(cffi_modules=["native/build_ffi.py:ffibuilder"])
