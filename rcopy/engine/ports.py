@@ -64,5 +64,7 @@ class ExportInfo:
     port: int
     name: str
     size: int
-    tls_psk: str | None = None   # hex PSK handed over by the control channel, None for plain
-    tls_username: str = "rcopy"
+    # PEM of the throw-away self-signed certificate the backup's export made for this session, handed
+    # over by the control channel; the client pins exactly it. None for plain NBD. (Python's ssl module
+    # has no TLS-PSK, hence X.509 with pinning instead of a pre-shared key.)
+    tls_cert_pem: str | None = None
