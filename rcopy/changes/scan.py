@@ -1,0 +1,305 @@
+"""The full or range-restricted block compare of two snapshots (design.md §3, "Refine", "Full compare").
+
+``scan(old, new)`` reads both files or block devices in large aligned chunks on a reader thread while
+the calling thread compares the previous chunk in C (rcopy.native, GIL released), so I/O and compare
+overlap. A fixed pool of chunk buffers (anonymous mmaps: page aligned, as O_DIRECT needs) bounds memory
+whatever the device size: depth x 2 x chunk_size bytes, 48 MiB by default. The compare finds which
+blocks of ``new`` changed and which changed blocks are all zero; extents come out sorted and coalesced,
+zero runs marked, ready for the sender (zero runs go out as NBD write-zeroes).
+
+``old=None`` compares ``new`` against nothing, for a full sync: every block is data, except all-zero
+blocks which come out as zero extents. A block that is zero in both snapshots is unchanged.
+
+Candidate ``ranges`` (from thin_delta or a dm-snapshot exception table) restrict the compare; they are
+aligned out to whole blocks and clamped to the size. HAZARD: they must cover every block that may
+differ; a block outside them is taken as unchanged without being read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import io
+import mmap
+import os
+import queue
+import stat
+import threading
+from typing import Iterable, Iterator
+
+from rcopy import native
+from rcopy.errors import DeviceError, Refused, UsageError
+from rcopy.extent import Extent, coalesce
+
+CHUNK_SIZE = 8 << 20   # per read; large enough that a syscall per chunk is noise
+DEPTH = 3              # chunk pairs in flight: one being compared, the others being read
+_DIRECT_ALIGN = 4096   # O_DIRECT offsets/lengths are aligned to this (covers 512 and 4K sector disks)
+
+
+class OpenError(DeviceError):
+    """cannot open {path} for reading ({reason}): check the path and permissions"""
+
+
+class ReadError(DeviceError):
+    """read error on {path} at offset {offset} ({reason}): the device is failing or went away"""
+
+
+class ShortRead(DeviceError):
+    """short read on {path} at offset {offset} ({got} of {want} bytes): the device shrank or failed"""
+
+
+class SizeMismatch(Refused):
+    """{old} is {old_size} bytes but {new} is {new_size} bytes: compare snapshots of one size, or pass size="""
+
+
+class TooSmall(DeviceError):
+    """{path} is {actual} bytes, shorter than the {size} bytes to scan"""
+
+
+class BadRanges(UsageError):
+    """candidate ranges must be sorted, non-overlapping and non-empty: got {prev} then {cur}"""
+
+
+class BadChunkSize(UsageError):
+    """chunk size {chunk_size} must be a positive multiple of the block size {block_size}"""
+
+
+@dataclasses.dataclass
+class _Source:
+    """One open file or block device and how it is read."""
+
+    path: str
+    file: io.FileIO   # owns the fd: closed by close(), or by the GC if the scan never ran
+    size: int
+    direct: bool
+
+    @property
+    def fd(self) -> int:
+        return self.file.fileno()
+
+    @classmethod
+    def open(cls, path, direct: bool) -> "_Source":
+        path = os.fspath(path)
+        fd = None
+        if direct:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError as e:
+                if e.errno != errno.EINVAL:   # EINVAL: the filesystem refuses O_DIRECT (tmpfs)
+                    raise OpenError(path=path, reason=e.strerror) from None
+                direct = False
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise OpenError(path=path, reason=e.strerror) from None
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            os.close(fd)
+            raise OpenError(path=path, reason="not a regular file or block device")
+        file = io.FileIO(fd, "rb", closefd=True)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)   # works for files and block devices alike
+            if not direct:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError as e:
+            file.close()
+            raise OpenError(path=path, reason=e.strerror) from None
+        return cls(path, file, size, direct)
+
+    def close(self):
+        self.file.close()
+
+    def _buffered(self):
+        """Drop O_DIRECT after the kernel refused an unaligned read (e.g. 512 B blocks on a 4K disk)."""
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
+    def read_into(self, buf: mmap.mmap, offset: int, length: int):
+        """Fill buf[:length] from ``offset``; ShortRead/ReadError name the path and the offset."""
+        view = memoryview(buf)
+        try:
+            got = 0
+            while got < length:
+                want = length - got
+                if self.direct:   # the tail of a file may be unaligned: ask for more, take what comes
+                    want = min(-(-want // _DIRECT_ALIGN) * _DIRECT_ALIGN, len(view) - got)
+                try:
+                    n = os.preadv(self.fd, [view[got:got + want]], offset + got)
+                except OSError as e:
+                    if e.errno == errno.EINVAL and self.direct:
+                        self._buffered()
+                        continue
+                    raise ReadError(path=self.path, offset=offset + got, reason=e.strerror) from None
+                if n == 0:
+                    raise ShortRead(path=self.path, offset=offset + got, got=got, want=length)
+                got += n
+        finally:
+            view.release()
+
+    def drop_cache(self, offset: int, length: int):
+        if not self.direct:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def scan(old_path, new_path, *, ranges: Iterable[Extent] | None = None, block_size: int = 4096,
+         size: int | None = None, chunk_size: int = CHUNK_SIZE, depth: int = DEPTH,
+         direct: bool = False, drop_cache: bool = False,
+         kernel: int | str | None = None) -> Iterator[Extent]:
+    """Sorted, coalesced extents of ``new_path`` that differ from ``old_path`` (None: from nothing).
+
+    Opens and sizes both at call time, so a bad path or a size mismatch raises here, not at the first
+    ``next()``. ``direct`` reads with O_DIRECT (falls back to buffered where refused), for cold devices
+    whose pages should not evict the cache; ``drop_cache`` instead reads buffered and drops each chunk's
+    pages once compared. Closing the iterator early stops the reader thread.
+    """
+    native.check_block_size(block_size)
+    if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % block_size:
+        raise BadChunkSize(chunk_size=chunk_size, block_size=block_size)
+    if depth < 1:
+        raise UsageError(f"read-ahead depth {depth} must be at least 1")
+    sources: list[_Source] = []
+    try:
+        for path in (old_path, new_path):
+            if path is not None:
+                sources.append(_Source.open(path, direct))
+        size = _common_size(sources, old_path is not None, size)
+    except BaseException:
+        for s in sources:
+            s.close()
+        raise
+    job = _Job(sources, old_path is not None, size, block_size, chunk_size, depth, drop_cache, kernel)
+    spans = [(0, size)] if ranges is None else _spans(ranges, size, block_size)
+    return _coalesced(job.run(spans))
+
+
+def _common_size(sources: list[_Source], has_old: bool, size: int | None) -> int:
+    if size is None:
+        if has_old and sources[0].size != sources[1].size:
+            old, new = sources
+            raise SizeMismatch(old=old.path, old_size=old.size, new=new.path, new_size=new.size)
+        return sources[-1].size
+    if size < 0:
+        raise UsageError(f"size {size} must not be negative")
+    for s in sources:
+        if s.size < size:
+            raise TooSmall(path=s.path, actual=s.size, size=size)
+    return size
+
+
+def _spans(ranges: Iterable[Extent], size: int, block_size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) byte spans to compare: ranges aligned out to blocks, clamped, overlaps merged.
+
+    Lazy, so a long candidate list is never held whole; checked, because an unsorted list means a
+    parser bug upstream that would otherwise drop changed blocks silently.
+    """
+    prev = None
+    cur: tuple[int, int] | None = None
+    for r in ranges:
+        if r.length <= 0 or r.offset < 0 or (prev is not None and r.offset < prev.end):
+            raise BadRanges(prev=prev, cur=r)
+        prev = r
+        start = r.offset // block_size * block_size
+        end = min(-(-r.end // block_size) * block_size, size)
+        if start >= end:
+            continue
+        if cur is not None and start <= cur[1]:
+            cur = (cur[0], max(cur[1], end))
+            continue
+        if cur is not None:
+            yield cur
+        cur = (start, end)
+    if cur is not None:
+        yield cur
+
+
+def _coalesced(extents: Iterator[Extent]) -> Iterator[Extent]:
+    try:
+        yield from coalesce(extents)
+    finally:
+        extents.close()   # stops the reader thread even when our caller stops early
+
+
+_DONE = object()
+
+
+@dataclasses.dataclass
+class _Job:
+    """One scan: the reader thread fills chunk buffers from a free pool, the caller compares them."""
+
+    sources: list[_Source]
+    has_old: bool
+    size: int
+    block_size: int
+    chunk_size: int
+    depth: int
+    drop_cache: bool
+    kernel: int | str | None
+
+    def _chunks(self, spans: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        """(offset, length) reads, cut at multiples of chunk_size so large reads stay aligned."""
+        c = self.chunk_size
+        for start, end in spans:
+            off = start
+            while off < end:
+                stop = min(end, (off // c + 1) * c)
+                yield off, stop - off
+                off = stop
+
+    def _read(self, spans, free: queue.Queue, ready: queue.Queue, stop: threading.Event):
+        try:
+            for off, length in self._chunks(spans):
+                bufs = free.get()
+                if bufs is None or stop.is_set():
+                    return
+                for src, buf in zip(self.sources, bufs):
+                    src.read_into(buf, off, length)
+                ready.put((off, length, bufs))
+            ready.put(_DONE)
+        except BaseException as e:   # handed to the caller's thread, raised there
+            ready.put(e)
+
+    def run(self, spans) -> Iterator[Extent]:
+        bufsize = -(-self.chunk_size // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        pool = [[mmap.mmap(-1, bufsize) for _ in self.sources] for _ in range(self.depth)]
+        free: queue.Queue = queue.Queue()
+        for bufs in pool:
+            free.put(bufs)
+        ready: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        reader = threading.Thread(target=self._read, args=(spans, free, ready, stop),
+                                  name="rcopy-scan-reader", daemon=True)
+        flags = bytearray(self.chunk_size // self.block_size)
+        try:
+            reader.start()
+            while True:
+                item = ready.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                off, length, bufs = item
+                views = [memoryview(b)[:length] for b in bufs]
+                try:
+                    old = views[0] if self.has_old else None
+                    changed = native.compare_into(flags, old, views[-1], self.block_size, kernel=self.kernel)
+                finally:
+                    for v in views:
+                        v.release()
+                free.put(bufs)
+                if self.drop_cache:
+                    for src in self.sources:
+                        src.drop_cache(off, length)
+                if changed:
+                    yield from list(native.flag_extents(flags, -(-length // self.block_size),
+                                                        self.block_size, offset=off, end=off + length))
+        finally:
+            stop.set()
+            free.put(None)
+            if reader.is_alive():
+                reader.join()
+            for bufs in pool:
+                for b in bufs:
+                    b.close()
+            for src in self.sources:
+                src.close()

@@ -1,0 +1,184 @@
+"""Typed Python face of the C block-compare module (native/rcopy_cmp.h is the contract).
+
+Buffers (bytes, bytearray, memoryview, mmap; read-only is fine) go to C through ``ffi.from_buffer``,
+never copied; cffi's out-of-line API mode releases the GIL for the call, so the scanner's reader thread
+keeps reading while a chunk is compared. Bad arguments raise UsageError subclasses here, before C sees
+them; C's own return codes are mapped too, so a mismatch between the two is a loud error, not a wrong
+answer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterator
+
+from rcopy.errors import RcopyError, UsageError
+from rcopy.extent import Extent
+
+ABI = 2  # must equal RCOPY_CMP_ABI in native/rcopy_cmp.h
+
+try:
+    from rcopy._native import ffi, lib
+except ImportError as _e:  # pragma: no cover - only on a broken install
+    _import_error: ImportError | None = _e
+    ffi = lib = None
+else:
+    _import_error = None
+
+
+class NativeModuleError(RcopyError):
+    """{msg}: rerun scripts/setup to rebuild rcopy's native module"""
+
+
+class BadBlockSize(UsageError):
+    """block size {block_size} is not a power of two between 512 B and 1 MiB"""
+
+
+class LengthMismatch(UsageError):
+    """buffers differ in length ({old} vs {new} bytes): compare equally long buffers"""
+
+
+class BadBuffer(UsageError):
+    """{what} is not a contiguous byte buffer ({reason}): pass bytes, bytearray, mmap or a contiguous memoryview"""
+
+
+class KernelUnavailable(UsageError):
+    """compare kernel {kernel} cannot run here (available: {available})"""
+
+
+def _check_module():
+    if lib is None:
+        raise NativeModuleError(f"rcopy._native cannot be imported ({_import_error})")
+    if lib.rcopy_cmp_abi() != ABI:
+        raise NativeModuleError(f"rcopy._native has ABI {lib.rcopy_cmp_abi()}, this rcopy needs {ABI}")
+
+
+_check_module()
+
+DIFF = lib.RCOPY_FLAG_DIFF
+ZERO = lib.RCOPY_FLAG_ZERO
+BLOCK_MIN = lib.RCOPY_BLOCK_MIN
+BLOCK_MAX = lib.RCOPY_BLOCK_MAX
+REFERENCE = lib.RCOPY_KERNEL_REF
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    id: int
+    name: str
+    available: bool
+
+
+def kernels() -> list[Kernel]:
+    """Every kernel the module knows, with whether this CPU can run it; id 0 is the reference."""
+    return [Kernel(k, ffi.string(lib.rcopy_kernel_name(k)).decode(), bool(lib.rcopy_kernel_available(k)))
+            for k in range(lib.rcopy_kernel_count())]
+
+
+def best_kernel() -> Kernel:
+    """The kernel used when none is forced."""
+    return kernels()[lib.rcopy_kernel_best()]
+
+
+def check_block_size(block_size: int) -> int:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or not lib.rcopy_block_size_valid(max(block_size, 0)):
+        raise BadBlockSize(block_size=block_size)
+    return block_size
+
+
+def block_count(length: int, block_size: int) -> int:
+    """Blocks ``length`` bytes make, a short last block included."""
+    return -(-length // check_block_size(block_size))
+
+
+def _kernel_id(kernel: int | str | None) -> int:
+    if kernel is None:
+        return lib.RCOPY_KERNEL_AUTO
+    for k in kernels():
+        if kernel in (k.id, k.name) and k.available:
+            return k.id
+    raise KernelUnavailable(kernel=kernel, available=", ".join(k.name for k in kernels() if k.available))
+
+
+def _buffer(obj, what: str, writable: bool = False):
+    """A cffi view of obj's memory (no copy); UsageError instead of cffi's TypeError/ValueError."""
+    try:
+        return ffi.from_buffer("uint8_t[]", obj, require_writable=writable)
+    except (TypeError, ValueError, BufferError) as e:
+        raise BadBuffer(what=what, reason=str(e)) from None
+
+
+def compare_into(flags, old, new, block_size: int = 4096, *, kernel: int | str | None = None) -> int:
+    """Write one flag byte per block of ``new`` into ``flags`` (writable, at least block_count long):
+    0 equal, DIFF changed, DIFF|ZERO changed and all zero in ``new``. ``old=None`` compares against
+    nothing (every block changed, zero blocks still marked). Returns the number of changed blocks.
+    """
+    check_block_size(block_size)
+    k = _kernel_id(kernel)
+    with _buffer(new, "new") as pn, _buffer(flags, "flags", writable=True) as pf:
+        n = len(pn)
+        if old is None:
+            rc = lib.rcopy_cmp_blocks(k, ffi.NULL, pn, n, block_size, pf, len(pf))
+        else:
+            with _buffer(old, "old") as po:
+                if len(po) != n:
+                    raise LengthMismatch(old=len(po), new=n)
+                rc = lib.rcopy_cmp_blocks(k, po, pn, n, block_size, pf, len(pf))
+    return _check_rc(rc, kernel=kernel, block_size=block_size, nblocks=block_count(n, block_size))
+
+
+def _check_rc(rc: int, *, kernel, block_size: int, nblocks: int) -> int:
+    if rc >= 0:
+        return rc
+    if rc == lib.RCOPY_EBLOCKSIZE:
+        raise BadBlockSize(block_size=block_size)
+    if rc == lib.RCOPY_EKERNEL:
+        raise KernelUnavailable(kernel=kernel, available=", ".join(k.name for k in kernels() if k.available))
+    if rc == lib.RCOPY_EFLAGS:
+        raise UsageError(f"flags buffer too small: need {nblocks} bytes, one per block")
+    raise NativeModuleError(f"rcopy_cmp_blocks returned {rc}")
+
+
+def compare(old, new, block_size: int = 4096, *, kernel: int | str | None = None) -> bytes:
+    """The flag bytes of :func:`compare_into`, as a new bytes object."""
+    flags = bytearray(block_count(_nbytes(new, "new"), block_size))
+    compare_into(flags, old, new, block_size, kernel=kernel)
+    return bytes(flags)
+
+
+def _nbytes(obj, what: str) -> int:
+    with _buffer(obj, what) as p:
+        return len(p)
+
+
+# One regex pass finds the runs: C does the per-byte work, Python only sees the changed runs.
+_RUNS = re.compile(rb"\x01+|\x03+")
+
+
+def flag_extents(flags, nblocks: int, block_size: int, *, offset: int = 0,
+                 end: int | None = None) -> Iterator[Extent]:
+    """Extents of the changed runs in flags[:nblocks], block 0 at byte ``offset``; the last one is
+    clipped to ``end`` (a short last block). Data and zero runs come out separately, in order."""
+    for m in _RUNS.finditer(flags, 0, nblocks):
+        start = offset + m.start() * block_size
+        stop = offset + m.end() * block_size
+        if end is not None and stop > end:
+            stop = end
+        yield Extent(start, stop - start, zero=flags[m.start()] == DIFF | ZERO)
+
+
+def diff_extents(old, new, block_size: int = 4096, *, offset: int = 0,
+                 kernel: int | str | None = None) -> list[Extent]:
+    """Changed extents of ``new`` vs ``old`` (None: vs nothing), uncoalesced across calls."""
+    flags = compare(old, new, block_size, kernel=kernel)
+    return list(flag_extents(flags, len(flags), block_size, offset=offset,
+                             end=offset + _nbytes(new, "new")))
+
+
+def bench_memcmp(a, b, block_size: int = 4096) -> int:
+    """Benchmark ceiling: memcmp() block by block in C, nothing else; returns differing blocks."""
+    check_block_size(block_size)
+    with _buffer(a, "a") as pa, _buffer(b, "b") as pb:
+        if len(pa) != len(pb):
+            raise LengthMismatch(old=len(pa), new=len(pb))
+        return lib.rcopy_bench_memcmp(pa, pb, len(pa), block_size)
