@@ -1,0 +1,252 @@
+"""LVM2 command wrapper: lvs (JSON report), lvcreate, lvremove, lvrename, lvchange, lvconvert.
+
+The only module that runs LVM tools. Reports are read with ``--reportformat json --units b --nosuffix
+--binary`` so sizes are bytes and flags are 0/1, then turned into :class:`LV` values at once. Every
+mutating call is idempotent: creating a snapshot that already exists with the same origin, or removing
+one that is gone, succeeds quietly (zrepl's idempotent platform tests are the model).
+
+LVM runs with ``devices/ignore_suspended_devices=1``: the group cut (rcopy/snapshot/cut.py) suspends
+origins before it calls lvcreate, and LVM must not block trying to read a suspended device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+
+from rcopy.errors import AlreadyExists, NotFound, Refused, ToolError
+from rcopy.sys.run import Result, describe, run
+
+LVM_CONFIG = "devices { ignore_suspended_devices = 1 scan_lvs = 0 }"
+NAME_RE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
+FIELDS = ("vg_name", "lv_name", "lv_path", "lv_dm_path", "lv_attr", "lv_size", "segtype", "origin",
+          "pool_lv", "thin_id", "chunk_size", "lv_active", "lv_skip_activation", "lv_snapshot_invalid",
+          "lv_merging", "lv_merge_failed", "lv_device_open", "lv_suspended", "snap_percent",
+          "vg_extent_size")
+TIMEOUT = 120.0
+
+
+class LvmError(ToolError):
+    """{msg}"""
+
+
+class LvNotFound(NotFound):
+    """logical volume {lv} not found: check the name with 'lvs'"""
+
+
+@dataclasses.dataclass(frozen=True)
+class LV:
+    """One row of ``lvs``, typed. ``origin`` is the LV name a snapshot was taken of ('' if none)."""
+
+    vg: str
+    name: str
+    path: str
+    dm_path: str
+    attr: str
+    size: int
+    segtype: str
+    origin: str
+    pool: str
+    thin_id: int | None
+    chunk_size: int
+    active: bool
+    skip_activation: bool
+    snapshot_invalid: bool
+    merging: bool
+    merge_failed: bool
+    open: bool
+    suspended: bool
+    extent_size: int
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.vg}/{self.name}"
+
+    @property
+    def dm_name(self) -> str:
+        return dm_name(self.vg, self.name)
+
+    @property
+    def is_thin(self) -> bool:
+        return self.segtype == "thin"
+
+    @property
+    def is_cow_snapshot(self) -> bool:
+        """A classic (thick) snapshot: lv_attr type 's' (or 'S' when invalid), not thin."""
+        return self.attr[:1] in ("s", "S") and not self.is_thin
+
+
+def dm_name(vg: str, lv: str, layer: str | None = None) -> str:
+    """The device-mapper name LVM gives VG/LV: each '-' doubled, parts joined by '-' (libdm's rule)."""
+    parts = [vg.replace("-", "--"), lv.replace("-", "--")]
+    if layer:
+        parts.append(layer)
+    return "-".join(parts)
+
+
+def check_name(name: str) -> str:
+    """LV names: [A-Za-z0-9+_.-], not starting with '-' (lvm(8) 'VALID NAMES'); refuse anything else."""
+    if not NAME_RE.match(name) or name in (".", "..") or len(name) > 127:
+        raise Refused(f"invalid LV name {name!r}: use letters, digits and + _ . - only")
+    return name
+
+
+def _flag(v) -> bool:
+    return str(v).strip() not in ("", "0", "-1")
+
+
+def _int(v, default=0) -> int:
+    v = str(v).strip()
+    return int(v) if v and v.lstrip("-").isdigit() else default
+
+
+def parse_lvs_json(text: str) -> list[LV]:
+    """Parse ``lvs --reportformat json --units b --nosuffix --binary -o FIELDS`` output."""
+    try:
+        doc = json.loads(text)
+        rows = [row for rep in doc["report"] for row in rep.get("lv", [])]
+    except (ValueError, KeyError, TypeError) as e:
+        raise LvmError(f"cannot parse lvs JSON output: {e}") from None
+    out = []
+    for r in rows:
+        thin_id = str(r.get("thin_id", "")).strip()
+        out.append(LV(
+            vg=r["vg_name"], name=r["lv_name"], path=r.get("lv_path", ""), dm_path=r.get("lv_dm_path", ""),
+            attr=r.get("lv_attr", ""), size=_int(r.get("lv_size")), segtype=r.get("segtype", ""),
+            origin=r.get("origin", "").strip("[]"), pool=r.get("pool_lv", "").strip("[]"),
+            thin_id=int(thin_id) if thin_id.isdigit() else None, chunk_size=_int(r.get("chunk_size")),
+            active=_flag(r.get("lv_active", "")), skip_activation=_flag(r.get("lv_skip_activation", "")),
+            snapshot_invalid=_flag(r.get("lv_snapshot_invalid", "")), merging=_flag(r.get("lv_merging", "")),
+            merge_failed=_flag(r.get("lv_merge_failed", "")), open=_flag(r.get("lv_device_open", "")),
+            suspended=_flag(r.get("lv_suspended", "")), extent_size=_int(r.get("vg_extent_size"))))
+    return out
+
+
+def _lvm(*args, check=True, timeout=TIMEOUT) -> Result:
+    return run(["lvm", args[0], "--config", LVM_CONFIG, *args[1:]], check=check, error=LvmError,
+               timeout=timeout)
+
+
+def lvs(*selectors: str, all_lvs: bool = False) -> list[LV]:
+    """Every LV matching the selectors (VG, VG/LV or /dev paths); [] when none exists."""
+    argv = ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "--binary",
+            "-o", ",".join(FIELDS)]
+    if all_lvs:
+        argv.append("-a")
+    res = _lvm(*argv, *selectors, check=False)
+    if not res.ok:
+        if _missing(res):
+            return []
+        raise LvmError(describe(res))
+    return parse_lvs_json(res.stdout)
+
+
+def _missing(res: Result) -> bool:
+    err = res.stderr
+    return ("not found" in err or "Failed to find logical volume" in err
+            or "does not exist" in err or "Volume group" in err and "not found" in err)
+
+
+def get(vg: str, name: str) -> LV | None:
+    """The LV VG/NAME, or None."""
+    rows = [lv for lv in lvs(f"{vg}/{name}") if lv.name == name]
+    return rows[0] if rows else None
+
+
+def require(vg: str, name: str) -> LV:
+    lv = get(vg, name)
+    if lv is None:
+        raise LvNotFound(lv=f"{vg}/{name}")
+    return lv
+
+
+def by_path(path: str) -> LV:
+    """The LV behind a device path (/dev/VG/LV or /dev/mapper/VG-LV); LvNotFound if it is not an LV."""
+    rows = lvs(path)
+    if len(rows) != 1:
+        raise LvNotFound(lv=path)
+    return rows[0]
+
+
+def _same_snapshot(lv: LV, origin: str) -> None:
+    if lv.origin != origin:
+        raise AlreadyExists(f"{lv.full_name} exists but is not a snapshot of {lv.vg}/{origin}: "
+                            f"remove it or choose another name")
+
+
+def create_thin_snapshot(vg: str, origin: str, name: str) -> LV:
+    """Thin snapshot VG/NAME of VG/ORIGIN, activated (activation skip cleared). Idempotent."""
+    check_name(name)
+    lv = get(vg, name)
+    if lv is None:
+        _lvm("lvcreate", "-qq", "-s", "-kn", "-ay", "-n", name, f"{vg}/{origin}")
+        lv = require(vg, name)
+    _same_snapshot(lv, origin)
+    return activate(lv)
+
+
+def create_cow_snapshot(vg: str, origin: str, name: str, size: int) -> LV:
+    """Classic dm-snapshot VG/NAME of VG/ORIGIN with a COW store of ``size`` bytes. Idempotent."""
+    check_name(name)
+    lv = get(vg, name)
+    if lv is None:
+        _lvm("lvcreate", "-qq", "-s", "-kn", "-L", f"{int(size)}b", "-n", name, f"{vg}/{origin}")
+        lv = require(vg, name)
+    _same_snapshot(lv, origin)
+    return lv
+
+
+def activate(lv: LV) -> LV:
+    """Clear activation skip and activate (thin snapshots default to skip); no-op when already so."""
+    if lv.skip_activation:
+        _lvm("lvchange", "-kn", lv.full_name)
+    if not lv.active:
+        _lvm("lvchange", "-ay", "-K", lv.full_name)
+    return require(lv.vg, lv.name) if (lv.skip_activation or not lv.active) else lv
+
+
+def remove(vg: str, name: str) -> bool:
+    """Remove VG/NAME; True if it was removed, False if it was already gone."""
+    if get(vg, name) is None:
+        return False
+    res = _lvm("lvremove", "-qq", "-f", f"{vg}/{name}", check=False)
+    if not res.ok:
+        if get(vg, name) is None:
+            return False
+        raise LvmError(describe(res))
+    return True
+
+
+def rename(vg: str, old: str, new: str) -> None:
+    """Rename VG/OLD to NEW; quiet when OLD is gone and NEW exists (already renamed)."""
+    check_name(new)
+    if get(vg, old) is None and get(vg, new) is not None:
+        return
+    _lvm("lvrename", "-qq", vg, old, new)
+
+
+def merge(vg: str, name: str) -> None:
+    """Start merging snapshot VG/NAME into its origin (``lvconvert --merge``)."""
+    lv = get(vg, name)
+    if lv is None or lv.merging:
+        return
+    _lvm("lvconvert", "-qq", "--merge", f"{vg}/{name}")
+
+
+def wait_merged(vg: str, name: str, *, timeout: float = 3600.0, poll: float = 0.5) -> None:
+    """Block until the snapshot VG/NAME has merged (and so disappeared); raise LvmError on failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lv = get(vg, name)
+        if lv is None:
+            return
+        if lv.merge_failed:
+            raise LvmError(f"merge of {vg}/{name} into its origin failed: see 'lvs -a {vg}' and the kernel log")
+        if not lv.merging:
+            raise LvmError(f"{vg}/{name} still exists but is not merging: the merge was deferred "
+                           f"(is the origin open?); close the origin and retry")
+        if time.monotonic() > deadline:
+            raise LvmError(f"merge of {vg}/{name} did not finish within {timeout:.0f} s")
+        # lvconvert returns at once; polling 'lvs' is how LVM's own lvpoll watches it.
+        time.sleep(poll)
