@@ -77,6 +77,24 @@ def run(argv, *, input: str | bytes | None = None, timeout: float = 120.0, check
     return res
 
 
+def spawn(argv, *, stderr_path: str | None = None) -> subprocess.Popen:
+    """Start a long-running program (a server such as nbdkit) without waiting for it; the caller owns
+    the returned process and must stop it. stdin/stdout are /dev/null; stderr goes to stderr_path (so a
+    failed start can be explained) or /dev/null. Recorded in the flight recorder with its pid."""
+    argv = tuple(str(a) for a in argv)
+    err = open(stderr_path, "ab") if stderr_path else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                env=_env())
+    except FileNotFoundError:
+        raise CommandNotFound(tool=argv[0]) from None
+    finally:
+        if stderr_path:
+            err.close()
+    _record(argv, 0, f"spawned pid {proc.pid}", "", 0.0)
+    return proc
+
+
 def describe(res: Result) -> str:
     """One line naming the command, its exit code and the last line of its stderr."""
     last = (res.stderr.strip().splitlines() or ["(no message)"])[-1].strip()

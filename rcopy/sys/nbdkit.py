@@ -1,0 +1,120 @@
+"""nbdkit, the NBD server the backup runs for the duration of a sync (nbdkit(1), nbdkit-file-plugin(1)).
+
+The only code that starts nbdkit or makes its TLS certificate directory. nbdkit runs in the foreground
+with ``--exit-with-parent`` (it dies with us, however we die) and writes its pidfile once it listens, which
+is how we know it is ready (nbdkit(1), "-P"). Certificates are throw-away, self-signed, one per session,
+made with openssl; the client pins the exact certificate, so no names or CA chain matter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import tempfile
+import time
+
+from rcopy.errors import ToolError
+from rcopy.sys.run import run, spawn
+
+_TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+
+
+class NbdkitError(ToolError):
+    """nbdkit did not start on {where}: {msg}"""
+
+
+@dataclasses.dataclass
+class NbdkitServer:
+    """A running nbdkit; stop() ends it (idempotent)."""
+
+    proc: subprocess.Popen
+    host: str
+    port: int
+    workdir: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL at once: what a crash of the backup looks like to the client."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (a race remains: start() retries on a clash)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | None = None,
+          readonly: bool = False, tls_dir: str | None = None, filters: tuple[str, ...] = (),
+          extra: tuple[str, ...] = (), ready_timeout: float = 15.0) -> NbdkitServer:
+    """Start ``nbdkit PLUGIN ARGS`` listening on host:port (a free port when None) and wait until it
+    accepts connections."""
+    attempts = 1 if port is not None else 5
+    last = ""
+    for _ in range(attempts):
+        p = port if port is not None else free_port(host)
+        workdir = tempfile.mkdtemp(prefix="rcopy-nbdkit-")
+        pidfile, logfile = os.path.join(workdir, "pid"), os.path.join(workdir, "stderr")
+        argv = ["nbdkit", "--foreground", "--exit-with-parent", "-i", host, "-p", str(p), "-P", pidfile]
+        if readonly:
+            argv.append("--readonly")
+        if tls_dir:
+            argv += ["--tls=require", f"--tls-certificates={tls_dir}"]
+        argv += [f"--filter={f}" for f in filters]
+        argv += [*extra, plugin, *plugin_args]
+        srv = NbdkitServer(spawn(argv, stderr_path=logfile), host, p, workdir)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(pidfile) and os.path.getsize(pidfile):
+                return srv
+            if not srv.alive():
+                break
+            time.sleep(0.02)
+        srv.stop()
+        last = _tail(logfile) or f"not ready after {ready_timeout} s"
+        if "in use" not in last:
+            break
+    raise NbdkitError(last, where=f"{host}:{port or 'a free port'}")
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def make_tls_dir(directory: str, common_name: str = "rcopy") -> str:
+    """Write a fresh self-signed certificate and key into directory as nbdkit expects them
+    (ca-cert.pem, server-cert.pem, server-key.pem); return the certificate PEM for the client to pin."""
+    key, cert = os.path.join(directory, "server-key.pem"), os.path.join(directory, "server-cert.pem")
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", key, "-out", cert, "-days", "7", "-subj", f"/CN={common_name}"],
+        check=True, timeout=30, error=NbdkitError)
+    os.chmod(key, 0o600)
+    with open(cert) as f:
+        pem = f.read()
+    with open(os.path.join(directory, _TLS_FILES[0]), "w") as f:
+        f.write(pem)
+    return pem

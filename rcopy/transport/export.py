@@ -1,0 +1,95 @@
+"""The backup's side of the data path: export a set of volumes over NBD for the duration of one sync.
+
+One nbdkit (file plugin, ``dir=`` mode) serves every volume of the session as a named export: the
+directory holds one symlink per volume (name -> device), and nbdkit follows them (checked on nbdkit
+1.32 with a symlink to a file; block devices are served the same way). Optionally TLS with a certificate
+made for this session, which the control channel hands to the primary to pin. nbdkit dies with its
+parent (``--exit-with-parent``), so a crashed agent leaves no writable export behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from typing import Mapping
+
+from rcopy.engine.ports import ExportInfo
+from rcopy.errors import NotFound, UsageError
+from rcopy.sys import nbdkit
+
+_NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+:-]{0,127}$")
+
+
+class BadExportName(UsageError):
+    """export name {name!r} is not allowed: use letters, digits and _.+:- (no slash, not starting with a dot)"""
+
+
+class VolumeMissing(NotFound):
+    """cannot export {path}: {msg}"""
+
+
+def device_size(path: str) -> int:
+    """Size in bytes of a regular file or block device (st_size is 0 for a block device)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise VolumeMissing(e.strerror, path=path) from None
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+class Export:
+    """Context manager: ``with Export({"data": "/dev/vg/data"}, host=addr, tls=True) as ex: ex.infos``."""
+
+    def __init__(self, volumes: Mapping[str, str], *, host: str = "127.0.0.1", port: int | None = None,
+                 tls: bool = False, readonly: bool = False):
+        for name in volumes:
+            if not _NAME.match(name):
+                raise BadExportName(name=name)
+        self.volumes = dict(volumes)
+        self.host, self.port, self.tls, self.readonly = host, port, tls, readonly
+        self.server: nbdkit.NbdkitServer | None = None
+        self.infos: dict[str, ExportInfo] = {}
+        self._dir: str | None = None
+
+    def start(self) -> dict[str, ExportInfo]:
+        sizes = {name: device_size(path) for name, path in self.volumes.items()}
+        self._dir = tempfile.mkdtemp(prefix="rcopy-export-")
+        try:
+            vols = os.path.join(self._dir, "volumes")
+            os.mkdir(vols)
+            for name, path in self.volumes.items():
+                os.symlink(os.path.abspath(path), os.path.join(vols, name))
+            pem, tls_dir = None, None
+            if self.tls:
+                tls_dir = os.path.join(self._dir, "tls")
+                os.mkdir(tls_dir, 0o700)
+                pem = nbdkit.make_tls_dir(tls_dir)
+            self.server = nbdkit.start("file", f"dir={vols}", host=self.host, port=self.port,
+                                       readonly=self.readonly, tls_dir=tls_dir)
+        except BaseException:
+            self.stop()
+            raise
+        self.infos = {name: ExportInfo(host=self.host, port=self.server.port, name=name, size=size,
+                                       tls_cert_pem=pem) for name, size in sizes.items()}
+        return self.infos
+
+    def stop(self) -> None:
+        """Stop nbdkit and remove the session directory (certificate and key included). Idempotent."""
+        if self.server is not None:
+            self.server.stop()
+            shutil.rmtree(self.server.workdir, ignore_errors=True)
+            self.server = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "Export":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,178 @@
+"""The Sender port: an extent list from a source file lands exactly where the extents say, nowhere else."""
+import random
+import threading
+
+import pytest
+
+from rcopy.engine.ports import ExportInfo
+from rcopy.errors import LinkError
+from rcopy.extent import Extent
+from rcopy.transport.client import Geometry, NbdClient
+from rcopy.transport.export import BadExportName, Export
+from rcopy.transport.sender import ExportMismatch, NbdSender, Piece, SourceReadError, plan
+from tests.unit.nbd_servers import MiB, serve  # noqa: F401  (fixture)
+
+BLK = 4096
+PATTERN = b"\xa5\x5a\xc3\x3c"
+
+
+def make_source(path, size, seed):
+    """Random data with some all-zero 64 KiB runs (where the zero extents will point)."""
+    rnd = random.Random(seed)
+    data = bytearray(rnd.randbytes(size))
+    zero_runs = sorted(rnd.sample(range(size // (64 << 10)), 6))
+    for r in zero_runs:
+        data[r * (64 << 10):(r + 1) * (64 << 10)] = bytes(64 << 10)
+    path.write_bytes(data)
+    return bytes(data), zero_runs
+
+
+def random_extents(size, zero_runs, seed, unaligned=False):
+    """Sorted, non-overlapping data extents (4 KiB blocks, runs, and a large one) plus zero extents."""
+    rnd = random.Random(seed)
+    marks = {}
+    for r in zero_runs:
+        start = r * (64 << 10) + (512 if unaligned else 0)
+        marks[start] = Extent(start, (64 << 10) - (1024 if unaligned else 0), zero=True)
+    taken = set()
+    for r in zero_runs:
+        taken.update(range(r * 16, (r + 1) * 16))
+    for blk in rnd.sample(range(size // BLK), 300):
+        if blk in taken:
+            continue
+        n = rnd.choice([1, 1, 1, 2, 5])
+        if any(b in taken for b in range(blk, blk + n)) or (blk + n) * BLK > size:
+            continue
+        taken.update(range(blk - 1, blk + n + 1))      # keep extents apart so the list stays sorted
+        off, length = blk * BLK, n * BLK
+        if unaligned:
+            off, length = off + 100, length - 300
+        marks[off] = Extent(off, length)
+    return [marks[k] for k in sorted(marks)]
+
+
+def check_exact(dest: bytes, source: bytes, extents, size):
+    """Per block: bytes inside an extent equal the source, bytes outside still hold the pattern."""
+    inside = bytearray(size)
+    for e in extents:
+        inside[e.offset:e.end] = b"\x01" * e.length
+    pattern = (PATTERN * (size // len(PATTERN) + 1))[:size]
+    for blk in range(0, size, BLK):
+        mask = inside[blk:blk + BLK]
+        if mask == b"\x01" * BLK:
+            assert dest[blk:blk + BLK] == source[blk:blk + BLK], f"block {blk} differs from source"
+        elif not any(mask):
+            assert dest[blk:blk + BLK] == pattern[blk:blk + BLK], f"block {blk} written outside extents"
+        else:
+            for i in range(blk, blk + BLK):
+                want = source[i] if inside[i] else pattern[i]
+                assert dest[i] == want, f"byte {i} wrong"
+
+
+@pytest.mark.parametrize("kind", ["nbdkit-file", "qemu-nbd", "nbd-server"])
+def test_extents_land_exactly(serve, tmp_path, kind):
+    size = 16 * MiB
+    source, zero_runs = make_source(tmp_path / "src", size, seed=10)
+    extents = random_extents(size, zero_runs, seed=11)
+    s = serve(kind, size=size, fill=PATTERN)
+    info = ExportInfo(s.host, s.port, s.name, size)
+    seen = []
+    sent = NbdSender(connections=3).send(str(tmp_path / "src"), extents, info, progress=seen.append)
+    data_bytes = sum(e.length for e in extents if not e.zero)
+    assert sent == data_bytes
+    assert seen and seen[-1] == sum(e.length for e in extents)
+    with open(s.path, "rb") as f:
+        check_exact(f.read(), source, extents, size)
+
+
+def test_unaligned_extents_honour_minimum_block_size(serve, tmp_path):
+    """With a 4 KiB minimum block, unaligned extents are widened with source bytes, and an unaligned
+    zero extent is zeroed only inside: its edges come from the source (which holds those bytes)."""
+    size = 8 * MiB
+    source, zero_runs = make_source(tmp_path / "src", size, seed=20)
+    extents = random_extents(size, zero_runs, seed=21, unaligned=True)
+    s = serve("nbdkit-file", size=size, fill=PATTERN, filters=("blocksize-policy",),
+              params=("blocksize-minimum=4096", "blocksize-maximum=256K", "blocksize-error-policy=error"))
+    NbdSender().send(str(tmp_path / "src"), extents, ExportInfo(s.host, s.port, "", size))
+    widened = [Extent(e.offset // BLK * BLK, -(-e.end // BLK) * BLK - e.offset // BLK * BLK) for e in extents]
+    with open(s.path, "rb") as f:
+        check_exact(f.read(), source, widened, size)
+
+
+def test_plan_splits_aligns_and_never_widens_zeroes():
+    geo = Geometry(size=1 * MiB, flags=0, min_block=4096, max_payload=64 << 10)
+    got = list(plan([Extent(100, 200_000), Extent(300_000, 20_000, zero=True)], geo))
+    assert all(p.offset % 4096 == 0 and p.length % 4096 == 0 for p in got)
+    assert all(p.length <= 64 << 10 for p in got if not p.zero)
+    zeroes = [p for p in got if p.zero]
+    assert zeroes == [Piece(single.offset, single.length, True) for single in zeroes]
+    assert min(p.offset for p in zeroes) >= 300_000 and max(p.offset + p.length for p in zeroes) <= 320_000
+    assert Piece(299_008, 4096, False) in got and Piece(319_488, 4096, False) in got
+
+
+def test_export_serves_named_volumes_and_sender_writes_each(tmp_path):
+    size = 4 * MiB
+    srcs, vols = {}, {}
+    for name in ("alpha", "beta"):
+        srcs[name], zr = make_source(tmp_path / f"src-{name}", size, seed=len(name))
+        vols[name] = tmp_path / f"dev-{name}"
+        vols[name].write_bytes(bytes(size))
+    with Export({n: str(p) for n, p in vols.items()}) as ex:
+        assert set(ex.infos) == {"alpha", "beta"} and ex.infos["alpha"].size == size
+        for name in vols:
+            NbdSender().send(str(tmp_path / f"src-{name}"), [Extent(0, size)], ex.infos[name])
+        pid = ex.server.pid
+    assert all(vols[n].read_bytes() == srcs[n] for n in vols)
+    with pytest.raises(ProcessLookupError):
+        import os
+        os.kill(pid, 0)
+
+
+def test_readonly_export_is_refused_before_writing(tmp_path):
+    vol = tmp_path / "vol"
+    vol.write_bytes(bytes(1 * MiB))
+    (tmp_path / "src").write_bytes(b"s" * MiB)
+    with Export({"vol": str(vol)}, readonly=True) as ex:
+        with pytest.raises(ExportMismatch):
+            NbdSender().send(str(tmp_path / "src"), [Extent(0, MiB)], ex.infos["vol"])
+        with NbdClient(ex.infos["vol"].host, ex.infos["vol"].port, "vol") as c:
+            assert c.geometry.readonly
+
+
+def test_bad_export_name_is_refused():
+    with pytest.raises(BadExportName):
+        Export({"../etc": "/dev/null"})
+
+
+def test_source_read_error_is_typed(serve, tmp_path):
+    s = serve("nbdkit-memory", size=1 * MiB)
+    (tmp_path / "short").write_bytes(b"x" * 4096)
+    with pytest.raises(SourceReadError) as ei:
+        NbdSender().send(str(tmp_path / "short"), [Extent(0, 1 * MiB)], ExportInfo(s.host, s.port, "", MiB))
+    assert ei.value.exit_code == 13
+
+
+def test_export_killed_mid_send_raises_link_error(serve, tmp_path):
+    size = 64 * MiB
+    src = tmp_path / "src"
+    src.write_bytes(bytes(range(256)) * (size // 256))
+    s = serve("nbdkit-memory", size=size, filters=("delay",), params=("wdelay=20ms",))
+    blocks = [Extent(b * 8 * BLK, BLK) for b in range(size // (8 * BLK))]
+    outcome, progressed = {}, threading.Event()
+
+    def run():
+        try:
+            NbdSender(connections=2, timeout=10).send(str(src), blocks, ExportInfo(s.host, s.port, "", size),
+                                                      progress=lambda n: progressed.set())
+        except BaseException as e:      # inspected below
+            outcome["error"] = e
+        finally:
+            progressed.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert progressed.wait(60)
+    s.kill()
+    t.join(60)                          # a hang detector, not a performance threshold
+    assert not t.is_alive(), "sender hung after the export died"
+    assert isinstance(outcome.get("error"), LinkError), outcome
