@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from rcopy.engine.ports import Snapshotter
+from rcopy.engine.ports import Snapshot, Snapshotter
 from rcopy.errors import NotFound, Refused
 from rcopy.sys import lvm, udev
 
@@ -43,3 +43,21 @@ def for_backend(name: str) -> Snapshotter:
 def for_device(path: str) -> Snapshotter:
     """The Snapshotter that can cut the volume at ``path``."""
     return for_backend(backend_name(path))
+
+
+def snapshot_at(path: str) -> Snapshot:
+    """Describe an existing snapshot (or any readable image) at ``path`` as a Snapshot value, with the
+    back-end that made it: a thin LV is 'thin', a classic snapshot LV 'cow', a regular file 'file'."""
+    if not os.path.exists(path):
+        raise NotFound(f"snapshot {path} not found: check the path")
+    if os.path.isfile(path):
+        return Snapshot(origin=path, name=os.path.basename(path), path=path, backend="file")
+    if not udev.device(path).is_lvm:
+        raise Refused(f"{path} is not an LVM snapshot or a regular file")
+    lv = lvm.by_path(path)
+    origin = f"/dev/{lv.vg}/{lv.origin}" if lv.origin else path
+    if lv.is_thin:
+        return Snapshot(origin=origin, name=lv.name, path=lv.path, backend="thin")
+    if lv.is_cow_snapshot:
+        return Snapshot(origin=origin, name=lv.name, path=lv.path, backend="cow")
+    raise Refused(f"{path} is neither a thin LV nor a dm-snapshot: give two snapshots of one volume")
