@@ -39,11 +39,16 @@ def ref_extents(flags, block_size, length, offset=0):
 
 
 def unaligned(data: bytes, shift: int, kind: str):
-    """data as bytes, bytearray, or a memoryview starting ``shift`` bytes into a larger buffer."""
+    """data as bytes, bytearray, a memoryview starting ``shift`` bytes into a larger buffer, or a
+    malloc'd block of exactly its length ("exact": under ASan, a read one byte past it is caught)."""
     if kind == "bytes":
         return bytes(data)
     if kind == "bytearray":
         return bytearray(data)
+    if kind == "exact":
+        buf = native.ffi.buffer(native.ffi.new("uint8_t[]", len(data)))
+        buf[:] = data
+        return buf
     return memoryview(bytearray(shift) + data + b"\xff" * 7)[shift:shift + len(data)]
 
 
@@ -79,7 +84,7 @@ def cases(draw):
         else:
             new[start:end] = rnd.randbytes(end - start)
     shifts = draw(st.tuples(st.integers(0, 15), st.integers(0, 15)))
-    kinds = draw(st.tuples(*[st.sampled_from(["bytes", "bytearray", "view"])] * 2))
+    kinds = draw(st.tuples(*[st.sampled_from(["bytes", "bytearray", "view", "exact"])] * 2))
     return (block_size, unaligned(old, shifts[0], kinds[0]), unaligned(new, shifts[1], kinds[1]))
 
 
