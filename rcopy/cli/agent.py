@@ -1,0 +1,16 @@
+"""``rcopy agent``: the control protocol on stdin/stdout, what a primary runs on its target (over ssh)."""
+from __future__ import annotations
+
+import sys
+
+
+def register(sub):
+    p = sub.add_parser("agent", help="serve the control protocol on stdio (run by the peer, not by hand)")
+    p.set_defaults(func=do_agent)
+
+
+def do_agent(args):
+    from rcopy.cli.common import open_store
+    from rcopy.transport.agent import serve
+
+    return serve(open_store(), sys.stdin, sys.stdout)

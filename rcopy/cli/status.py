@@ -1,0 +1,102 @@
+"""``rcopy status [groups|targets|links] [NAME] [--json]``: what 3PAR's showrcopy shows.
+
+``--json`` output (stable; new keys may be added, none renamed or removed):
+``{"system": NAME, "groups": [GROUP...], "targets": [TARGET...]}`` where
+GROUP = ``{name, target, role, mode, period (seconds or null), policies [..], state, reason, alert,
+sync_point {generation, id} (generation 0: never synced), syncing (bool), syncing_generation,
+last_sync_start, last_sync_end (Unix seconds, 0: never), volumes [VOLUME...]}``,
+VOLUME = ``{name, local, remote, size, state, percent (while syncing), bytes_done, bytes_total,
+last_sync, bytes_sent (by the last completed sync), full_reason ("" for a delta)}``,
+TARGET = ``{name, agent, links [{address, state}]}``. ``status links`` prints only targets' links.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from rcopy.cli.common import open_store, print_json
+from rcopy.model import format_period
+
+
+def register(sub):
+    p = sub.add_parser("status", help="show groups, volumes, targets and links (like showrcopy)")
+    p.add_argument("what", nargs="?", choices=["groups", "targets", "links"], default=None)
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true", help="machine-readable output (documented, stable)")
+    p.set_defaults(func=do_status)
+
+
+def _live(store, g) -> bool:
+    """Is someone really syncing this group? (A crashed sync leaves pending state but no lock holder.)"""
+    if not g.pending_generation:
+        return False
+    fd = store.try_lock(g.name)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def group_dict(store, g) -> dict:
+    live = _live(store, g)
+    vols = []
+    for v in store.volumes(g.name):
+        state = v.state.value
+        if state == "syncing" and not live:
+            state = "syncing-interrupted"
+        vols.append({"name": v.name, "local": v.local, "remote": v.remote, "size": v.size, "state": state,
+                     "percent": v.percent, "bytes_done": v.bytes_done, "bytes_total": v.bytes_total,
+                     "last_sync": v.last_sync, "bytes_sent": v.bytes_sent, "full_reason": v.full_reason})
+    reason = g.reason
+    if g.pending_generation and not live:
+        reason = (reason + "; " if reason else "") + \
+            f"sync point {g.pending_generation} was interrupted: the next run reconciles it"
+    return {"name": g.name, "target": g.target, "role": g.role.value, "mode": g.mode, "period": g.period,
+            "policies": sorted(g.policies), "state": g.state.value, "reason": reason, "alert": g.alert,
+            "sync_point": {"generation": g.generation, "id": g.sync_id}, "syncing": live,
+            "syncing_generation": g.pending_generation, "last_sync_start": g.last_sync_start,
+            "last_sync_end": g.last_sync_end, "volumes": vols}
+
+
+def target_dict(store, t) -> dict:
+    return {"name": t.name, "agent": t.agent_command("{link}"),
+            "links": [{"address": l.address, "state": l.state.value} for l in store.links(t.name)]}
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "never"
+
+
+def do_status(args):
+    store = open_store()
+    what = args.what
+    groups = [store.group(args.name)] if args.name and what in (None, "groups") else store.groups()
+    targets = [store.target(args.name)] if args.name and what in ("targets", "links") else store.targets()
+    out = {"system": store.system().name}
+    if what in (None, "groups"):
+        out["groups"] = [group_dict(store, g) for g in groups]
+    if what in (None, "targets", "links"):
+        out["targets"] = [target_dict(store, t) for t in targets]
+    if args.json:
+        print_json(out)
+        return 0
+    print(f"System: {out['system']}")
+    for g in out.get("groups", []):
+        sp = g["sync_point"]
+        print(f"\nGroup {g['name']}  target {g['target']}  role {g['role']}  mode {g['mode']}  "
+              f"period {format_period(g['period'])}  policies {','.join(g['policies']) or '-'}")
+        line = f"  state {g['state']}" + (f" ({g['reason']})" if g["reason"] else "")
+        line += f"  sync point {sp['generation']}" + (f" (syncing {g['syncing_generation']})" if g["syncing"] else "")
+        print(line + f"  last sync {_when(g['last_sync_end'])}")
+        if g["alert"]:
+            print(f"  ALERT: {g['alert']}")
+        print(f"  {'volume':<16} {'local':<28} {'remote':<28} {'state':<12} {'last sync':<19} {'sent':>12}  note")
+        for v in g["volumes"]:
+            state = f"{v['state']} {v['percent']}%" if v["state"] == "syncing" else v["state"]
+            note = f"full: {v['full_reason']}" if v["full_reason"] else ""
+            print(f"  {v['name']:<16} {v['local']:<28} {v['remote']:<28} {state:<12} {_when(v['last_sync']):<19} "
+                  f"{v['bytes_sent']:>12}  {note}")
+    for t in out.get("targets", []):
+        links = ", ".join(f"{l['address']} {l['state']}" for l in t["links"])
+        print(f"\nTarget {t['name']}  links: {links}  agent: {t['agent']}")
+    return 0

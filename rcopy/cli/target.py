@@ -1,0 +1,44 @@
+"""``rcopy target create|remove|list``: the peer systems this one replicates to (3PAR creatercopytarget)."""
+from __future__ import annotations
+
+from rcopy.cli.common import open_store, print_json
+from rcopy.model import Target, check_name
+
+
+def register(sub):
+    p = sub.add_parser("target", help="define the systems this one replicates to")
+    s = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    c = s.add_parser("create", help="define a target: its links and how to reach its agent")
+    c.add_argument("name")
+    c.add_argument("--link", action="append", required=True, metavar="ADDR",
+                   help="address of a replication link to the target (repeat for several)")
+    c.add_argument("--agent", metavar="CMD",
+                   help=f"command running the target's agent on stdio; {{link}} is replaced by the link "
+                        f"(default: '{Target.DEFAULT_AGENT}')")
+    c.set_defaults(func=do_create)
+    r = s.add_parser("remove", help="forget a target (refused while a group uses it)")
+    r.add_argument("name")
+    r.set_defaults(func=do_remove)
+    ls = s.add_parser("list", help="list targets")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=do_list)
+
+
+def do_create(args):
+    store = open_store()
+    store.add_target(Target(check_name("target", args.name), tuple(dict.fromkeys(args.link)), args.agent))
+    print(f"target {args.name} created with link(s) {', '.join(args.link)}")
+
+
+def do_remove(args):
+    open_store().remove_target(args.name)
+    print(f"target {args.name} removed")
+
+
+def do_list(args):
+    targets = open_store().targets()
+    if args.json:
+        print_json([{"name": t.name, "links": list(t.links), "agent": t.agent_command("{link}")} for t in targets])
+        return
+    for t in targets:
+        print(f"{t.name}\t{','.join(t.links)}\t{t.agent_command('{link}')}")

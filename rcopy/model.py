@@ -1,0 +1,180 @@
+"""rcopy's vocabulary as plain data: systems, targets, links, groups, volume pairs, sync points.
+
+Names follow design.md §1 and 3PAR's ``showrcopy`` (roles primary / secondary / primary-rev /
+secondary-rev; group states new, starting, started, stopped, failsafe; volume states new, syncing,
+synced, not-synced, stale, failed). Values are frozen dataclasses: rcopy.state persists them, the engine
+computes new ones with ``dataclasses.replace``; nothing here touches the system.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+
+from rcopy.errors import UsageError
+
+
+class Role(str, enum.Enum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+    PRIMARY_REV = "primary-rev"
+    SECONDARY_REV = "secondary-rev"
+
+
+class GroupState(str, enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    STARTED = "started"
+    STOPPED = "stopped"
+    FAILSAFE = "failsafe"
+
+
+class VolumeState(str, enum.Enum):
+    NEW = "new"
+    SYNCING = "syncing"
+    SYNCED = "synced"
+    NOT_SYNCED = "not-synced"
+    STALE = "stale"
+    FAILED = "failed"
+
+
+class LinkState(str, enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    UNKNOWN = "unknown"
+
+
+POLICIES = frozenset({"auto_recover", "over_per_alert"})
+MODE_PERIODIC = "periodic"
+
+# Group and volume names become part of reserved snapshot names (rcopy.<group>.<volume>.<kind><gen>),
+# so they may not contain the separator '.'; LVM allows [A-Za-z0-9+_.-] in LV names.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")
+
+MIN_PERIOD = 15                       # seconds; 3PAR's newer arrays go down to 15 s
+MAX_PERIOD = 365 * 24 * 3600          # one year, as 3PAR
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise UsageError(f"bad {kind} name {name!r}: use letters, digits, '_', '+', '-' (no '.'), "
+                         "at most 64 characters, starting with a letter or digit")
+    return name
+
+
+def parse_period(text: str) -> int:
+    """'15s', '5m', '2h', '1d' (or plain seconds) -> seconds, within 15 s .. 1 year."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text or "")
+    if not m:
+        raise UsageError(f"bad period {text!r}: give a number with a unit s, m, h or d, e.g. 5m")
+    seconds = int(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if not MIN_PERIOD <= seconds <= MAX_PERIOD:
+        raise UsageError(f"bad period {text!r}: must be between 15s and 365d")
+    return seconds
+
+
+def format_period(seconds: int | None) -> str:
+    if not seconds:
+        return "-"
+    for unit in ("d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def parse_policies(text: str | None) -> frozenset[str]:
+    names = frozenset(p.strip() for p in (text or "").split(",") if p.strip())
+    bad = names - POLICIES
+    if bad:
+        raise UsageError(f"unknown policy {', '.join(sorted(bad))}: known are {', '.join(sorted(POLICIES))}")
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    """This host as rcopy sees it."""
+
+    name: str
+    schema_version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    target: str
+    address: str
+    state: LinkState = LinkState.UNKNOWN
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A peer system: its links and the command that runs its agent (``{link}`` is substituted)."""
+
+    name: str
+    links: tuple[str, ...]
+    agent: str | None = None
+
+    DEFAULT_AGENT = "ssh -o BatchMode=yes root@{link} rcopy agent"
+
+    def agent_command(self, link: str) -> str:
+        return (self.agent or self.DEFAULT_AGENT).replace("{link}", link)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncPoint:
+    """Sync point *generation* of a group; ``sync_id`` is random so two histories never match by chance."""
+
+    group: str
+    generation: int
+    sync_id: str
+    committed: bool = False
+    started: float = 0.0
+    ended: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"generation": self.generation, "id": self.sync_id, "committed": self.committed,
+                "started": self.started, "ended": self.ended}
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    name: str
+    target: str
+    role: Role = Role.PRIMARY
+    mode: str = MODE_PERIODIC
+    period: int | None = None
+    policies: frozenset[str] = frozenset()
+    state: GroupState = GroupState.NEW
+    reason: str = ""
+    generation: int = 0            # last committed sync point (0: none yet)
+    sync_id: str = ""              # its identity
+    pending_generation: int = 0    # sync point in flight (0: none)
+    pending_id: str = ""
+    last_sync_start: float = 0.0
+    last_sync_end: float = 0.0
+    alert: str = ""                # e.g. the over-period alert
+
+    @property
+    def syncing(self) -> bool:
+        return self.pending_generation != 0
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumePair:
+    """A local volume and its secondary. On the backup ``local`` is the secondary and ``remote`` the primary."""
+
+    group: str
+    name: str                      # the volume's name inside reserved snapshot names
+    local: str                     # device (or file) path on this system
+    remote: str                    # device path on the peer
+    size: int
+    state: VolumeState = VolumeState.NEW
+    bytes_done: int = 0            # progress of the sync in flight
+    bytes_total: int = 0
+    bytes_sent: int = 0            # payload of the last completed sync
+    last_sync: float = 0.0
+    full_reason: str = ""          # why the last (or running) sync was full, "" for a delta
+
+    @property
+    def percent(self) -> int:
+        return int(100 * self.bytes_done / self.bytes_total) if self.bytes_total else 0

@@ -1,0 +1,87 @@
+"""A line channel over the stdio of a long-running command (the peer's agent, usually through ssh).
+
+run.run() waits for a program to finish; the control channel needs the opposite: a process kept open,
+requests written to its stdin, replies read from its stdout, with a timeout per reply. This is the one
+place that does so; it records the command in run.py's flight recorder like every other program.
+"""
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import tempfile
+
+from rcopy.errors import LinkError
+from rcopy.sys.run import CommandNotFound, _env, _record
+
+
+class ChannelClosed(LinkError):
+    """{cmd}: the connection to the agent closed ({msg}): check the link and that rcopy is installed there"""
+
+
+class ChannelTimeout(LinkError):
+    """{cmd}: no answer from the agent within {timeout} s: the link or the peer is down"""
+
+
+class Channel:
+    def __init__(self, argv, *, env: dict | None = None):
+        self.argv = tuple(str(a) for a in argv)
+        self.cmd = " ".join(self.argv)
+        # stderr to a file, not a pipe: a chatty agent must never block on a full pipe nobody reads.
+        self._err = tempfile.TemporaryFile()
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._err, env={**_env(), **(env or {})})
+        except FileNotFoundError:
+            raise CommandNotFound(tool=self.argv[0]) from None
+        _record(self.argv, 0, f"spawned pid {self.proc.pid}", "", 0.0)
+        self._buf = b""
+
+    def send(self, line: str):
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            raise ChannelClosed(cmd=self.cmd, msg=self._why()) from None
+
+    def receive(self, timeout: float) -> str:
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                raise ChannelTimeout(cmd=self.cmd, timeout=timeout)
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise ChannelClosed(cmd=self.cmd, msg=self._why())
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def _why(self) -> str:
+        try:
+            rc = self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return "no reply"
+        err = b""
+        try:
+            self._err.seek(max(0, self._err.seek(0, os.SEEK_END) - 4096))
+            err = self._err.read()
+        except (OSError, ValueError):
+            pass
+        last = (err.decode(errors="replace").strip().splitlines() or [""])[-1]
+        return f"exit {rc}" + (f": {last}" if last else "")
+
+    def close(self, timeout: float = 10):
+        """Close stdin (the agent rolls back an uncommitted sync on EOF) and reap the process."""
+        for f in (self.proc.stdin,):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self._err.close()

@@ -1,0 +1,114 @@
+"""The primary's end of the control channel: JSON-lines RPC with the target's ``rcopy agent``.
+
+Wire format (one JSON object per line, both ways; documented beside the server in agent.py):
+request ``{"id": N, "op": "begin", "args": {...}}``, reply ``{"id": N, "ok": true, "result": {...}}`` or
+``{"id": N, "ok": false, "error": {"class": "Refused", "exit_code": 5, "message": "..."}}``.
+The agent runs as the stdio of a per-target command (default ``ssh -o BatchMode=yes root@LINK rcopy
+agent``); each link of the target is tried in order until one answers ``hello``. Closing the channel
+closes the agent's stdin: an agent with an uncommitted sync then promotes its rollback snapshots.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shlex
+
+from rcopy import errors as E
+from rcopy.model import Target
+from rcopy.sys.channel import Channel
+
+log = logging.getLogger("rcopy.peer")
+
+PROTOCOL = 1
+HELLO_TIMEOUT = 30.0
+CALL_TIMEOUT = 3600.0     # begin snapshots every secondary; a full copy-based snapshot can take long
+
+
+class TargetUnreachable(E.LinkError):
+    """target {target} is unreachable on every link ({detail}): check the links and the agent command"""
+
+
+class AgentProtocolError(E.PeerError):
+    """target {target}: the agent's answer is not rcopy's protocol ({detail}): is rcopy {version} installed there?"""
+
+
+def _error_class(name: str, code: int) -> type[E.RcopyError]:
+    cls = getattr(E, name, None)
+    if isinstance(cls, type) and issubclass(cls, E.RcopyError):
+        return cls
+    for c in (E.UsageError, E.NotFound, E.AlreadyExists, E.DeviceUnsafe, E.Refused, E.PermissionDenied,
+              E.Busy, E.LinkError, E.ToolError, E.DeviceError, E.StateError, E.SyncFailed):
+        if c.exit_code == code:
+            return c
+    return E.PeerError
+
+
+class Peer:
+    """A live channel to one target's agent. Use as a context manager; ``link`` is the link in use."""
+
+    def __init__(self, target: Target, *, system: str = ""):
+        self.target, self.system = target, system
+        self._ids = itertools.count(1)
+        self.channel: Channel | None = None
+        self.link = ""
+        failures = []
+        for link in target.links:
+            try:
+                self.channel = Channel(shlex.split(target.agent_command(link)))
+                self.link = link
+                self.hello = self.call("hello", timeout=HELLO_TIMEOUT, protocol=PROTOCOL, peer=system)
+                break
+            except E.LinkError as e:
+                failures.append(f"{link}: {e}")
+                self.close()
+            except E.ToolError as e:
+                failures.append(f"{link}: {e}")
+                self.close()
+        else:
+            raise TargetUnreachable(target=target.name, detail="; ".join(failures) or "no links")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def call(self, op: str, *, timeout: float = CALL_TIMEOUT, **args):
+        if self.channel is None:
+            raise TargetUnreachable(target=self.target.name, detail="the channel was closed")
+        rid = next(self._ids)
+        self.channel.send(json.dumps({"id": rid, "op": op, "args": args}))
+        line = self.channel.receive(timeout)
+        try:
+            reply = json.loads(line)
+            ok = reply["ok"]
+            if reply.get("id") != rid:
+                raise ValueError(f"reply id {reply.get('id')} for request {rid}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise AgentProtocolError(target=self.target.name, detail=f"{e}: {line[:80]!r}",
+                                     version=PROTOCOL) from None
+        if ok:
+            return reply.get("result")
+        err = reply.get("error") or {}
+        cls = _error_class(err.get("class", ""), int(err.get("exit_code", 11)))
+        raise cls(f"target {self.target.name}: {err.get('message', 'unknown error')}")
+
+    # -- the operations the engine and the CLI use (agent.py documents each) --------------------------
+    def status(self, group: str) -> dict:
+        return self.call("status", group=group)
+
+    def begin(self, group, generation, sync_id, base_generation, base_id, remotes, bind) -> dict:
+        return self.call("begin", group=group, generation=generation, sync_id=sync_id,
+                         base_generation=base_generation, base_id=base_id, remotes=remotes, bind=bind)
+
+    def commit(self, group, generation, sync_id) -> dict:
+        return self.call("commit", group=group, generation=generation, sync_id=sync_id)
+
+    def abort(self, group, generation, sync_id, reason) -> dict:
+        return self.call("abort", group=group, generation=generation, sync_id=sync_id, reason=reason)
