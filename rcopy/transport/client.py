@@ -30,6 +30,8 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_IN_FLIGHT = 64
 _IOV_MAX = 1024
 _BATCH_BYTES = 1 << 20          # send queued small requests once this much is waiting
+_pack_request = P.pack_request
+_REQUEST_MAGIC = P.REQUEST_MAGIC
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -143,21 +145,23 @@ class _PlainStream:
     def __init__(self, sock: socket.socket):
         self.sock = sock
 
-    def sendv(self, bufs: list) -> None:
-        """Send every buffer, in order, with as few sendmsg calls as the kernel allows."""
+    def sendv(self, bufs: list, total: int = -1) -> None:
+        """Send every buffer, in order, with as few sendmsg calls as the kernel allows (``total``, the
+        byte count of bufs when known, saves summing it)."""
         sendmsg = self.sock.sendmsg
         while bufs:
             chunk = bufs[:_IOV_MAX]
+            if len(bufs) > _IOV_MAX or total < 0:
+                total = sum(memoryview(b).nbytes for b in chunk)
             sent = sendmsg(chunk)
-            total = sum(memoryview(b).nbytes for b in chunk) if sent else -1
-            if sent == total:
-                bufs = bufs[_IOV_MAX:]
-                continue
-            i = 0
-            while sent >= memoryview(chunk[i]).nbytes:
-                sent -= memoryview(chunk[i]).nbytes
-                i += 1
-            bufs = [memoryview(chunk[i])[sent:]] + chunk[i + 1:] + bufs[_IOV_MAX:]
+            bufs = bufs[_IOV_MAX:]
+            if sent != total:      # a partial send: resume inside the first buffer not fully sent
+                i = 0
+                while sent >= memoryview(chunk[i]).nbytes:
+                    sent -= memoryview(chunk[i]).nbytes
+                    i += 1
+                bufs = [memoryview(chunk[i])[sent:]] + chunk[i + 1:] + bufs
+            total = -1
 
     def recv_into(self, mv) -> int:
         return self.sock.recv_into(mv)
@@ -202,7 +206,7 @@ class _TlsStream:
         with self._lock:
             self._in.write(data)
 
-    def sendv(self, bufs: list) -> None:
+    def sendv(self, bufs: list, total: int = -1) -> None:
         data = b"".join(bufs)
         with self._send_lock:
             with self._lock:
@@ -322,7 +326,8 @@ class NbdClient:
         self._handles = itertools.count(1)
         self._pending: dict[int, _Request] = {}
         self._cond = threading.Condition()
-        self._in_flight = 0
+        self._submitted = 0           # written by the caller's thread only
+        self._finished = 0            # written by the reader thread only (under _cond)
         self._completed: list[_Request] = []
         self._failed: list[_Request] = []
         self._dead: NbdLinkError | NbdProtocolError | None = None
@@ -467,11 +472,11 @@ class NbdClient:
                                    offset=r.offset, length=r.length)
 
     def _wait_slot(self) -> None:
-        if self._in_flight < self.max_in_flight:
+        if self._submitted - self._finished < self.max_in_flight:
             return
         self._send_batch()
         with self._cond:
-            self._wait(lambda: self._in_flight < self.max_in_flight)
+            self._wait(lambda: self._submitted - self._finished < self.max_in_flight)
 
     def _wait(self, ready) -> None:
         """Wait (holding _cond) until ready() or the connection died; a dead link raises."""
@@ -483,29 +488,32 @@ class NbdClient:
 
     def _queue(self, cmd: int, offset: int, length: int, flags: int = 0, payload=None, buf=None,
                sync: bool = False, now: bool = False) -> _Request:
-        self._raise_if_failed()
-        self._wait_slot()
+        if self._failed or self._dead is not None:
+            self._raise_if_failed()
+        if self._submitted - self._finished >= self.max_in_flight:
+            self._wait_slot()
         h = next(self._handles)
         req = _Request(cmd, offset, length, buf, sync)
         self._pending[h] = req
-        with self._cond:
-            self._in_flight += 1
-        self._batch.append(P.pack_request(P.REQUEST_MAGIC, flags, cmd, h, offset, length))
-        self._batch_bytes += P.REQUEST.size
-        if payload is not None:
-            self._batch.append(payload)
-            self._batch_bytes += length
+        self._submitted += 1
+        batch = self._batch
+        batch.append(_pack_request(_REQUEST_MAGIC, flags, cmd, h, offset, length))
+        if payload is None:
+            self._batch_bytes += 28
+        else:
+            batch.append(payload)
+            self._batch_bytes += 28 + length
             self.sent_payload += length
-        if now or sync or self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _IOV_MAX:
+        if now or sync or self._batch_bytes >= _BATCH_BYTES or len(batch) >= _IOV_MAX:
             self._send_batch()
         return req
 
     def _send_batch(self) -> None:
         if not self._batch:
             return
-        bufs, self._batch, self._batch_bytes = self._batch, [], 0
+        bufs, total, self._batch, self._batch_bytes = self._batch, self._batch_bytes, [], 0
         try:
-            self._stream.sendv(bufs)
+            self._stream.sendv(bufs, total)
         except (OSError, ssl.SSLError) as e:
             err = self._link.fail(e)
             self._die(err)
@@ -521,7 +529,8 @@ class NbdClient:
     # -- public commands -------------------------------------------------------------------------
     def write(self, offset: int, data, *, now: bool = False) -> None:
         """Queue a WRITE. ``data`` must not change until sent: pass now=True for a buffer you reuse."""
-        self._queue(P.CMD_WRITE, offset, memoryview(data).nbytes, payload=data, now=now)
+        self._queue(P.CMD_WRITE, offset, len(data) if type(data) is bytes else memoryview(data).nbytes,
+                    payload=data, now=now)
 
     def pwrite(self, data, offset: int) -> None:
         """WRITE and wait for the server's acknowledgement."""
@@ -563,7 +572,7 @@ class NbdClient:
         """Send what is queued and wait until every request is acknowledged; raise the first failure."""
         self._send_batch()
         with self._cond:
-            self._wait(lambda: self._in_flight == 0)
+            self._wait(lambda: self._submitted == self._finished)
         self._raise_if_failed()
 
     def flush(self) -> None:
@@ -605,7 +614,7 @@ class NbdClient:
                     self._failed.append(r)
                 elif r.cmd in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) and not r.error:
                     self.acked_bytes += r.length
-            self._in_flight -= len(done)
+            self._finished += len(done)
             self._cond.notify_all()
 
     def _die(self, err) -> None:
@@ -631,26 +640,34 @@ class NbdClient:
         rx = self._rx
         pending = self._pending
         simple = P.SIMPLE_REPLY.st.unpack_from
+        magic_at = struct.Struct(">I").unpack_from
+        buf = rx.buf                    # compaction moves bytes inside it, never replaces it
         while True:
             try:
                 off = rx.need(4)
             except (socket.timeout, TimeoutError):
-                if not self._in_flight and not self._completed and not self._closing:
+                if self._submitted == self._finished and not self._completed and not self._closing:
                     continue            # idle, nothing owed to us: not a timeout
                 raise
-            magic = struct.unpack_from(">I", rx.buf, off)[0]
+            magic = magic_at(buf, off)[0]
             if magic == P.SIMPLE_REPLY_MAGIC:
-                off = rx.need(P.SIMPLE_REPLY.size)
-                _, err, h = simple(rx.buf, off)
-                rx.start += P.SIMPLE_REPLY.size
-                req = pending.pop(h, None)
-                if req is None:
-                    raise NbdProtocolError(f"reply for unknown handle {h}", where=self.where)
-                if err:
-                    req.error = err
-                elif req.cmd == P.CMD_READ:
-                    rx.readinto(req.buf)
-                self._completed.append(req)
+                # Hot path: consume every simple reply already buffered without leaving this loop.
+                off = rx.need(16)
+                done = self._completed
+                while True:
+                    _, err, h = simple(buf, off)
+                    rx.start = off = off + 16
+                    req = pending.pop(h, None)
+                    if req is None:
+                        raise NbdProtocolError(f"reply for unknown handle {h}", where=self.where)
+                    if err:
+                        req.error = err
+                    elif req.cmd == P.CMD_READ:
+                        rx.readinto(req.buf)          # may publish: take the fresh list after
+                        off, done = rx.start, self._completed
+                    done.append(req)
+                    if rx.end - off < 16 or magic_at(buf, off)[0] != P.SIMPLE_REPLY_MAGIC:
+                        break
             elif magic == P.STRUCTURED_REPLY_MAGIC:
                 self._structured_chunk()
             else:
