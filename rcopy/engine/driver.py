@@ -24,7 +24,7 @@ from rcopy.engine.ports import ChangeSource, ExportInfo, Sender, Snapshot, Snaps
 from rcopy.engine.states import Event, transition
 from rcopy.errors import RcopyError, SyncFailed
 from rcopy.extent import Extent
-from rcopy.model import Group, VolumePair
+from rcopy.model import Group, GroupState, VolumePair
 
 log = logging.getLogger("rcopy.engine")
 
@@ -144,14 +144,23 @@ class Driver:
         split = next(i for i, a in enumerate(actions) if isinstance(a, P.PeerCommit))
         try:
             self.execute(actions[:split], run)
-        except BaseException as e:
+        except (Exception, KeyboardInterrupt) as e:     # not SystemExit & co: a dying process aborts nothing
             reason = _reason(e, generation)
             self._abort(g, vols, generation, sync_id, reason)
             if isinstance(e, RcopyError):
                 raise SyncFailed(f"group {name}: {reason}; the backup is back at sync point {g.generation}; "
                                  f"group stopped") from e
             raise
-        self.execute(actions[split:], run)
+        try:
+            self.execute(actions[split:split + 1], run)
+        except (Exception, KeyboardInterrupt) as e:
+            # The backup may or may not have committed: only asking it can tell. Keep everything (P(n),
+            # P(n+1), the record in flight) and let the next run's reconcile finish or undo the commit.
+            reason = (f"sync point {generation}: the backup's commit was not confirmed ({e}); "
+                      "the next run reconciles with the backup")
+            self.store.update_group(name, state=GroupState.STOPPED, reason=reason)
+            raise SyncFailed(f"group {name}: {reason}") from e
+        self.execute(actions[split + 1:], run)
         return SyncReport(name, generation, run.stats, time.monotonic() - t0)
 
     def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str):

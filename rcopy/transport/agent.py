@@ -64,17 +64,23 @@ class Agent:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def recover(self):
-        """Roll back every sync left in flight by a dead agent (its lock is free)."""
+        """Roll back every sync left in flight by a dead agent (its lock is free); drop R snapshots
+        left behind by an agent that died between its commit and their deletion."""
         for g in self.store.groups():
-            if g.role in (Role.SECONDARY, Role.SECONDARY_REV) and g.pending_generation:
-                fd = self.store.try_lock(g.name)
-                if fd is None:
-                    continue        # a live agent is serving that sync
-                try:
+            if g.role not in (Role.SECONDARY, Role.SECONDARY_REV):
+                continue
+            fd = self.store.try_lock(g.name)
+            if fd is None:
+                continue            # a live agent is serving a sync of that group
+            try:
+                if g.pending_generation:
                     self._rollback(g, "the agent serving sync point "
                                       f"{g.pending_generation} died; rolled back to sync point {g.generation}")
-                finally:
-                    os.close(fd)
+                elif g.generation > 1:
+                    for v in self.store.volumes(g.name):
+                        self._delete(v.local, snapshot_name(g.name, v.name, "R", g.generation - 1))
+            finally:
+                os.close(fd)
 
     def hangup(self):
         """stdin closed: whatever is still in flight is rolled back (nothing was committed)."""
@@ -185,7 +191,7 @@ class Agent:
                       and vols[r].last_sync]
             self._cut(g, synced)
             export = self.exporter({vols[r].name: r for r in remotes}, bind)
-        except BaseException:
+        except Exception:
             self.store.abort_sync(group, "begin failed", stop=False)
             os.close(fd)
             raise

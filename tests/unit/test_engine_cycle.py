@@ -1,0 +1,268 @@
+"""The sync cycle with fakes: design.md §2.3-2.5 rules as unit tests (rollback on interrupt, full sync
+when the base is missing or refused, refusal while a sync runs, two-phase commit order, reconcile after
+a crash in every window). The backup is the real Agent over its own Store; see engine_fakes.py."""
+import os
+
+import pytest
+
+from rcopy.engine import driver as driver_mod
+from rcopy.engine.cycle import PeerView, plan_sync, reconcile
+from rcopy.engine import plan as P
+from rcopy.engine.states import Event, transition
+from rcopy.errors import Busy, Refused, SyncFailed
+from rcopy.model import Group, GroupState, Role, VolumePair, VolumeState
+from rcopy.state import Store
+from rcopy.transport import agent as agent_mod
+from rcopy.transport.agent import Agent
+
+from tests.unit.engine_fakes import Crash, FakeExport, FakeSender, FakeSnapshotter, LocalPeer, make_driver
+
+SIZE = 64 * 4096
+VOLS = {"/p/a": "/b/a", "/p/b": "/b/b"}
+
+
+class Rig:
+    """A primary and a backup in one process: two stores, two sets of in-memory disks."""
+
+    def __init__(self, tmp_path):
+        self.log = []
+        self.a = Store(str(tmp_path / "A"))
+        self.b = Store(str(tmp_path / "B"))
+        self.pdisks = {p: bytearray(os.urandom(SIZE // 2) + bytes(SIZE // 2)) for p in VOLS}
+        self.bdisks = {s: bytearray(SIZE) for s in VOLS.values()}
+        self.psnap = FakeSnapshotter(self.pdisks)
+        self.psnap.calls = self.log
+        self.bsnap = FakeSnapshotter(self.bdisks)
+        self.sender = FakeSender(self.psnap, self.bdisks, self.log)
+        self.a.add_group(Group("g", "backup"))
+        self.b.add_group(Group("g", "primary", role=Role.SECONDARY))
+        for p, s in VOLS.items():
+            name = p.rsplit("/", 1)[1]
+            self.a.add_volume(VolumePair("g", name, p, s, SIZE))
+            self.b.add_volume(VolumePair("g", name, s, p, SIZE))
+        self.connect()
+
+    def connect(self):
+        """A new primary process and a new agent (which first recovers what a dead one left)."""
+        self.agent = Agent(self.b, snapshotter_for=lambda p: self.bsnap,
+                           exporter=lambda vols, bind: FakeExport(vols, bind, self.bdisks))
+        self.agent.recover()
+        self.peer = LocalPeer(self.agent, self.log)
+        self.driver = make_driver(self.a, self.peer, self.psnap, self.sender)
+
+    def sync(self, event=Event.SYNC, full=""):
+        self.driver.reconcile("g")
+        return self.driver.sync("g", event=event, full=full)
+
+    def write(self, path, offset, data):
+        self.pdisks[path][offset:offset + len(data)] = data
+
+    def assert_consistent(self):
+        """Backup and primary agree on one committed sync point and every secondary equals P(n)."""
+        ga, gb = self.a.group("g"), self.b.group("g")
+        assert (ga.generation, ga.sync_id) == (gb.generation, gb.sync_id)
+        assert not ga.pending_generation and not gb.pending_generation
+        for p, s in VOLS.items():
+            name = p.rsplit("/", 1)[1]
+            assert bytes(self.bdisks[s]) == self.psnap.snaps[(p, f"rcopy.g.{name}.P{ga.generation}")]
+        kept = sorted(n for (_, n) in self.psnap.snaps)
+        assert kept == [f"rcopy.g.{p.rsplit('/', 1)[1]}.P{ga.generation}" for p in VOLS]
+        assert not self.bsnap.snaps, "rollback snapshots left on the backup"
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path)
+    yield r
+    r.a.close()
+    r.b.close()
+
+
+def test_initial_full_then_delta_of_changed_blocks(rig):
+    rep = rig.sync(Event.START)
+    assert rep.generation == 1 and all(why == "initial sync" for _, why in rep.volumes.values())
+    assert rep.bytes_sent == len(VOLS) * SIZE // 2          # zero half travels as write-zeroes
+    rig.assert_consistent()
+    rig.write("/p/a", 4096 * 3, os.urandom(4096))
+    rig.write("/p/b", 4096 * 40, os.urandom(8192))
+    rep = rig.sync()
+    assert rep.volumes == {"a": (4096, ""), "b": (8192, "")}
+    rig.assert_consistent()
+    assert [v.state for v in rig.a.volumes("g")] == [VolumeState.SYNCED] * 2
+    assert rig.a.group("g").state is GroupState.STARTED
+
+
+def test_link_lost_mid_sync_rolls_back_every_secondary_and_next_sync_is_a_delta(rig):
+    rig.sync(Event.START)
+    before = {s: bytes(d) for s, d in rig.bdisks.items()}
+    rig.write("/p/a", 0, os.urandom(4096))
+    rig.write("/p/b", 0, os.urandom(4096))
+    rig.sender.fail_on = "/b/b"
+    with pytest.raises(SyncFailed, match="link lost"):
+        rig.sync()
+    assert {s: bytes(d) for s, d in rig.bdisks.items()} == before      # never a mix: both at point 1
+    g = rig.a.group("g")
+    assert g.state is GroupState.STOPPED and "link lost" in g.reason and g.generation == 1
+    assert rig.b.group("g").generation == 1
+    assert ("/p/a", "rcopy.g.a.P1") in rig.psnap.snaps and ("/p/a", "rcopy.g.a.P2") not in rig.psnap.snaps
+    rig.sender.fail_on = None
+    rep = rig.sync()
+    assert rep.generation == 2 and rep.volumes == {"a": (4096, ""), "b": (4096, "")}
+    rig.assert_consistent()
+
+
+def test_missing_base_makes_that_volume_full_with_reason(rig):
+    rig.sync(Event.START)
+    del rig.psnap.snaps[("/p/a", "rcopy.g.a.P1")]
+    rep = rig.sync()
+    assert "base snapshot rcopy.g.a.P1 is missing" in rep.volumes["a"][1]
+    assert rep.volumes["b"] == (0, "")
+    assert "missing" in {v.name: v for v in rig.a.volumes("g")}["a"].full_reason
+    rig.assert_consistent()
+
+
+def test_invalid_base_makes_a_full_sync(rig):
+    rig.sync(Event.START)
+    rig.psnap.invalid.add("rcopy.g.b.P1")
+    rep = rig.sync()
+    assert "no longer usable" in rep.volumes["b"][1] and rep.volumes["a"][1] == ""
+    rig.assert_consistent()
+
+
+def test_backup_not_holding_the_base_refuses_the_delta(rig):
+    rig.sync(Event.START)
+    rig.b.update_group("g", sync_id="someone-else")      # e.g. the backup's state was restored from elsewhere
+    rig.write("/p/a", 0, os.urandom(4096))
+    rep = rig.sync()
+    assert all("does not hold the base" in why for _, why in rep.volumes.values())
+    assert rep.bytes_sent == len(VOLS) * SIZE // 2
+    rig.assert_consistent()
+
+
+def test_forced_full(rig):
+    rig.sync(Event.START)
+    rep = rig.sync(full="full sync requested by the administrator")
+    assert all(why.startswith("full sync requested") for _, why in rep.volumes.values())
+
+
+def test_sync_refused_while_one_runs(rig):
+    with rig.a.lock("g"):
+        with pytest.raises(Busy):
+            with rig.a.lock("g"):
+                pass
+    rig.a.begin_sync("g", 1, "x")
+    with pytest.raises(Busy):
+        transition(rig.a.group("g"), Event.SYNC)
+    with pytest.raises(Busy):
+        rig.a.begin_sync("g", 1, "y")
+
+
+def test_backup_refuses_a_second_begin(rig):
+    rig.peer.begin("g", 1, "x", 0, "", list(VOLS.values()), "127.0.0.1")
+    with pytest.raises(Busy):
+        rig.peer.begin("g", 1, "y", 0, "", list(VOLS.values()), "127.0.0.1")
+
+
+def test_sync_on_a_never_started_group_and_admit_while_started_are_refused(rig):
+    with pytest.raises(Refused, match="never started"):
+        rig.driver.sync("g")
+    rig.sync(Event.START)
+    with pytest.raises(Refused, match="stop it first"):
+        transition(rig.a.group("g"), Event.ADMIT)
+    with pytest.raises(Refused, match="secondary"):
+        transition(rig.b.group("g"), Event.SYNC)
+
+
+def test_two_phase_commit_order(rig, monkeypatch):
+    rig.sync(Event.START)
+    seen = {}
+    real_commit = rig.peer.commit
+
+    def commit(*a):
+        seen["primary_generation_at_backup_commit"] = rig.a.group("g").generation
+        return real_commit(*a)
+
+    monkeypatch.setattr(rig.peer, "commit", commit)
+    del rig.log[:]
+    rig.sync()
+    kinds = [e[0] if e[0] != "peer" else e[1] for e in rig.log]
+    assert kinds.index("begin") < kinds.index("cut") < kinds.index("send") < kinds.index("commit")
+    assert kinds.index("commit") < kinds.index("delete")          # P(n) goes only after both committed
+    assert seen["primary_generation_at_backup_commit"] == 1       # backup first, then the primary
+    assert rig.a.group("g").generation == 2
+
+
+def test_plan_is_data_and_says_full_or_delta():
+    g = Group("g", "t", generation=3, sync_id="abc", state=GroupState.STARTED)
+    vols = [VolumePair("g", "a", "/p/a", "/b/a", 1, state=VolumeState.SYNCED, last_sync=1.0),
+            VolumePair("g", "b", "/p/b", "/b/b", 1, state=VolumeState.NEW)]
+    plan = plan_sync(g, vols, 4, "new", {"a": None, "b": None})
+    assert [a.kind for a in plan] == ["RecordBegin", "PeerBegin", "Cut", "Send", "Send", "PeerCommit",
+                                      "Commit", "DeleteSnapshot", "DeleteSnapshot"]
+    assert plan[3].base == "rcopy.g.a.P3" and plan[3].source == "rcopy.g.a.P4"
+    assert plan[4].base is None and "new" in plan[4].reason
+    assert "full sync" in P.render(plan)
+
+
+# -- crash windows: the process dies (no abort, no cleanup), restarts, reconciles, converges -------------
+PRIMARY_POINTS = ["after-record-begin", "after-cut", "after-send", "after-peer-commit", "after-commit"]
+AGENT_POINTS = ["agent-after-begin", "agent-before-commit", "agent-after-commit"]
+
+
+def _crash_at(monkeypatch, module, point):
+    def fault(p):
+        if p == point:
+            raise Crash(p)
+    monkeypatch.setattr(module, "_fault", fault)
+
+
+@pytest.mark.parametrize("point", PRIMARY_POINTS)
+def test_primary_killed_mid_sync_reconciles(rig, monkeypatch, point):
+    rig.sync(Event.START)
+    rig.write("/p/a", 8192, os.urandom(4096))
+    _crash_at(monkeypatch, driver_mod, point)
+    with pytest.raises(Crash):
+        rig.sync()
+    monkeypatch.setattr(driver_mod, "_fault", lambda p: None)
+    rig.peer.close()                     # the primary died: the agent's stdin closes
+    rig.connect()                        # primary restarted
+    committed = point in ("after-peer-commit", "after-commit")
+    actions = rig.driver.reconcile("g")
+    assert rig.a.group("g").generation == (2 if committed else 1)
+    if not committed:
+        assert any(isinstance(a, P.Abort) for a in actions)
+        assert "interrupted" in rig.a.group("g").reason
+    rig.assert_consistent()
+    rep = rig.sync()
+    assert all(why == "" for _, why in rep.volumes.values())      # a delta, not a full sync
+    rig.assert_consistent()
+
+
+@pytest.mark.parametrize("point", AGENT_POINTS)
+def test_agent_killed_mid_sync_reconciles(rig, monkeypatch, point):
+    rig.sync(Event.START)
+    rig.write("/p/b", 0, os.urandom(4096))
+    _crash_at(monkeypatch, agent_mod, point)
+    with pytest.raises(SyncFailed):
+        rig.sync()
+    monkeypatch.setattr(agent_mod, "_fault", lambda p: None)
+    assert rig.a.group("g").state is GroupState.STOPPED
+    rig.connect()                        # next run: a new agent recovers, the primary reconciles
+    rig.driver.reconcile("g")
+    assert rig.a.group("g").generation == (2 if point == "agent-after-commit" else 1)
+    rig.assert_consistent()
+    rig.sync()
+    rig.assert_consistent()
+
+
+def test_reconcile_rules_are_pure():
+    g = Group("g", "t", generation=1, sync_id="one", pending_generation=2, pending_id="two")
+    vols = [VolumePair("g", "a", "/p/a", "/b/a", 1)]
+    finish = reconcile(g, vols, PeerView(generation=2, sync_id="two"))
+    assert [a.kind for a in finish] == ["Commit", "DeleteSnapshot"] and finish[1].name == "rcopy.g.a.P1"
+    undo = reconcile(g, vols, PeerView(generation=1, sync_id="one", pending_generation=2, pending_id="two"))
+    assert [a.kind for a in undo] == ["PeerAbort", "DeleteSnapshot", "Abort"] and undo[1].name == "rcopy.g.a.P2"
+    quiet = reconcile(Group("g", "t", generation=1, sync_id="one"), vols, PeerView(generation=1, sync_id="one"))
+    assert quiet == []
+    diverged = reconcile(Group("g", "t", generation=1, sync_id="one"), vols, PeerView(generation=0))
+    assert [a.kind for a in diverged] == ["Note"] and "full" in diverged[0].text
