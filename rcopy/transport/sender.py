@@ -14,6 +14,7 @@ bytes), and only the aligned middle as WRITE_ZEROES.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import threading
 from typing import Iterable, Iterator, NamedTuple
@@ -25,7 +26,7 @@ from rcopy.transport.client import DEFAULT_TIMEOUT, Geometry, NbdClient
 
 _SMALL = 256 << 10              # data requests up to this size are read into fresh bytes and batched
 _ZERO_CAP = 1 << 30             # WRITE_ZEROES carries no payload; keep its length well inside uint32
-_DEAL = 32 << 20                # bytes of requests a connection takes from the shared plan at a time
+_DEAL = 32 << 20                # about the bytes of large requests a connection takes from the plan at once
 
 
 class SourceReadError(DeviceError):
@@ -88,15 +89,12 @@ class _Dealer:
         self.stopped = False
 
     def take(self) -> list[Piece]:
-        out, size = [], 0
         with self._lock:
             if self.stopped:
-                return out
-            for p in self._it:
-                out.append(p)
-                size += p[1] if not p[2] else 4096
-                if size >= _DEAL or len(out) >= 1024:
-                    break
+                return []
+            out = list(itertools.islice(self._it, 8))
+            if out and sum(p[1] for p in out if not p[2]) <= _DEAL // 64:
+                out += itertools.islice(self._it, 1016)     # small requests: deal many at once
         return out
 
 
@@ -174,6 +172,7 @@ class NbdSender:
 def _pump(client: NbdClient, dealer: _Dealer, fd: int, path: str) -> None:
     big = memoryview(bytearray(client.geometry.max_payload if client.geometry.max_payload < (64 << 20)
                                else 64 << 20))
+    write = client.write
     while True:
         pieces = dealer.take()
         if not pieces:
@@ -182,7 +181,7 @@ def _pump(client: NbdClient, dealer: _Dealer, fd: int, path: str) -> None:
             if zero:
                 client.zero(offset, length)
             elif length <= _SMALL:
-                client.write(offset, _pread(fd, length, offset, path))
+                write(offset, _pread(fd, length, offset, path))
             else:
                 buf = big[:length]
                 _preadv(fd, buf, offset, path)
