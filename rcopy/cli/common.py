@@ -6,16 +6,20 @@ target's agent, reconcile with it (DESIGN.md, crash windows), then run the sync 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 
 from rcopy import backends
+from rcopy.daemon.scheduler import over_period_alert
 from rcopy.engine.driver import Driver, SyncReport
 from rcopy.engine.states import Event
 from rcopy.errors import Busy, PermissionDenied
 from rcopy.model import LinkState
 from rcopy.state import Store
+
+log = logging.getLogger("rcopy")
 
 
 def require_root():
@@ -60,7 +64,14 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
         with connect(store, g.target) as peer:
             d = driver(store, peer, progress)
             d.reconcile(group)
-            return d.sync(group, event=event, full=full)
+            report = d.sync(group, event=event, full=full)
+    g = store.group(group)
+    alert = over_period_alert(g, g.last_sync_start, g.last_sync_end)
+    if alert or g.alert:
+        store.update_group(group, alert=alert)
+        if alert:
+            log.warning("group %s: %s", group, alert)
+    return report
 
 
 class _nullctx:

@@ -29,6 +29,7 @@ from rcopy.model import Group, GroupState, VolumePair
 log = logging.getLogger("rcopy.engine")
 
 MAX_IN_FLIGHT = 20          # volumes syncing at once per system (3PAR's figure)
+_SLOTS = threading.BoundedSemaphore(MAX_IN_FLIGHT)   # shared by every group this process syncs
 
 
 class Peer(Protocol):
@@ -252,7 +253,8 @@ class Driver:
                 with self._db_mutex:
                     self.store.progress(g, a.volume, done, total)
 
-        sent = self.sender.send(source.path, extents, run.exports[a.remote], progress=progress)
+        with _SLOTS:
+            sent = self.sender.send(source.path, extents, run.exports[a.remote], progress=progress)
         _fault("after-send")
         with self._db_mutex:
             self.store.progress(g, a.volume, total, total)

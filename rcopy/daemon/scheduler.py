@@ -1,0 +1,44 @@
+"""When the next periodic sync starts, and when a sync outlasted its period. Pure: times in, times out.
+
+3PAR periodic mode: a resync starts every period; when one outlasts the period the next starts as soon
+as it ends (never two at once), and with the ``over_per_alert`` policy an alert is raised. Hence
+``next = max(previous start + period, previous end)``; no period means manual syncs only.
+"""
+from __future__ import annotations
+
+from rcopy.model import Group, GroupState, format_period
+
+RECOVER_RETRY = 30.0      # seconds between auto_recover attempts while the target stays unreachable
+
+
+def next_start(period: int | None, prev_start: float, prev_end: float) -> float | None:
+    """The start time of the next periodic sync, or None without a period."""
+    if not period:
+        return None
+    return max(prev_start + period, prev_end)
+
+
+def over_period(period: int | None, start: float, end: float) -> bool:
+    return bool(period) and end - start > period
+
+
+def over_period_alert(g: Group, start: float, end: float) -> str:
+    """The alert text for a sync that outlasted the period, or "" (none, or the policy is off)."""
+    if "over_per_alert" not in g.policies or not over_period(g.period, start, end):
+        return ""
+    return (f"sync point {g.generation} took {end - start:.0f} s, longer than the period "
+            f"{format_period(g.period)}: the recovery point is older than planned")
+
+
+def due(g: Group, now: float) -> bool:
+    """Should the daemon start a periodic sync of this (primary, started, idle) group now?"""
+    if g.state is not GroupState.STARTED or g.syncing or not g.generation:
+        return False
+    when = next_start(g.period, g.last_sync_start, g.last_sync_end)
+    return when is not None and now >= when
+
+
+def should_recover(g: Group, now: float, last_attempt: float) -> bool:
+    """auto_recover: a group stopped by a failure (not by the administrator) is retried when links are back."""
+    return ("auto_recover" in g.policies and g.state is GroupState.STOPPED and g.generation > 0
+            and not g.reason.startswith("stopped by the administrator") and now - last_attempt >= RECOVER_RETRY)
