@@ -152,3 +152,27 @@ def serve(tmp_path):
 def server(request, serve) -> Served:
     """Each kind of server in turn, 16 MiB, empty."""
     return serve(request.param)
+
+
+def kill_during(served: Served, work) -> BaseException | None:
+    """Run work(started) in a thread; once it calls started.set(), SIGKILL the server and return what
+    work raised (None if it finished). Fails if work never starts or hangs after the kill: the join
+    timeouts are hang detectors, not performance thresholds."""
+    import threading
+    started, outcome = threading.Event(), {}
+
+    def body():
+        try:
+            work(started)
+        except BaseException as e:      # handed back to the test
+            outcome["error"] = e
+        finally:
+            started.set()
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    assert started.wait(60), "work never started"
+    served.kill()
+    t.join(60)
+    assert not t.is_alive(), "client hung after the server died"
+    return outcome.get("error")

@@ -3,7 +3,6 @@ import hashlib
 import os
 import random
 import socket
-import threading
 
 import pytest
 
@@ -13,7 +12,7 @@ from rcopy.transport import nbd_proto as P
 from rcopy.transport.client import (NbdClient, NbdConnectionLost, NbdError, NbdExportNotFound, NbdOutOfRange,
                                     NbdRefused, NbdTimeout, NbdTlsError)
 from rcopy.transport.export import Export
-from tests.unit.nbd_servers import MiB, serve, server  # noqa: F401  (fixtures)
+from tests.unit.nbd_servers import MiB, kill_during, serve, server  # noqa: F401  (fixtures)
 
 
 def connect(s, **kw) -> NbdClient:
@@ -148,30 +147,16 @@ def test_stuck_server_times_out_mid_transfer(serve):
 
 def test_server_killed_mid_transfer_raises_link_error(serve):
     s = serve("nbdkit-memory", size=256 * MiB, filters=("delay",), params=("wdelay=50ms",))
-    outcome = {}
-    started = threading.Event()
 
-    def writer():
-        try:
-            with connect(s, timeout=10) as c:
-                for i in range(10_000):
-                    c.write(i * 4096, b"k" * 4096)
-                    started.set()
-                c.flush()
-            outcome["done"] = True
-        except BaseException as e:      # the assertion below inspects it
-            outcome["error"] = e
-        finally:
-            started.set()
+    def writer(started):
+        with connect(s, timeout=10) as c:
+            for i in range(10_000):
+                c.write(i * 4096, b"k" * 4096)
+                started.set()
+            c.flush()
 
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
-    assert started.wait(30)
-    s.kill()
-    t.join(60)                                      # a hang detector, not a performance threshold
-    assert not t.is_alive(), "client hung after the server died"
-    assert isinstance(outcome.get("error"), LinkError), outcome
-    assert isinstance(outcome["error"], (NbdConnectionLost, NbdTimeout))
+    error = kill_during(s, writer)
+    assert isinstance(error, LinkError) and isinstance(error, (NbdConnectionLost, NbdTimeout)), error
 
 
 def test_slow_server_completes_correctly(serve):
@@ -196,6 +181,16 @@ def test_erroring_server_raises_typed_error(serve):
         c.write(4096, b"e" * 4096)
         with pytest.raises(NbdError):
             c.flush()
+
+
+def test_read_error_arrives_as_structured_error_chunk(serve):
+    s = serve("nbdkit-memory", filters=("error",), params=("error=EPERM", "error-pread-rate=100%"))
+    with connect(s) as c:
+        assert c.geometry.structured
+        with pytest.raises(NbdError) as ei:
+            c.pread(4096, 0)
+        assert ei.value.errno == P.EPERM and "read" in str(ei.value)
+        c.pwrite(b"w" * 4096, 0)                    # writes still work on that connection
 
 
 def test_block_size_constraints_are_reported(serve):

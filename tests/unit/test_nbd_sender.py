@@ -1,6 +1,11 @@
 """The Sender port: an extent list from a source file lands exactly where the extents say, nowhere else."""
+import os
 import random
-import threading
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -10,7 +15,7 @@ from rcopy.extent import Extent
 from rcopy.transport.client import Geometry, NbdClient
 from rcopy.transport.export import BadExportName, Export
 from rcopy.transport.sender import ExportMismatch, NbdSender, Piece, SourceReadError, plan
-from tests.unit.nbd_servers import MiB, serve  # noqa: F401  (fixture)
+from tests.unit.nbd_servers import MiB, kill_during, serve  # noqa: F401  (fixture)
 
 BLK = 4096
 PATTERN = b"\xa5\x5a\xc3\x3c"
@@ -124,7 +129,6 @@ def test_export_serves_named_volumes_and_sender_writes_each(tmp_path):
         pid = ex.server.pid
     assert all(vols[n].read_bytes() == srcs[n] for n in vols)
     with pytest.raises(ProcessLookupError):
-        import os
         os.kill(pid, 0)
 
 
@@ -158,21 +162,59 @@ def test_export_killed_mid_send_raises_link_error(serve, tmp_path):
     src.write_bytes(bytes(range(256)) * (size // 256))
     s = serve("nbdkit-memory", size=size, filters=("delay",), params=("wdelay=20ms",))
     blocks = [Extent(b * 8 * BLK, BLK) for b in range(size // (8 * BLK))]
-    outcome, progressed = {}, threading.Event()
 
-    def run():
-        try:
-            NbdSender(connections=2, timeout=10).send(str(src), blocks, ExportInfo(s.host, s.port, "", size),
-                                                      progress=lambda n: progressed.set())
-        except BaseException as e:      # inspected below
-            outcome["error"] = e
-        finally:
-            progressed.set()
+    def send(started):
+        NbdSender(connections=2, timeout=10).send(str(src), blocks, ExportInfo(s.host, s.port, "", size),
+                                                  progress=lambda n: started.set())
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert progressed.wait(60)
-    s.kill()
-    t.join(60)                          # a hang detector, not a performance threshold
-    assert not t.is_alive(), "sender hung after the export died"
-    assert isinstance(outcome.get("error"), LinkError), outcome
+    assert isinstance(kill_during(s, send), LinkError)
+
+
+@pytest.mark.parametrize("kind,expected", [("nbdkit-file", 3), ("qemu-nbd", 1)])
+def test_multi_conn_only_where_the_server_offers_it(serve, tmp_path, kind, expected):
+    size = 8 * MiB
+    source, _ = make_source(tmp_path / "src", size, seed=30)
+    s = serve(kind, size=size, fill=PATTERN)
+    opened = []
+
+    class Counting(NbdSender):
+        def _open(self, export):
+            c = super()._open(export)
+            opened.append(c)
+            return c
+
+    Counting(connections=3).send(str(tmp_path / "src"), [Extent(0, size)], ExportInfo(s.host, s.port, s.name, size))
+    assert len(opened) == expected
+    assert opened[0].geometry.can_multi_conn == (expected > 1)
+    assert sum(c.sent_payload for c in opened) == size
+    with open(s.path, "rb") as f:
+        assert f.read() == source
+
+
+def test_export_dies_with_its_parent(tmp_path):
+    """nbdkit runs with --exit-with-parent: an agent killed with SIGKILL leaves no writable export."""
+    vol = tmp_path / "vol"
+    vol.write_bytes(bytes(MiB))
+    code = ("import sys, time\nfrom rcopy.transport.export import Export\n"
+            f"ex = Export({{'vol': {str(vol)!r}}})\nex.start()\n"
+            "print(ex.server.pid, ex._dir, flush=True)\ntime.sleep(120)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid, session_dir = child.stdout.readline().split()
+        os.kill(int(pid), 0)                       # nbdkit is running
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        deadline = time.monotonic() + 30           # a hang detector, not a performance threshold
+        while time.monotonic() < deadline:
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+        shutil.rmtree(session_dir, ignore_errors=True)
