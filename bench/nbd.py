@@ -64,7 +64,8 @@ class Server:
         # A bench is not rcopy: it may start qemu-nbd itself (rcopy never runs qemu-nbd).
         self.proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "--bind", "127.0.0.1", "-p", str(port),
                                       "-x", "vol", "-t", "--cache=writeback", "--aio=threads", img],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)   # it complains about the port probe
         _wait_port(port)
         return ExportInfo("127.0.0.1", port, "vol", self.size)
 

@@ -14,8 +14,11 @@ server acknowledged it; a write that the server failed is remembered and raised 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import logging
+import os
+import select
 import socket
 import ssl
 import struct
@@ -73,6 +76,18 @@ class NbdError(PeerError):
 
 class NbdOutOfRange(NbdError):
     """NBD server {where}: {cmd} at offset {offset} length {length} is outside the export ({errname}): {msg}"""
+
+
+class PayloadSourceError(Exception):
+    """The file feeding a sendfile payload failed; the caller names the file (rcopy.transport.sender)."""
+
+    def __init__(self, msg: str, offset: int):
+        super().__init__(msg)
+        self.offset = offset
+
+
+# errno values of sendfile(2) that come from the input file, not the socket
+_SOURCE_ERRNOS = {errno.EIO, errno.ENXIO, errno.ENODEV, errno.EOVERFLOW, errno.EINVAL, errno.EBADF}
 
 
 class NbdUnsupported(PeerError):
@@ -531,6 +546,41 @@ class NbdClient:
         """Queue a WRITE. ``data`` must not change until sent: pass now=True for a buffer you reuse."""
         self._queue(P.CMD_WRITE, offset, len(data) if type(data) is bytes else memoryview(data).nbytes,
                     payload=data, now=now)
+
+    @property
+    def can_sendfile(self) -> bool:
+        return isinstance(self._stream, _PlainStream)
+
+    def write_from_file(self, offset: int, fd: int, length: int) -> None:
+        """Queue a WRITE whose payload the kernel copies from fd (same offset) to the socket with
+        sendfile, never through Python: a third less CPU than preadv + sendmsg for large extents.
+        Plain connections only. A read error or short file raises :class:`PayloadSourceError` and kills
+        the connection (the header promised bytes that cannot follow)."""
+        self._queue(P.CMD_WRITE, offset, length, now=True)
+        self.sent_payload += length
+        sock, pos = self._stream.sock, 0
+        try:
+            while pos < length:
+                try:
+                    n = os.sendfile(sock.fileno(), fd, offset + pos, length - pos)
+                except BlockingIOError:
+                    n = None
+                if n == 0:
+                    raise PayloadSourceError(f"source ends before offset {offset + pos}", offset + pos)
+                if n is None:
+                    if not select.select([], [sock], [], self.timeout)[1]:
+                        raise socket.timeout("sendfile: socket not writable")
+                    continue
+                pos += n
+        except PayloadSourceError:
+            self._die(NbdConnectionLost("payload interrupted by a source read error", where=self.where))
+            raise
+        except OSError as e:
+            if e.errno in _SOURCE_ERRNOS:
+                self._die(NbdConnectionLost("payload interrupted by a source read error", where=self.where))
+                raise PayloadSourceError(e.strerror, offset + pos) from None
+            self._die(self._link.fail(e))
+            raise self._dead from None
 
     def pwrite(self, data, offset: int) -> None:
         """WRITE and wait for the server's acknowledgement."""

@@ -2,9 +2,10 @@
 
 Extents are coalesced (adjacent ones merged, never across data/zero), widened to the server's minimum
 block size, split at the request cap, and dealt over one connection or, where the server advertises
-multi-conn, several (one writer thread each, so reading the source and sending overlap). Data is read
-with os.preadv into reusable buffers, never mmap: a read error on the snapshot must be an exception
-(a volume marked stale), not a SIGBUS. Zero extents go as WRITE_ZEROES. The send returns only after
+multi-conn, several (one writer thread each, so reading the source and sending overlap). Large data
+requests go from the source to the socket with sendfile (plain connections) or os.preadv into a reusable
+buffer (TLS); small ones are read with os.pread and batched. Never mmap: a read error on the snapshot
+must be an exception (a volume marked stale), not a SIGBUS. Zero extents go as WRITE_ZEROES. The send returns only after
 every request was acknowledged and FLUSH succeeded on every connection.
 
 HAZARD: widening a ZERO extent to block alignment would zero bytes the change source did not mark; the
@@ -22,7 +23,7 @@ from typing import Iterable, Iterator, NamedTuple
 from rcopy.engine.ports import ExportInfo
 from rcopy.errors import DeviceError, RcopyError, StateError
 from rcopy.extent import Extent, coalesce
-from rcopy.transport.client import DEFAULT_TIMEOUT, Geometry, NbdClient
+from rcopy.transport.client import DEFAULT_TIMEOUT, Geometry, NbdClient, PayloadSourceError
 
 _SMALL = 256 << 10              # data requests up to this size are read into fresh bytes and batched
 _ZERO_CAP = 1 << 30             # WRITE_ZEROES carries no payload; keep its length well inside uint32
@@ -31,6 +32,14 @@ _DEAL = 32 << 20                # about the bytes of large requests a connection
 
 class SourceReadError(DeviceError):
     """reading {path} at offset {offset} failed: {msg}; the snapshot is unreadable, mark the volume stale"""
+
+
+class BadExtentList(RcopyError):
+    """the extent list to send is not sorted and disjoint ({msg}): a bug in the change source; nothing was committed"""
+
+
+class ExtentBeyondExport(StateError):
+    """extent {offset}+{length} ends beyond the export ({size} bytes): the source and the secondary differ in size"""
 
 
 class ExportMismatch(StateError):
@@ -51,11 +60,17 @@ def plan(extents: Iterable[Extent], geo: Geometry, *, max_request: int = 4 << 20
     cap = max(align, min(geo.max_payload, max_request) // align * align)
     zcap = _ZERO_CAP // align * align
     size = geo.size
-    for e in coalesce(extents, gap=gap):
+    try:
+        yield from _plan(coalesce(extents, gap=gap), align, cap, zcap, size)
+    except ValueError as e:         # coalesce's check: unsorted or overlapping input
+        raise BadExtentList(str(e)) from None
+
+
+def _plan(runs: Iterator[Extent], align: int, cap: int, zcap: int, size: int) -> Iterator[Piece]:
+    for e in runs:
         off, end = e.offset, e.offset + e.length
         if end > size:
-            raise ExportMismatch(f"extent {off}+{e.length} ends beyond the export", name="", where="",
-                                 got=size, want=end)
+            raise ExtentBeyondExport(offset=off, length=e.length, size=size)
         if not e.zero:
             if off % align == 0 and end % align == 0 and e.length <= cap:
                 yield Piece(off, e.length, False)          # the common case, kept cheap
@@ -170,9 +185,8 @@ class NbdSender:
 
 
 def _pump(client: NbdClient, dealer: _Dealer, fd: int, path: str) -> None:
-    big = memoryview(bytearray(client.geometry.max_payload if client.geometry.max_payload < (64 << 20)
-                               else 64 << 20))
-    write = client.write
+    big = memoryview(b"")                       # reusable read buffer, grown on first use
+    write, sendfile = client.write, client.can_sendfile
     while True:
         pieces = dealer.take()
         if not pieces:
@@ -182,7 +196,14 @@ def _pump(client: NbdClient, dealer: _Dealer, fd: int, path: str) -> None:
                 client.zero(offset, length)
             elif length <= _SMALL:
                 write(offset, _pread(fd, length, offset, path))
+            elif sendfile:
+                try:
+                    client.write_from_file(offset, fd, length)
+                except PayloadSourceError as e:
+                    raise SourceReadError(str(e), path=path, offset=e.offset) from None
             else:
+                if big.nbytes < length:
+                    big = memoryview(bytearray(length))
                 buf = big[:length]
                 _preadv(fd, buf, offset, path)
                 client.write(offset, buf, now=True)

@@ -14,7 +14,8 @@ from rcopy.errors import LinkError
 from rcopy.extent import Extent
 from rcopy.transport.client import Geometry, NbdClient
 from rcopy.transport.export import BadExportName, Export
-from rcopy.transport.sender import ExportMismatch, NbdSender, Piece, SourceReadError, plan
+from rcopy.transport.sender import (BadExtentList, ExportMismatch, ExtentBeyondExport, NbdSender, Piece,
+                                    SourceReadError, plan)
 from tests.unit.nbd_servers import MiB, kill_during, serve  # noqa: F401  (fixture)
 
 BLK = 4096
@@ -143,6 +144,14 @@ def test_readonly_export_is_refused_before_writing(tmp_path):
             assert c.geometry.readonly
 
 
+def test_unsorted_extents_are_a_typed_error(serve, tmp_path):
+    s = serve("nbdkit-memory", size=1 * MiB)
+    (tmp_path / "src").write_bytes(bytes(MiB))
+    with pytest.raises(BadExtentList):
+        NbdSender().send(str(tmp_path / "src"), [Extent(8192, BLK), Extent(0, BLK)],
+                         ExportInfo(s.host, s.port, "", MiB))
+
+
 def test_bad_export_name_is_refused():
     with pytest.raises(BadExportName):
         Export({"../etc": "/dev/null"})
@@ -218,3 +227,25 @@ def test_export_dies_with_its_parent(tmp_path):
             child.kill()
             child.wait(30)
         shutil.rmtree(session_dir, ignore_errors=True)
+
+
+def test_sender_over_tls_lands_exactly(tmp_path):
+    """Over TLS large extents take the preadv path instead of sendfile: same result."""
+    size = 8 * MiB
+    source, zero_runs = make_source(tmp_path / "src", size, seed=40)
+    extents = [e for e in random_extents(size, zero_runs, seed=41) if e.end < size - 2 * MiB - BLK]
+    extents.append(Extent(size - 2 * MiB, 2 * MiB))
+    dev = tmp_path / "dev"
+    dev.write_bytes((PATTERN * (size // len(PATTERN)))[:size])
+    with Export({"vol": str(dev)}, tls=True) as ex:
+        assert ex.infos["vol"].tls_cert_pem.startswith("-----BEGIN CERTIFICATE-----")
+        sent = NbdSender().send(str(tmp_path / "src"), extents, ex.infos["vol"])
+    assert sent == sum(e.length for e in extents if not e.zero)
+    check_exact(dev.read_bytes(), source, extents, size)
+
+
+def test_extent_beyond_the_export_is_refused_before_sending(serve, tmp_path):
+    s = serve("nbdkit-memory", size=1 * MiB)
+    (tmp_path / "src").write_bytes(bytes(2 * MiB))
+    with pytest.raises(ExtentBeyondExport):
+        NbdSender().send(str(tmp_path / "src"), [Extent(MiB, BLK)], ExportInfo(s.host, s.port, "", MiB))
