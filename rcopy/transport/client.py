@@ -349,6 +349,7 @@ class NbdClient:
         self._closing = False
         self._batch: list = []
         self._batch_bytes = 0
+        self._batch_requests = 0      # requests queued but not yet on the wire
         self.acked_bytes = 0          # bytes of writes/zeroes the server acknowledged
         self.sent_payload = 0         # payload bytes written to the socket
         sock = self._connect()
@@ -371,15 +372,6 @@ class NbdClient:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _recv_exact(self, sock, n: int) -> bytes:
-        data = bytearray()
-        while len(data) < n:
-            part = sock.recv(n - len(data))
-            if not part:
-                raise ConnectionResetError("server closed the connection during the handshake")
-            data += part
-        return bytes(data)
-
     def _handshake(self, sock, tls_cert_pem, structured):
         try:
             return self._negotiate(sock, tls_cert_pem, structured)
@@ -390,7 +382,7 @@ class NbdClient:
 
     def _negotiate(self, sock, tls_cert_pem, structured):
         plain = _PlainStream(sock)
-        io = _HandshakeIO(sock, self._recv_exact)
+        io = _HandshakeIO(plain)
         greet = P.SERVER_GREETING.unpack(io.recv(P.SERVER_GREETING.size))
         if greet.magic != P.NBDMAGIC or greet.ihaveopt != P.IHAVEOPT:
             raise NbdProtocolError("not a newstyle NBD server (oldstyle or not NBD at all)", where=self.where)
@@ -407,7 +399,7 @@ class NbdClient:
             stream = _TlsStream(sock, tls_context(tls_cert_pem))
             if stream.peer_der() != ssl.PEM_cert_to_DER_cert(tls_cert_pem):
                 raise NbdTlsError("peer certificate differs from the pinned one", where=self.where)
-            io = _HandshakeIO(stream, None)
+            io = _HandshakeIO(stream)
             tls = True
         sr = False
         if structured:
@@ -417,7 +409,7 @@ class NbdClient:
         return dataclasses.replace(geo, structured=sr, tls=tls), stream
 
     def _option(self, io, opt: int, data: bytes = b""):
-        """Send one option; return the final reply (type, body); REP_INFO replies are collected."""
+        """Send one option; return the final reply (type, body). REP_INFO bodies go to self._infos."""
         io.send(P.OPTION.pack(magic=P.IHAVEOPT, option=opt, length=len(data)) + data)
         self._infos = []
         while True:
@@ -511,6 +503,7 @@ class NbdClient:
         req = _Request(cmd, offset, length, buf, sync)
         self._pending[h] = req
         self._submitted += 1
+        self._batch_requests += 1
         batch = self._batch
         batch.append(_pack_request(_REQUEST_MAGIC, flags, cmd, h, offset, length))
         if payload is None:
@@ -527,6 +520,7 @@ class NbdClient:
         if not self._batch:
             return
         bufs, total, self._batch, self._batch_bytes = self._batch, self._batch_bytes, [], 0
+        self._batch_requests = 0
         try:
             self._stream.sendv(bufs, total)
         except (OSError, ssl.SSLError) as e:
@@ -683,6 +677,9 @@ class NbdClient:
                 self._die(NbdConnectionLost("connection closed", where=self.where))
             else:
                 self._die(self._link.fail(e))
+        except Exception as e:      # a bug here must fail the transfer, not leave writers waiting
+            log.exception("NBD reply reader for %s failed", self.where)
+            self._die(NbdProtocolError(f"reply reader failed: {e!r}", where=self.where))
         finally:
             self._publish()
 
@@ -696,7 +693,8 @@ class NbdClient:
             try:
                 off = rx.need(4)
             except (socket.timeout, TimeoutError):
-                if self._submitted == self._finished and not self._completed and not self._closing:
+                on_wire = self._submitted - self._batch_requests - self._finished
+                if on_wire <= 0 and not self._completed and not self._closing:
                     continue            # idle, nothing owed to us: not a timeout
                 raise
             magic = magic_at(buf, off)[0]
@@ -762,21 +760,15 @@ class NbdClient:
 
 
 class _HandshakeIO:
-    """Blocking send/receive of whole messages during option haggling (plain or TLS)."""
+    """Blocking send/receive of whole messages during option haggling (plain or TLS stream)."""
 
-    def __init__(self, stream, recv_exact):
+    def __init__(self, stream):
         self.stream = stream
-        self._recv_exact = recv_exact
 
     def send(self, data: bytes) -> None:
-        if isinstance(self.stream, socket.socket):
-            self.stream.sendall(data)
-        else:
-            self.stream.sendv([data])
+        self.stream.sendv([data])
 
     def recv(self, n: int) -> bytes:
-        if self._recv_exact is not None:
-            return self._recv_exact(self.stream, n)
         buf = bytearray(n)
         mv = memoryview(buf)
         pos = 0
@@ -786,4 +778,3 @@ class _HandshakeIO:
                 raise ConnectionResetError("server closed the connection during the handshake")
             pos += got
         return bytes(buf)
-
