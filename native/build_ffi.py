@@ -24,6 +24,9 @@ CDEF = """
 #define RCOPY_EFLAGS ...
 #define RCOPY_EKERNEL ...
 #define RCOPY_ENULL ...
+#define RCOPY_EPIECE ...
+#define RCOPY_EIO ...
+struct rcopy_io_error { int err; int which; uint64_t offset; };
 int rcopy_cmp_abi(void);
 int rcopy_kernel_count(void);
 const char *rcopy_kernel_name(int kernel);
@@ -33,6 +36,9 @@ int rcopy_block_size_valid(size_t block_size);
 size_t rcopy_block_count(size_t len, size_t block_size);
 int64_t rcopy_cmp_blocks(int kernel, const uint8_t *old, const uint8_t *new_, size_t len,
                          size_t block_size, uint8_t *flags, size_t nflags);
+int64_t rcopy_cmp_fds(int kernel, int fd_old, int fd_new, uint64_t offset, size_t len,
+                      size_t block_size, uint8_t *buf_old, uint8_t *buf_new, size_t piece,
+                      uint8_t *flags, size_t nflags, struct rcopy_io_error *err);
 int64_t rcopy_bench_memcmp(const uint8_t *a, const uint8_t *b, size_t len, size_t block_size);
 """
 

@@ -8,7 +8,8 @@
  *
  * Kernels: 0 is the scalar reference (byte loops, obviously correct); faster kernels must give
  * exactly the same flags and are tested against it over random and edge-sized inputs. Kernel
- * RCOPY_KERNEL_AUTO picks the fastest one this CPU can run (runtime dispatch on cpuid).
+ * RCOPY_KERNEL_AUTO picks the fastest one this CPU can run; whether the CPU can run a kernel is
+ * checked at run time (cpuid), so one build serves every x86-64.
  *
  * Nothing here allocates, locks or keeps a pointer after returning: callers may run it on any thread
  * (rcopy calls it with the GIL released).
@@ -19,7 +20,7 @@
 #include <stdint.h>
 
 /* ABI version of this header; rcopy/native.py refuses a module of another version. */
-#define RCOPY_CMP_ABI 2
+#define RCOPY_CMP_ABI 3
 
 /* Valid block sizes: powers of two in [RCOPY_BLOCK_MIN, RCOPY_BLOCK_MAX]. */
 #define RCOPY_BLOCK_MIN 512
@@ -42,6 +43,8 @@
 #define RCOPY_EFLAGS (-2)     /* the flags array is too small: nflags < rcopy_block_count(len, block_size) */
 #define RCOPY_EKERNEL (-3)    /* unknown kernel id, or this CPU cannot run that kernel */
 #define RCOPY_ENULL (-4)      /* NEW or FLAGS is NULL while len > 0 */
+#define RCOPY_EPIECE (-5)     /* piece is 0 or not a multiple of block_size */
+#define RCOPY_EIO (-6)        /* a read failed or hit end of file; details in struct rcopy_io_error */
 
 /* Returns RCOPY_CMP_ABI of the compiled code. */
 int rcopy_cmp_abi(void);
@@ -72,6 +75,25 @@ size_t rcopy_block_count(size_t len, size_t block_size);
  * is untouched. */
 int64_t rcopy_cmp_blocks(int kernel, const uint8_t *old, const uint8_t *new_, size_t len,
                          size_t block_size, uint8_t *flags, size_t nflags);
+
+/* Where rcopy_cmp_fds() stopped on RCOPY_EIO. */
+struct rcopy_io_error {
+    int err;          /* errno of the failed pread(), or 0 when the file ended early (short read) */
+    int which;        /* 0: fd_old, 1: fd_new */
+    uint64_t offset;  /* file offset of the failed or short pread() */
+};
+
+/* Read [offset, offset + len) of fd_old and fd_new with pread(), piece bytes at a time into buf_old
+ * and buf_new (each at least piece bytes; piece a multiple of block_size, small enough to stay in
+ * the CPU cache between the read and the compare), and compare each piece as rcopy_cmp_blocks() does,
+ * writing the flags of the blocks of the whole range to FLAGS[0 ..]. fd_old < 0 compares against
+ * nothing (buf_old unused, may be NULL). offset must be a multiple of block_size for the flags to mean
+ * blocks of the file; len need not be (a short last block). Buffered I/O only: for O_DIRECT the caller
+ * aligns lengths itself. Retries EINTR. Returns the number of differing blocks, RCOPY_EIO with *err
+ * filled in, or another negative RCOPY_E* code; on error FLAGS is partly written. */
+int64_t rcopy_cmp_fds(int kernel, int fd_old, int fd_new, uint64_t offset, size_t len,
+                      size_t block_size, uint8_t *buf_old, uint8_t *buf_new, size_t piece,
+                      uint8_t *flags, size_t nflags, struct rcopy_io_error *err);
 
 /* Benchmark ceiling: memcmp() A and B block by block and nothing else. Returns the number of
  * differing blocks, or RCOPY_EBLOCKSIZE / RCOPY_ENULL. */

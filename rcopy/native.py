@@ -12,10 +12,12 @@ import dataclasses
 import re
 from typing import Iterator
 
-from rcopy.errors import RcopyError, UsageError
+import os
+
+from rcopy.errors import DeviceError, RcopyError, UsageError
 from rcopy.extent import Extent
 
-ABI = 2  # must equal RCOPY_CMP_ABI in native/rcopy_cmp.h
+ABI = 3  # must equal RCOPY_CMP_ABI in native/rcopy_cmp.h
 
 try:
     from rcopy._native import ffi, lib
@@ -46,6 +48,15 @@ class KernelUnavailable(UsageError):
     """compare kernel {kernel} cannot run here (available: {available})"""
 
 
+class FdReadError(DeviceError):
+    """{reason} reading the {which} file at offset {offset}"""
+
+    def __init__(self, *, which: str, offset: int, errno: int):
+        self.which, self.offset, self.errno = which, offset, errno
+        reason = os.strerror(errno) if errno else "unexpected end of file"
+        super().__init__(which=which, offset=offset, reason=reason)
+
+
 def _check_module():
     if lib is None:
         raise NativeModuleError(f"rcopy._native cannot be imported ({_import_error})")
@@ -69,10 +80,13 @@ class Kernel:
     available: bool
 
 
+_KERNELS = tuple(Kernel(k, ffi.string(lib.rcopy_kernel_name(k)).decode(), bool(lib.rcopy_kernel_available(k)))
+                 for k in range(lib.rcopy_kernel_count()))
+
+
 def kernels() -> list[Kernel]:
     """Every kernel the module knows, with whether this CPU can run it; id 0 is the reference."""
-    return [Kernel(k, ffi.string(lib.rcopy_kernel_name(k)).decode(), bool(lib.rcopy_kernel_available(k)))
-            for k in range(lib.rcopy_kernel_count())]
+    return list(_KERNELS)
 
 
 def best_kernel() -> Kernel:
@@ -94,7 +108,7 @@ def block_count(length: int, block_size: int) -> int:
 def _kernel_id(kernel: int | str | None) -> int:
     if kernel is None:
         return lib.RCOPY_KERNEL_AUTO
-    for k in kernels():
+    for k in _KERNELS:
         if kernel in (k.id, k.name) and k.available:
             return k.id
     raise KernelUnavailable(kernel=kernel, available=", ".join(k.name for k in kernels() if k.available))
@@ -136,6 +150,8 @@ def _check_rc(rc: int, *, kernel, block_size: int, nblocks: int) -> int:
         raise KernelUnavailable(kernel=kernel, available=", ".join(k.name for k in kernels() if k.available))
     if rc == lib.RCOPY_EFLAGS:
         raise UsageError(f"flags buffer too small: need {nblocks} bytes, one per block")
+    if rc == lib.RCOPY_EPIECE:
+        raise UsageError(f"read buffers must be a non-zero multiple of the block size {block_size}")
     raise NativeModuleError(f"rcopy_cmp_blocks returned {rc}")
 
 
@@ -149,6 +165,31 @@ def compare(old, new, block_size: int = 4096, *, kernel: int | str | None = None
 def _nbytes(obj, what: str) -> int:
     with _buffer(obj, what) as p:
         return len(p)
+
+
+def compare_fds(flags, fd_old: int | None, fd_new: int, offset: int, length: int, block_size: int,
+                buf_old, buf_new, *, kernel: int | str | None = None) -> int:
+    """:func:`compare_into` over [offset, offset+length) of two open files, read and compared in C
+    piece by piece (a piece is len(buf_new) bytes, a multiple of block_size: small, so each piece is
+    compared while still in the CPU cache, and Python runs once per call, not once per piece).
+    ``fd_old=None`` compares against nothing. Buffered I/O only. Raises FdReadError on a failed or
+    short read, naming which file and the offset."""
+    check_block_size(block_size)
+    k = _kernel_id(kernel)
+    err = ffi.new("struct rcopy_io_error *")
+    with _buffer(buf_new, "buf_new", writable=True) as pn, _buffer(flags, "flags", writable=True) as pf:
+        if fd_old is None:
+            rc = lib.rcopy_cmp_fds(k, -1, fd_new, offset, length, block_size, ffi.NULL, pn, len(pn),
+                                   pf, len(pf), err)
+        else:
+            with _buffer(buf_old, "buf_old", writable=True) as po:
+                if len(po) < len(pn):
+                    raise LengthMismatch(old=len(po), new=len(pn))
+                rc = lib.rcopy_cmp_fds(k, fd_old, fd_new, offset, length, block_size, po, pn, len(pn),
+                                       pf, len(pf), err)
+    if rc == lib.RCOPY_EIO:
+        raise FdReadError(which=("old", "new")[err.which], offset=err.offset, errno=err.err)
+    return _check_rc(rc, kernel=kernel, block_size=block_size, nblocks=block_count(length, block_size))
 
 
 # One regex pass finds the runs: C does the per-byte work, Python only sees the changed runs.

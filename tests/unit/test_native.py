@@ -2,6 +2,7 @@
 
 This file also runs, unchanged, against the AddressSanitizer/UBSan build (test_native_asan.py).
 """
+import errno
 import mmap
 import random
 
@@ -199,3 +200,44 @@ def test_bench_memcmp_counts_differing_blocks():
     assert native.bench_memcmp(a, b, 4096) == 3
     with pytest.raises(native.BadBlockSize):
         native.bench_memcmp(a, b, 100)
+
+
+def test_compare_fds_equals_compare_on_files_piece_by_piece(tmp_path):
+    rnd = random.Random(3)
+    old = rnd.randbytes(37 * 512 + 100)
+    new = bytearray(old)
+    for b in (0, 5, 17, 36, 37):
+        new[b * 512 + rnd.randrange(0, 100)] ^= 1
+    new[10 * 512:12 * 512] = bytes(1024)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(new)
+    with (tmp_path / "old").open("rb") as fo, (tmp_path / "new").open("rb") as fn:
+        for offset, length in [(0, len(new)), (1024, 4096 + 3), (0, 0), (36 * 512, 612)]:
+            want = native.compare(old[offset:offset + length], new[offset:offset + length], 512)
+            for piece in (512, 1536, 8192):
+                for k in KERNELS:
+                    flags = bytearray(len(want))
+                    n = native.compare_fds(flags, fo.fileno(), fn.fileno(), offset, length, 512,
+                                           bytearray(piece), bytearray(piece), kernel=k.id)
+                    assert bytes(flags) == want and n == sum(1 for f in want if f)
+                    n = native.compare_fds(flags, None, fn.fileno(), offset, length, 512, None,
+                                           bytearray(piece), kernel=k.id)
+                    assert bytes(flags) == native.compare(None, new[offset:offset + length], 512)
+
+
+def test_compare_fds_read_errors_name_the_file_and_offset(tmp_path):
+    p = tmp_path / "short"
+    p.write_bytes(bytes(5000))
+    with p.open("rb") as f, open("/proc/self/mem", "rb") as mem:
+        with pytest.raises(native.FdReadError) as e:
+            native.compare_fds(bytearray(4), f.fileno(), f.fileno(), 0, 8192, 4096,
+                               bytearray(4096), bytearray(4096))
+        assert (e.value.which, e.value.offset, e.value.errno) == ("old", 5000, 0)
+        assert "end of file" in str(e.value)
+        # /proc/self/mem fails with EIO where nothing is mapped (address 0): a real read error.
+        with pytest.raises(native.FdReadError) as e:
+            native.compare_fds(bytearray(4), f.fileno(), mem.fileno(), 0, 4096, 4096,
+                               bytearray(4096), bytearray(4096))
+        assert (e.value.which, e.value.offset, e.value.errno) == ("new", 0, errno.EIO)
+        with pytest.raises(UsageError):   # buffers not a multiple of the block size
+            native.compare_fds(bytearray(4), None, f.fileno(), 0, 4096, 4096, None, bytearray(1000))
