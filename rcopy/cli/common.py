@@ -5,6 +5,7 @@ target's agent, reconcile with it (DESIGN.md, crash windows), then run the sync 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -87,6 +88,10 @@ def background(store: Store, group: str, fn) -> int:
     fd = store.try_lock(group)
     if fd is None:
         raise Busy(f"group {group} is busy (a sync or another operation is running): retry when it has finished")
+    # HAZARD: an SQLite connection must not cross a fork: the parent closing it at exit can checkpoint
+    # and remove the WAL under the child's open transaction, losing its commit. Close it first; the
+    # child opens its own.
+    store.close()
     pid = os.fork()
     if pid:
         os.close(fd)
@@ -167,10 +172,13 @@ def launch(store: Store, group: str, *, event: Event, full: str = "", wait: bool
     """Run a sync point now: in the foreground with progress (``--wait``), or detached (3PAR's default)."""
     g = store.group(group)
     from rcopy.engine.states import transition
-    transition(g, event)                       # refuse at once what the state does not allow
+    # Refuse at once what the state does not allow. A sync in flight is judged by the lock (taken next),
+    # not by the record: a record without a lock holder is a crashed sync that reconcile will settle.
+    transition(dataclasses.replace(g, pending_generation=0), event)
     if wait:
         print_report(run_sync(store, group, event=event, full=full, progress=progress_for_terminal()))
         return 0
-    background(store, group, lambda: run_sync(Store(store.dir), group, event=event, full=full, lock_held=True))
+    directory = store.dir
+    background(store, group, lambda: run_sync(Store(directory), group, event=event, full=full, lock_held=True))
     print(f"group {group}: sync point {g.generation + 1} started; follow it with 'rcopy status groups {group}'")
     return 0

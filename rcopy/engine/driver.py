@@ -149,7 +149,7 @@ class Driver:
             reason = _reason(e, generation)
             self._abort(g, vols, generation, sync_id, reason)
             if isinstance(e, RcopyError):
-                raise SyncFailed(f"group {name}: {reason}; the backup is back at sync point {g.generation}; "
+                raise SyncFailed(f"group {name}: {reason}; the backup returns to sync point {g.generation}; "
                                  f"group stopped") from e
             raise
         try:
@@ -165,17 +165,17 @@ class Driver:
         return SyncReport(name, generation, run.stats, time.monotonic() - t0)
 
     def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str):
-        log.warning("group %s: aborting sync point %s: %s", g.name, generation, reason)
+        log.info("group %s: aborting sync point %s: %s", g.name, generation, reason)
         for a in cycle.plan_abort(g, vols, generation, sync_id, reason):
             try:
                 self.execute([a], _Run())
             except RcopyError as e:
                 if isinstance(a, P.PeerAbort):
                     # The agent rolls back by itself when its stdin closes (or at its next start).
-                    log.warning("backup did not confirm the rollback (%s): closing the channel", e)
+                    log.info("backup did not confirm the rollback (%s): closing the channel", e)
                     self.peer.close()
                 else:
-                    log.warning("%s failed: %s", a.describe(), e)
+                    log.info("%s failed: %s", a.describe(), e)
 
     # -- execution ----------------------------------------------------------------------------------
     def execute(self, actions: list[P.Action], run: _Run):

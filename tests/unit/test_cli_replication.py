@@ -1,0 +1,260 @@
+"""The CLI end to end on the host with the file simulator: two systems (state dirs A and B) on one host,
+the agent run locally through the target's agent command, volumes as files, real nbdkit exporting the
+secondaries on 127.0.0.1, the real NBD Sender and the real native scan (issue 6, host part)."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not shutil.which("nbdkit"), reason="nbdkit not installed (scripts/setup installs it)")
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+class Systems:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.A, self.B = str(tmp / "A"), str(tmp / "B")
+        self.env = dict(os.environ, RCOPY_ALLOW_NONROOT="1")
+        self.env.pop("RCOPY_FAULT", None)
+        self.vols = {}
+
+    def rcopy(self, *args, state=None, env=None, check=True):
+        r = subprocess.run([sys.executable, "-m", "rcopy", "--state-dir", state or self.A, *args],
+                           capture_output=True, text=True, env={**self.env, **(env or {})}, timeout=300)
+        if check and r.returncode:
+            raise AssertionError(f"rcopy {' '.join(args)} -> {r.returncode}: {r.stderr}")
+        return r
+
+    def status(self, state=None):
+        return json.loads(self.rcopy("status", "--json", state=state).stdout)
+
+    def volume(self, name, data_mib=4):
+        p, s = str(self.tmp / f"{name}.img"), str(self.tmp / f"{name}-sec.img")
+        with open(p, "wb") as f:
+            f.truncate(SIZE)
+            f.write(os.urandom(data_mib * MiB))
+        with open(s, "wb") as f:
+            f.truncate(SIZE)
+        self.vols[p] = s
+        return p, s
+
+    def write_random(self, path, blocks, seed):
+        rnd = __import__("random").Random(seed)
+        with open(path, "r+b") as f:
+            for _ in range(blocks):
+                f.seek(rnd.randrange(SIZE // 4096) * 4096)
+                f.write(os.urandom(4096))
+
+    def wait_backup_idle(self, group="g"):
+        """The orphaned agent rolls back by itself; wait until it let go of the group."""
+        for _ in range(600):
+            g = [x for x in self.status(self.B)["groups"] if x["name"] == group][0]
+            if not g["syncing_generation"]:
+                return g
+            time.sleep(0.1)
+        raise AssertionError("backup never finished its rollback")
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def snap(primary, gen, group="g"):
+    name = os.path.basename(primary).replace(".", "-")
+    return os.path.join(os.path.dirname(primary), f"rcopy.{group}.{name}.P{gen}")
+
+
+@pytest.fixture
+def sys2(tmp_path):
+    s = Systems(tmp_path)
+    s.rcopy("target", "create", "backup", "--link", "127.0.0.1",
+            "--agent", f"{sys.executable} -m rcopy --state-dir {s.B} agent")
+    s.rcopy("group", "create", "g", "--target", "backup", "--period", "5m", "--policy", "auto_recover")
+    for n in ("v1", "v2"):
+        p, sec = s.volume(n)
+        s.rcopy("group", "admit", "g", p, f"backup:{sec}")
+    return s
+
+
+def _started(s):
+    s.rcopy("group", "start", "g", "--wait")
+    return s
+
+
+def test_set_up_mirrors_itself_and_initial_then_delta_sync(sys2):
+    s = sys2
+    b = s.status(s.B)["groups"]
+    assert [(g["name"], g["role"]) for g in b] == [("g", "secondary")]
+    assert sorted(v["local"] for v in b[0]["volumes"]) == sorted(s.vols.values())
+    _started(s)
+    for p, sec in s.vols.items():
+        assert sha(sec) == sha(snap(p, 1)) == sha(p)
+    st = s.status()["groups"][0]
+    assert st["state"] == "started" and st["sync_point"]["generation"] == 1 and st["period"] == 300
+    assert all(v["full_reason"] == "initial sync" and v["bytes_sent"] == 4 * MiB for v in st["volumes"])
+    for rnd in range(2):
+        for i, p in enumerate(s.vols):
+            s.write_random(p, 20, seed=rnd * 10 + i)
+        out = s.rcopy("sync", "g", "--wait").stdout
+        assert f"sync point {rnd + 2} committed" in out
+        for p, sec in s.vols.items():
+            assert sha(sec) == sha(snap(p, rnd + 2))
+            assert not os.path.exists(snap(p, rnd + 1))            # the old base went after the commit
+        st = s.status()["groups"][0]
+        for v in st["volumes"]:
+            assert v["full_reason"] == "" and 0 < v["bytes_sent"] <= 20 * 4096   # changed bytes, not the volume
+        assert "every secondary equals sync point" in s.rcopy("verify", "g").stdout
+    assert not [f for f in os.listdir(s.tmp) if ".R" in f]                  # no rollback snapshot left
+
+
+def test_verify_reports_a_difference(sys2):
+    s = _started(sys2)
+    sec = next(iter(s.vols.values()))
+    with open(sec, "r+b") as f:
+        f.write(b"corrupt")
+    r = s.rcopy("verify", "g", check=False)
+    assert r.returncode == 15 and "DIFFERENT" in r.stdout and r.stderr.count("\n") == 1
+
+
+def test_primary_killed_mid_sync_backup_rolls_back_and_next_sync_reconciles(sys2):
+    s = _started(sys2)
+    before = {sec: sha(sec) for sec in s.vols.values()}
+    for i, p in enumerate(s.vols):
+        s.write_random(p, 30, seed=100 + i)
+    r = s.rcopy("sync", "g", "--wait", env={"RCOPY_FAULT": "after-send"}, check=False)
+    assert r.returncode == 99                                          # died after the first volume's data went
+    s.wait_backup_idle()
+    assert {sec: sha(sec) for sec in s.vols.values()} == before      # the whole group at sync point 1
+    st = s.status()["groups"][0]
+    assert "interrupted" in st["reason"] and not st["syncing"]
+    s.rcopy("sync", "g", "--wait")
+    st = s.status()["groups"][0]
+    assert st["sync_point"]["generation"] == 2 and all(v["full_reason"] == "" for v in st["volumes"])
+    s.rcopy("verify", "g")
+
+
+def test_primary_killed_after_backup_commit_finishes_its_commit(sys2):
+    s = _started(sys2)
+    for p in s.vols:
+        s.write_random(p, 5, seed=7)
+    r = s.rcopy("sync", "g", "--wait", env={"RCOPY_FAULT": "after-peer-commit"}, check=False)
+    assert r.returncode == 99
+    s.wait_backup_idle()
+    assert s.status(s.B)["groups"][0]["sync_point"]["generation"] == 2
+    s.rcopy("sync", "g", "--wait")                                    # reconciles to 2, then syncs 3
+    assert s.status()["groups"][0]["sync_point"]["generation"] == 3
+    s.rcopy("verify", "g")
+
+
+def test_agent_killed_mid_sync_stops_the_group_with_a_reason_then_recovers(sys2):
+    s = _started(sys2)
+    before = {sec: sha(sec) for sec in s.vols.values()}
+    for p in s.vols:
+        s.write_random(p, 5, seed=8)
+    r = s.rcopy("sync", "g", "--wait", env={"RCOPY_FAULT": "agent-after-begin"}, check=False)
+    assert r.returncode == 15 and r.stderr.count("\n") == 1 and "group stopped" in r.stderr
+    st = s.status()["groups"][0]
+    assert st["state"] == "stopped" and "link lost" in st["reason"]
+    assert {sec: sha(sec) for sec in s.vols.values()} == before
+    s.rcopy("sync", "g", "--wait")
+    st = s.status()["groups"][0]
+    assert st["state"] == "started" and all(v["full_reason"] == "" for v in st["volumes"])
+    s.rcopy("verify", "g")
+
+
+def test_deleted_base_makes_a_full_sync_and_status_says_why(sys2):
+    s = _started(sys2)
+    p = next(iter(s.vols))
+    os.unlink(snap(p, 1))
+    s.rcopy("sync", "g", "--wait")
+    vols = {v["local"]: v for v in s.status()["groups"][0]["volumes"]}
+    assert "base snapshot" in vols[p]["full_reason"] and "missing" in vols[p]["full_reason"]
+    assert [v["full_reason"] for k, v in vols.items() if k != p] == [""]
+    s.rcopy("verify", "g")
+
+
+def _one_line_error(r, code):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("rcopy: error:") and "Traceback" not in r.stderr
+
+
+def test_bad_input_is_one_line_with_its_own_code_and_changes_nothing(sys2, tmp_path):
+    s = sys2
+    other, other_sec = s.volume("other")
+    with open(other_sec, "r+b") as f:
+        f.write(b"precious data")
+    small = str(tmp_path / "small.img")
+    with open(small, "wb") as f:
+        f.truncate(SIZE // 2)
+    v1 = next(iter(s.vols))
+    snapshot_before = (s.status(), s.status(s.B))
+    cases = [
+        (("group", "create", "g2", "--target", "nope"), 3),
+        (("sync", "nope", "--wait"), 3),
+        (("group", "admit", "g", other, f"backup:{other_sec}"), 6),       # secondary holds data
+        (("group", "admit", "g", other, f"backup:{small}"), 5),           # another size
+        (("group", "admit", "g", v1, f"backup:{small}"), 4),               # already in a group
+        (("group", "create", "g2", "--target", "backup", "--period", "5x"), 2),
+        (("group", "create", "g2", "--target", "backup", "--period", "10s"), 2),
+        (("sync", "g", "--wait"), 5),                                       # never started
+    ]
+    for args, code in cases:
+        _one_line_error(s.rcopy(*args, check=False), code)
+    assert (s.status(), s.status(s.B)) == snapshot_before
+    s.rcopy("target", "create", "dead", "--link", "192.0.2.1", "--agent", "sh -c 'exit 255'")
+    _one_line_error(s.rcopy("group", "create", "g3", "--target", "dead", check=False), 10)
+    assert [g["name"] for g in s.status()["groups"]] == ["g"]
+    _started(s)
+    _one_line_error(s.rcopy("group", "admit", "g", other, f"backup:{other_sec}", "--force", check=False), 5)
+    r = s.rcopy("group", "start", "g", check=False)
+    _one_line_error(r, 5)
+
+
+def test_sync_refused_while_one_runs(sys2):
+    s = _started(sys2)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys,time\nfrom rcopy.state import Store\n"
+                               "fd = Store(sys.argv[1]).try_lock('g'); print(fd is not None, flush=True); time.sleep(60)",
+                               s.A], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        _one_line_error(s.rcopy("sync", "g", "--wait", check=False), 8)
+        _one_line_error(s.rcopy("sync", "g", check=False), 8)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_non_root_is_refused(sys2):
+    env = {k: v for k, v in sys2.env.items() if k != "RCOPY_ALLOW_NONROOT"}
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "rcopy",
+               "--state-dir", sys2.A, "status"]
+    else:
+        cmd = [sys.executable, "-m", "rcopy", "--state-dir", sys2.A, "status"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/")
+    _one_line_error(r, 7)
+
+
+def test_background_sync_and_status_text(sys2):
+    s = _started(sys2)
+    for p in s.vols:
+        s.write_random(p, 5, seed=9)
+    out = s.rcopy("sync", "g").stdout
+    assert "sync point 2 started" in out
+    for _ in range(600):
+        st = s.status()["groups"][0]
+        if st["sync_point"]["generation"] == 2 and not st["syncing"]:
+            break
+        time.sleep(0.1)
+    assert st["sync_point"]["generation"] == 2
+    text = s.rcopy("status").stdout
+    assert "Group g" in text and "synced" in text and "Target backup" in text
+    assert "sync point 2" in text
