@@ -1,0 +1,268 @@
+"""The lab's one API: :class:`Lab` drives both VMs; :func:`main` is scripts/lab on top of it.
+
+State kept in the instance directory (RCOPY_LAB_DIR): which image the VMs booted from (``image``) and
+the wanted state of the replication link (``link``), so a VM started after a crash gets the link state
+the other end has.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from lab import image as images
+from lab import push as pusher
+from lab.config import HOSTS, Config, load
+from lab.errors import BootFailed, LabError, LabUsage, NotRunning
+from lab.ssh import Ssh, shell_text
+from lab.vm import Vm
+from rcopy.errors import RcopyError
+
+RESET_SCRIPT = Path(__file__).resolve().parent / "guest" / "reset.sh"
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestResult:
+    """What a command in a VM did (the shape of subprocess.CompletedProcess)."""
+    host: str
+    args: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Lab:
+    def __init__(self, cfg: Config | None = None, log=print):
+        self.cfg = cfg or load()
+        self.log = log
+
+    # --- parts -------------------------------------------------------------------------------------
+    @property
+    def image(self) -> images.Image:
+        """The image the instance booted from (kept while it exists), else the current recipe's."""
+        booted = self.cfg.dir / "image"
+        if booted.exists():
+            return images.Image(Path(booted.read_text().strip()))
+        return images.image_for(self.cfg.cache)
+
+    def vm(self, host: str) -> Vm:
+        if host not in HOSTS:
+            raise LabUsage(f"no VM named {host!r}: the lab has {' and '.join(HOSTS)}")
+        return Vm(self.cfg, host, self.image)
+
+    def ssh(self, host: str) -> Ssh:
+        return Ssh(host, self.cfg.ssh_port(host), self.image.key, self.cfg.sockets / f"{host}.ssh")
+
+    def _both(self, fn, hosts=HOSTS) -> list:
+        """fn(host) for each host at once (the VMs boot and work in parallel); first error wins."""
+        with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+            return [f.result() for f in [pool.submit(fn, h) for h in hosts]]
+
+    # --- verbs -------------------------------------------------------------------------------------
+    def build(self) -> images.Image:
+        return images.build(self.cfg.cache, self.log)
+
+    def up(self, push: bool = True) -> None:
+        """Boot every VM not running, on fresh disks; wait until both answer; install the working tree."""
+        t0 = time.monotonic()
+        down = [h for h in HOSTS if not self.vm(h).alive()]
+        if down:
+            if len(down) == len(HOSTS):
+                image = self.build()
+                self.cfg.dir.mkdir(parents=True, exist_ok=True)
+                (self.cfg.dir / "image").write_text(f"{image.dir}\n")
+                self._set_link_state(True)
+            for h in down:
+                self.vm(h).create_disks()
+            self._both(self._boot, down)
+            self.log(f"lab: {', '.join(down)} booted in {time.monotonic() - t0:.0f} s "
+                     f"(accel {self.cfg.accel}; ssh ports {self.cfg.ssh_port(HOSTS[0])}-{self.cfg.ssh_port(HOSTS[1])})")
+        elif self.image.dir != images.image_for(self.cfg.cache).dir:
+            self.log("lab: note: the VMs run an older image; 'scripts/lab down && scripts/lab up' to refresh")
+        if push:
+            self.push()
+
+    def _boot(self, host: str) -> None:
+        vm = self.vm(host)
+        vm.boot()
+        if not self.ssh(host).wait_ready(time.monotonic() + self.cfg.boot_timeout, vm.alive):
+            raise BootFailed(host=host, seconds=self.cfg.boot_timeout, console=vm.console_tail())
+        if not self._link_state():
+            vm.set_link(False)
+
+    def healthy(self) -> bool:
+        try:
+            return all(self.vm(h).alive() and self.run(h, "true", check=False, timeout=30).returncode == 0
+                       for h in HOSTS)
+        except RcopyError:
+            return False
+
+    def push(self) -> None:
+        """Install the working tree's rcopy in both VMs (no image rebuild, no reboot)."""
+        t0 = time.monotonic()
+        self._require(HOSTS)
+        wheel = pusher.build_wheel(self.cfg.dir / "wheels")
+        versions = self._both(lambda h: pusher.install(self.ssh(h), wheel))
+        self.log(f"lab: pushed {wheel.name} to {', '.join(HOSTS)} in {time.monotonic() - t0:.0f} s ({versions[0]})")
+
+    def run(self, host: str, cmd, *, check: bool = True, input=None, timeout: float = 300.0) -> GuestResult:
+        """Run cmd as root in host (a string goes to the shell as is, a list is quoted word by word)."""
+        self._require([host])
+        res = self.ssh(host).run(cmd, input=input, timeout=timeout, check=check)
+        return GuestResult(host, shell_text(cmd), res.rc, res.stdout, res.stderr)
+
+    def stream(self, host: str, cmd) -> int:
+        self._require([host])
+        return self.ssh(host).stream(cmd)
+
+    def link(self, up: bool) -> None:
+        """Cut (up=False) or restore the replication link, at both ends."""
+        self._set_link_state(up)
+        live = [h for h in HOSTS if self.vm(h).alive()]
+        for h in live:
+            self.vm(h).set_link(up)
+        self._both(lambda h: self._wait_carrier(h, up), live)
+
+    def _wait_carrier(self, host: str, up: bool) -> None:
+        """Return once the guest itself sees the link state (its link watch lags qemu by up to ~1 s)."""
+        want = "up" if up else "down"
+        self.run(host, f"for i in $(seq 100); do [ $(cat /sys/class/net/$(cat /run/lab-link)/operstate) = {want} ] "
+                       f"&& exit 0; sleep 0.1; done; echo link still not {want} >&2; exit 1", timeout=60)
+
+    def crash(self, host: str) -> None:
+        self.vm(host).crash()
+        self.ssh(host).stop_master()
+
+    def start(self, host: str) -> None:
+        """Boot a crashed or stopped VM again on its disks as they were."""
+        if self.vm(host).alive():
+            self.log(f"lab: {host} is already running")
+            return
+        t0 = time.monotonic()
+        self._boot(host)
+        self.log(f"lab: {host} booted in {time.monotonic() - t0:.0f} s")
+
+    def reset(self) -> None:
+        """Both VMs running, link up, data disks empty, no rcopy state: the start of every lab test."""
+        t0 = time.monotonic()
+        stopped = [h for h in HOSTS if not self.vm(h).alive()]
+        if stopped and not all(self.vm(h).disk("root").exists() for h in stopped):
+            raise NotRunning(host=stopped[0])
+        if stopped:
+            self._both(self._boot, stopped)
+        self.link(True)
+        script = RESET_SCRIPT.read_text()
+        self._both(lambda h: self.run(h, "bash -s", input=script, timeout=180))
+        self.log(f"lab: reset in {time.monotonic() - t0:.1f} s")
+
+    def down(self) -> None:
+        for h in HOSTS:
+            self.ssh(h).stop_master()
+            self.vm(h).quit()
+        shutil.rmtree(self.cfg.sockets, ignore_errors=True)
+        (self.cfg.dir / "image").unlink(missing_ok=True)
+
+    def status(self) -> list[str]:
+        lines = []
+        for h in HOSTS:
+            vm = self.vm(h)
+            state = f"running (pid {vm.pid()})" if vm.alive() else "stopped"
+            lines.append(f"{h}: {state}, ssh 127.0.0.1:{self.cfg.ssh_port(h)}, console {vm.console}")
+        lines.append(f"link: {'up' if self._link_state() else 'down'}; instance {self.cfg.dir}; image {self.image.dir}")
+        return lines
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _require(self, hosts) -> None:
+        for h in hosts:
+            if not self.vm(h).alive():
+                raise NotRunning(host=h)
+
+    def _link_state(self) -> bool:
+        path = self.cfg.dir / "link"
+        return not path.exists() or path.read_text().strip() != "down"
+
+    def _set_link_state(self, up: bool) -> None:
+        self.cfg.dir.mkdir(parents=True, exist_ok=True)
+        (self.cfg.dir / "link").write_text("up\n" if up else "down\n")
+
+
+# --- command line ------------------------------------------------------------------------------------
+USAGE = """scripts/lab VERB ...   (instance: $RCOPY_LAB_DIR, default <repo>/.lab)
+  build                 build the VM image (cached by recipe hash under ~/.cache/rcopy-lab)
+  up                    boot both VMs (fresh disks for any not running), install the working tree
+  push                  reinstall the working tree's rcopy into the running VMs
+  run HOST -- CMD...    run CMD as root in HOST (primary|backup), stream output, exit with its status
+  link down|up          cut / restore the replication link
+  crash HOST            kill HOST at once (power cut); start HOST boots it again on the same disks
+  start HOST
+  reset                 start crashed VMs, link up, empty data disks, no rcopy state
+  status                what runs where
+  down                  stop both VMs"""
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        raise SystemExit(0 if argv else 2)
+    verb, rest = argv[0], argv[1:]
+    ns = argparse.Namespace(verb=verb, host=None, cmd=None, up=None)
+    if verb == "run":
+        if len(rest) < 2 or rest[1] != "--" and len(rest) < 2:
+            raise LabUsage("usage: scripts/lab run HOST -- CMD...")
+        ns.host = rest[0]
+        ns.cmd = rest[2:] if rest[1] == "--" else rest[1:]
+        if not ns.cmd:
+            raise LabUsage("usage: scripts/lab run HOST -- CMD...")
+        ns.cmd = ns.cmd[0] if len(ns.cmd) == 1 else ns.cmd   # one word: a shell line, like ssh
+    elif verb in ("crash", "start"):
+        if len(rest) != 1:
+            raise LabUsage(f"usage: scripts/lab {verb} HOST")
+        ns.host = rest[0]
+    elif verb == "link":
+        if rest not in (["down"], ["up"]):
+            raise LabUsage("usage: scripts/lab link down|up")
+        ns.up = rest[0] == "up"
+    elif verb in ("build", "up", "push", "reset", "down", "status"):
+        if rest:
+            raise LabUsage(f"scripts/lab {verb} takes no arguments")
+    else:
+        raise LabUsage(f"unknown verb {verb!r} (see 'scripts/lab --help')")
+    return ns
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731 - stdout belongs to 'run'
+    try:
+        ns = _parse(argv)
+        lab = Lab(log=log)
+        if ns.host is not None:
+            lab.vm(ns.host)   # validates the name
+        if ns.verb == "run":
+            return lab.stream(ns.host, ns.cmd)
+        if ns.verb == "status":
+            print("\n".join(lab.status()))
+        elif ns.verb == "link":
+            lab.link(ns.up)
+        elif ns.verb in ("crash", "start"):
+            getattr(lab, ns.verb)(ns.host)
+        else:
+            getattr(lab, ns.verb)()
+        return 0
+    except RcopyError as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:   # a bug in the lab: still one line, never a traceback
+        print(f"lab: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
