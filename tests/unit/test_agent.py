@@ -1,0 +1,156 @@
+"""The agent as a process: the JSON-lines protocol, typed errors across the wire, and the rollback it
+does by itself when its stdin closes mid-sync or when it starts after a crash (design §2.5)."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from rcopy.model import Group, Role, VolumePair, VolumeState
+from rcopy.state import Store
+
+SIZE = 1 << 20
+needs_nbdkit = pytest.mark.skipif(not shutil.which("nbdkit"), reason="nbdkit not installed (scripts/setup)")
+
+
+class AgentProc:
+    def __init__(self, state, env=None):
+        self.p = subprocess.Popen([sys.executable, "-m", "rcopy", "--state-dir", state, "agent"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "RCOPY_ALLOW_NONROOT": "1", **(env or {})})
+        self.n = 0
+
+    def raw(self, line):
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
+
+    def call(self, op, **args):
+        self.n += 1
+        reply = self.raw(json.dumps({"id": self.n, "op": op, "args": args}))
+        assert reply["id"] == self.n
+        return reply
+
+    def close(self):
+        self.p.stdin.close()
+        assert self.p.wait(timeout=60) == 0
+        self.p.stdout.close()
+        self.p.stderr.close()
+
+
+@pytest.fixture
+def backup(tmp_path):
+    """A backup whose group g is at sync point 1 (id 'one') with one synced file secondary."""
+    sec = tmp_path / "sec.img"
+    sec.write_bytes(os.urandom(SIZE))
+    s = Store(str(tmp_path / "B"))
+    s.add_group(Group("g", "primary", role=Role.SECONDARY, generation=1, sync_id="one"))
+    s.add_volume(VolumePair("g", "sec-img", str(sec), "/dev/vg/a", SIZE, state=VolumeState.SYNCED, last_sync=1.0))
+    s.close()
+    return tmp_path, str(sec)
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_protocol_hello_errors_and_garbage(backup):
+    tmp, _ = backup
+    a = AgentProc(str(tmp / "B"))
+    hello = a.call("hello", protocol=1, peer="p")
+    assert hello["ok"] and hello["result"]["protocol"] == 1
+    bad = a.call("hello", protocol=99)
+    assert not bad["ok"] and bad["error"]["class"] == "Refused" and bad["error"]["exit_code"] == 5
+    unknown = a.call("frobnicate")
+    assert unknown["error"]["class"] == "Refused"
+    missing = a.call("status", group="nope")
+    assert missing["ok"] and missing["result"] == {"exists": False}
+    wrong_args = a.call("status", nonsense=1)
+    assert wrong_args["error"]["class"] == "UsageError"
+    garbage = a.raw("{not json")
+    assert garbage["ok"] is False and garbage["error"]["exit_code"] == 2
+    st = a.call("status", group="g")["result"]
+    assert (st["generation"], st["sync_id"], st["pending_generation"]) == (1, "one", 0)
+    a.close()
+
+
+def test_group_create_is_idempotent_and_refuses_a_clash(backup):
+    tmp, _ = backup
+    a = AgentProc(str(tmp / "B"))
+    assert a.call("group_create", group="h", source="p")["result"] == {"created": True}
+    assert a.call("group_create", group="h", source="p")["result"] == {"created": False}
+    clash = a.call("group_create", group="h", source="other")
+    assert clash["error"]["class"] == "Refused"
+    assert a.call("group_create", group="bad.name", source="p")["error"]["exit_code"] == 2
+    a.close()
+
+
+def _begin(a, sec):
+    r = a.call("begin", group="g", generation=2, sync_id="two", base_generation=1, base_id="one",
+               remotes=[sec], bind="127.0.0.1")
+    assert r["ok"], r
+    return r["result"]["volumes"][sec]
+
+
+@needs_nbdkit
+def test_begin_proves_the_base_and_eof_rolls_back(backup):
+    tmp, sec = backup
+    before = sha(sec)
+    a = AgentProc(str(tmp / "B"))
+    vol = _begin(a, sec)
+    assert vol["base"] is True and vol["export"]["port"] > 0 and vol["export"]["size"] == SIZE
+    assert os.path.exists(tmp / "rcopy.g.sec-img.R1")
+    busy = a.call("begin", group="g", generation=2, sync_id="x", base_generation=1, base_id="one",
+                  remotes=[sec], bind="127.0.0.1")
+    assert busy["error"]["class"] == "Busy" and busy["error"]["exit_code"] == 8
+    with open(sec, "r+b") as f:                 # half a sync landed
+        f.write(b"\xff" * 8192)
+    a.close()                                   # the primary went away: stdin closed
+    assert sha(sec) == before and not os.path.exists(tmp / "rcopy.g.sec-img.R1")
+    g = Store(str(tmp / "B")).group("g")
+    assert (g.generation, g.pending_generation, g.state.value) == (1, 0, "stopped") and "went away" in g.reason
+
+
+@needs_nbdkit
+def test_a_wrong_base_is_refused_per_volume(backup):
+    tmp, sec = backup
+    a = AgentProc(str(tmp / "B"))
+    r = a.call("begin", group="g", generation=2, sync_id="two", base_generation=1, base_id="not-one",
+               remotes=[sec], bind="127.0.0.1")
+    assert r["result"]["volumes"][sec]["base"] is False
+    a.call("abort", group="g", generation=2, sync_id="two", reason="test")
+    a.close()
+
+
+@needs_nbdkit
+def test_commit_is_durable_and_drops_the_rollback_snapshot(backup):
+    tmp, sec = backup
+    a = AgentProc(str(tmp / "B"))
+    _begin(a, sec)
+    assert a.call("commit", group="g", generation=2, sync_id="two")["result"] == {"committed": 2}
+    assert a.call("commit", group="g", generation=2, sync_id="two")["ok"]          # a retry is fine
+    assert not os.path.exists(tmp / "rcopy.g.sec-img.R1")
+    a.close()
+    g = Store(str(tmp / "B")).group("g")
+    assert (g.generation, g.sync_id) == (2, "two")
+
+
+@needs_nbdkit
+def test_a_killed_agent_is_rolled_back_by_the_next_one(backup):
+    tmp, sec = backup
+    before = sha(sec)
+    a = AgentProc(str(tmp / "B"))
+    _begin(a, sec)
+    with open(sec, "r+b") as f:
+        f.write(b"\xff" * 8192)
+    a.p.send_signal(signal.SIGKILL)
+    a.p.wait()
+    b = AgentProc(str(tmp / "B"))
+    st = b.call("status", group="g")["result"]          # recover ran before the first request
+    assert (st["generation"], st["pending_generation"]) == (1, 0) and "died" in st["reason"]
+    assert sha(sec) == before
+    b.close()
