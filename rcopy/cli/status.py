@@ -4,7 +4,8 @@
 ``{"system": NAME, "groups": [GROUP...], "targets": [TARGET...]}`` where
 GROUP = ``{name, target, role, mode, period (seconds or null), policies [..], state, reason, alert,
 sync_point {generation, id} (generation 0: never synced), syncing (bool), syncing_generation,
-last_sync_start, last_sync_end (Unix seconds, 0: never), volumes [VOLUME...]}``,
+last_sync_start, last_sync_end (Unix seconds, 0: never), next_sync (Unix seconds of the next
+periodic sync, null: on demand only), volumes [VOLUME...]}``,
 VOLUME = ``{name, local, remote, size, state, percent (while syncing), bytes_done, bytes_total,
 last_sync, bytes_sent (by the last completed sync), full_reason ("" for a delta)}``,
 TARGET = ``{name, agent, links [{address, state}]}``. ``status links`` prints only targets' links.
@@ -15,6 +16,7 @@ import os
 import time
 
 from rcopy.cli.common import open_store, print_json
+from rcopy.daemon.scheduler import next_start
 from rcopy.model import format_period
 
 
@@ -55,7 +57,14 @@ def group_dict(store, g) -> dict:
             "policies": sorted(g.policies), "state": g.state.value, "reason": reason, "alert": g.alert,
             "sync_point": {"generation": g.generation, "id": g.sync_id}, "syncing": live,
             "syncing_generation": g.pending_generation, "last_sync_start": g.last_sync_start,
-            "last_sync_end": g.last_sync_end, "volumes": vols}
+            "last_sync_end": g.last_sync_end, "next_sync": _next(g), "volumes": vols}
+
+
+def _next(g) -> float | None:
+    """When the daemon starts the next periodic sync (None: on demand only, or not started)."""
+    if g.role.value not in ("primary", "primary-rev") or g.state.value != "started":
+        return None
+    return next_start(g.period, g.last_sync_start, g.last_sync_end)
 
 
 def target_dict(store, t) -> dict:
@@ -87,7 +96,8 @@ def do_status(args):
               f"period {format_period(g['period'])}  policies {','.join(g['policies']) or '-'}")
         line = f"  state {g['state']}" + (f" ({g['reason']})" if g["reason"] else "")
         line += f"  sync point {sp['generation']}" + (f" (syncing {g['syncing_generation']})" if g["syncing"] else "")
-        print(line + f"  last sync {_when(g['last_sync_end'])}")
+        print(line + f"  last sync {_when(g['last_sync_end'])}"
+              + (f"  next {_when(g['next_sync'])}" if g["next_sync"] else ""))
         if g["alert"]:
             print(f"  ALERT: {g['alert']}")
         print(f"  {'volume':<16} {'local':<28} {'remote':<28} {'state':<12} {'last sync':<19} {'sent':>12}  note")

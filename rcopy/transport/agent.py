@@ -47,9 +47,22 @@ def _fault(point: str):
         os._exit(98)
 
 
+def export_address(bind: str) -> str:
+    """Where to serve the secondaries: the local address of the link the primary came in on.
+
+    Under ssh that is SSH_CONNECTION's server address (exactly the link in use, whatever names resolve
+    to on this side: Debian maps the host's own name to 127.0.1.1); otherwise the link the primary named.
+    """
+    parts = os.environ.get("SSH_CONNECTION", "").split()
+    return parts[2] if len(parts) == 4 else bind
+
+
 def _default_exporter(volumes: dict[str, str], bind: str):
     from rcopy.transport.export import Export
-    ex = Export(volumes, host=bind)
+    host = export_address(bind)
+    # TLS with a throw-away certificate pinned by the primary, except on loopback (host tests).
+    tls = not (host.startswith("127.") or host in ("::1", "localhost"))
+    ex = Export(volumes, host=host, tls=tls)
     ex.start()
     return ex
 

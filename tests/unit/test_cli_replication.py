@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not shutil.which("nbdkit"), reason="nbdkit not installed (scripts/setup installs it)")
+needs_nbdkit_mark = pytest.mark.skipif(not shutil.which("nbdkit"), reason="nbdkit not installed (scripts/setup installs it)")
+pytestmark = needs_nbdkit_mark
 
 MiB = 1 << 20
 SIZE = 16 * MiB

@@ -1,0 +1,70 @@
+"""The smaller nouns through the real CLI: targets, links, group set/stop/dismiss/remove, status views,
+sync --dry-run (the plan printed, nothing changed)."""
+import json
+import os
+import sys
+
+from tests.unit.test_cli_replication import Systems, needs_nbdkit_mark
+
+
+def _systems(tmp_path):
+    s = Systems(tmp_path)
+    s.rcopy("target", "create", "backup", "--link", "127.0.0.1",
+            "--agent", f"{sys.executable} -m rcopy --state-dir {s.B} agent")
+    return s
+
+
+def test_targets_and_links(tmp_path):
+    s = _systems(tmp_path)
+    s.rcopy("link", "add", "backup", "127.0.0.2")
+    r = s.rcopy("link", "add", "backup", "127.0.0.2", check=False)
+    assert r.returncode == 4
+    t = json.loads(s.rcopy("target", "list", "--json").stdout)
+    assert t[0]["links"] == ["127.0.0.1", "127.0.0.2"] and "agent" in t[0]["agent"]
+    links = s.status()["targets"][0]["links"]
+    assert [l["address"] for l in links] == ["127.0.0.1", "127.0.0.2"]
+    s.rcopy("link", "remove", "backup", "127.0.0.2")
+    assert s.rcopy("link", "remove", "backup", "127.0.0.1", check=False).returncode == 5    # the last link
+    assert s.rcopy("link", "remove", "backup", "10.9.9.9", check=False).returncode == 3
+    out = json.loads(s.rcopy("status", "links", "--json").stdout)
+    assert "groups" not in out and out["targets"][0]["name"] == "backup"
+    s.rcopy("target", "remove", "backup")
+    assert json.loads(s.rcopy("target", "list", "--json").stdout) == []
+
+
+def test_first_working_link_is_used(tmp_path):
+    s = Systems(tmp_path)
+    s.rcopy("target", "create", "backup", "--link", "dead", "--link", "127.0.0.1",
+            "--agent", f"sh -c 'test {{link}} = 127.0.0.1 && exec {sys.executable} -m rcopy --state-dir {s.B} agent'")
+    s.rcopy("group", "create", "g", "--target", "backup")
+    states = {l["address"]: l["state"] for l in s.status()["targets"][0]["links"]}
+    assert states == {"dead": "down", "127.0.0.1": "up"}
+
+
+@needs_nbdkit_mark
+def test_group_lifecycle_set_stop_dismiss_remove_and_dry_run(tmp_path):
+    s = _systems(tmp_path)
+    s.rcopy("group", "create", "g", "--target", "backup")
+    p, sec = s.volume("v1")
+    s.rcopy("group", "admit", "g", p, f"backup:{sec}")
+    s.rcopy("group", "set", "g", "--period", "2h", "--policy", "over_per_alert")
+    g = s.status()["groups"][0]
+    assert g["period"] == 7200 and g["policies"] == ["over_per_alert"] and g["next_sync"] is None
+    assert s.rcopy("group", "set", "g", "--policy", "bogus", check=False).returncode == 2
+    s.rcopy("group", "start", "g", "--wait")
+    g = s.status()["groups"][0]
+    assert g["next_sync"] == g["last_sync_start"] + 7200
+    plan = s.rcopy("sync", "g", "--dry-run").stdout
+    assert "rcopy.g.v1-img.P1 and rcopy.g.v1-img.P2" in plan and "commit sync point 2" in plan
+    assert s.status()["groups"][0]["sync_point"]["generation"] == 1      # the dry run changed nothing
+    assert s.rcopy("group", "dismiss", "g", p, check=False).returncode == 5   # started: refused
+    s.rcopy("group", "stop", "g")
+    g = s.status()["groups"][0]
+    assert g["state"] == "stopped" and g["reason"] == "stopped by the administrator"
+    assert s.rcopy("group", "stop", "g", check=False).returncode == 5
+    s.rcopy("group", "dismiss", "g", p)
+    assert s.status()["groups"][0]["volumes"] == [] and s.status(s.B)["groups"][0]["volumes"] == []
+    assert not os.path.exists(os.path.join(os.path.dirname(p), "rcopy.g.v1-img.P1"))
+    s.rcopy("group", "remove", "g")
+    assert s.status()["groups"] == [] and s.status(s.B)["groups"] == []
+    assert s.rcopy("status", "groups", "g", check=False).returncode == 3
