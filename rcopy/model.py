@@ -114,7 +114,9 @@ class Target:
     links: tuple[str, ...]
     agent: str | None = None
 
-    DEFAULT_AGENT = "ssh -o BatchMode=yes root@{link} rcopy agent"
+    # ServerAlive*: ssh gives up 25 s after the link goes silent (3PAR's link heartbeat timeout).
+    DEFAULT_AGENT = ("ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 "
+                     "-o ServerAliveCountMax=5 root@{link} rcopy agent")
 
     def agent_command(self, link: str) -> str:
         return (self.agent or self.DEFAULT_AGENT).replace("{link}", link)

@@ -381,4 +381,14 @@ class Store:
         except BlockingIOError:
             os.close(fd)
             return None
+        os.ftruncate(fd, 0)                       # the holder's pid, for diagnostics and takeover
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
+
+    def lock_holder(self, group: str) -> int | None:
+        """The pid written by the process that holds (or last held) the group's lock."""
+        try:
+            with open(os.path.join(self.dir, "locks", f"{group}.lock")) as f:
+                return int(f.read().strip() or 0) or None
+        except (OSError, ValueError):
+            return None

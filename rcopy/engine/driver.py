@@ -30,6 +30,7 @@ log = logging.getLogger("rcopy.engine")
 
 MAX_IN_FLIGHT = 20          # volumes syncing at once per system (3PAR's figure)
 _SLOTS = threading.BoundedSemaphore(MAX_IN_FLIGHT)   # shared by every group this process syncs
+HEARTBEAT = 5.0             # seconds between pings to the agent during the data phase
 
 
 class Peer(Protocol):
@@ -42,6 +43,7 @@ class Peer(Protocol):
               remotes: list[str], bind: str) -> dict: ...
     def commit(self, group: str, generation: int, sync_id: str) -> dict: ...
     def abort(self, group: str, generation: int, sync_id: str, reason: str) -> dict: ...
+    def ping(self) -> dict: ...
     def close(self) -> None: ...
 
 
@@ -214,10 +216,22 @@ class Driver:
     def _send_all(self, sends: list[P.Send], run: _Run):
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="rcopy-send") as pool:
             futures = [pool.submit(self._send_one, a, run) for a in sends]
+            pending = set(futures)
+            while pending:
+                _, pending = concurrent.futures.wait(pending, timeout=HEARTBEAT)
+                if pending:
+                    self._heartbeat()
             errors = [f.exception() for f in futures if f.exception()]
         if errors:
             errors.sort(key=lambda e: not (isinstance(e, RcopyError) and e.kind == "link"))
             raise errors[0]
+
+    def _heartbeat(self):
+        """Tell the agent we are alive while the data flows over NBD (it rolls back after a silence)."""
+        try:
+            self.peer.ping()
+        except RcopyError as e:                  # the sends will fail on their own if the link is gone
+            log.info("heartbeat to the backup failed: %s", e)
 
     def _send_one(self, a: P.Send, run: _Run):
         g = parse(a.source).group

@@ -15,11 +15,13 @@ Operations (all idempotent where a retry can happen):
   (base_generation, base_id): a delta is only safe when it does (design §4).
 - ``commit {group, generation, sync_id}``: stop the exports, commit durably, delete R(n).
 - ``abort {group, generation, sync_id, reason}``: stop the exports, promote R(n) onto every secondary.
-- ``hash {group}`` -> ``{path: sha256}`` for ``rcopy verify``.
+- ``hash {group}`` -> ``{path: sha256}`` for ``rcopy verify``. ``ping`` -> ``{time}`` (heartbeat).
 
 The agent holds the group's lock from ``begin`` to ``commit``/``abort``. If its stdin closes (the primary,
 ssh or the link died) with a sync uncommitted it rolls back by itself; at start it rolls back any sync
-left in flight whose lock nobody holds (the previous agent crashed).
+left in flight whose lock nobody holds (the previous agent crashed). With a sync in flight and no
+request for RCOPY_AGENT_TIMEOUT seconds (default 200) it rolls back and exits; a stale agent still
+holding a group (its ssh session outlived a cut link) is stopped by the next agent the primary starts.
 """
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ import dataclasses
 import json
 import logging
 import os
+import select
+import signal
 import sys
+import time
 from typing import Callable
 
 from rcopy import __version__, backends
@@ -39,6 +44,10 @@ from rcopy.state import Store
 
 log = logging.getLogger("rcopy.agent")
 PROTOCOL = 1
+TAKEOVER_WAIT = 60.0
+# With a sync in flight, no request for this long means the primary or the link is gone: roll back and
+# exit (3PAR fails a target after 200 s without heartbeat; the primary pings every few seconds).
+IDLE_TIMEOUT = float(os.environ.get("RCOPY_AGENT_TIMEOUT", "200"))
 
 
 def _fault(point: str):
@@ -125,10 +134,16 @@ class Agent:
             raise Refused(f"protocol {protocol} not supported (this agent speaks {PROTOCOL}): install the same rcopy on both")
         return {"system": self.store.system().name, "protocol": PROTOCOL, "version": __version__}
 
+    def op_ping(self):
+        return {"time": time.time()}
+
     def op_status(self, group: str):
         if not self.store.has_group(group):
             return {"exists": False}
         g = self.store.group(group)
+        if g.pending_generation and group not in self.active:
+            self._take_over(g)
+            g = self.store.group(group)
         return {"exists": True, "generation": g.generation, "sync_id": g.sync_id,
                 "pending_generation": g.pending_generation, "pending_id": g.pending_id,
                 "state": g.state.value, "reason": g.reason, "role": g.role.value}
@@ -186,6 +201,9 @@ class Agent:
         g = self._secondary(group)
         if group in self.active:
             raise Busy(f"group {group} already has a sync in flight on {self.store.system().name}")
+        if g.pending_generation:
+            self._take_over(g)
+            g = self.store.group(group)
         fd = self.store.try_lock(group)
         if fd is None:
             raise Busy(f"group {group} is busy on {self.store.system().name}: another sync is being served")
@@ -212,6 +230,39 @@ class Agent:
         infos = export.infos
         return {"volumes": {r: {"export": dataclasses.asdict(infos[vols[r].name]),
                                 "base": holds and vols[r] in synced} for r in remotes}}
+
+    def _take_over(self, g: Group):
+        """Settle a sync in flight that another agent process still holds.
+
+        The primary asks (status, before anything) only while it holds its own group lock, so an agent
+        still serving this group is a leftover whose primary is gone (typically a cut link: its ssh
+        session has not noticed yet). Stop it (SIGTERM: it rolls back on the way out) and wait, else
+        roll back here once its lock is free.
+        """
+        fd = self.store.try_lock(g.name)
+        if fd is None:
+            pid = self.store.lock_holder(g.name)
+            if pid and pid != os.getpid():
+                log.warning("group %s: stopping the stale agent %s serving sync point %s", g.name, pid,
+                            g.pending_generation)
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + TAKEOVER_WAIT
+            while fd is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+                fd = self.store.try_lock(g.name)
+            if fd is None:
+                raise Busy(f"group {g.name} is held by another agent (pid {pid}) on {self.store.system().name}: "
+                           "retry when it has finished")
+        try:
+            g = self.store.group(g.name)
+            if g.pending_generation:
+                self._rollback(g, f"sync point {g.pending_generation} was abandoned by its primary; "
+                                  f"rolled back to sync point {g.generation}")
+        finally:
+            os.close(fd)
 
     def _cut(self, g: Group, vols: list[VolumePair]):
         by_backend: dict[int, tuple[Snapshotter, list]] = {}
@@ -291,20 +342,44 @@ class Agent:
             snapper.delete(snap)
 
 
+def _lines(fd: int, agent: Agent):
+    """Lines from fd; while a sync is in flight, stop after IDLE_TIMEOUT seconds without one."""
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            timeout = IDLE_TIMEOUT if agent.active else None
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                log.warning("no request for %.0f s with a sync in flight: the primary is gone", IDLE_TIMEOUT)
+                return
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return
+            buf += chunk
+        line, buf = buf.split(b"\n", 1)
+        yield line.decode(errors="replace")
+
+
 def serve(store: Store, stdin=None, stdout=None, agent: Agent | None = None) -> int:
-    """Answer requests until stdin closes; roll back what is still in flight then."""
+    """Answer requests until stdin closes (or goes silent mid-sync); roll back what is still in flight.
+
+    SIGTERM (a newer agent taking over, or the admin) ends the loop the same way.
+    """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     agent = agent or Agent(store)
-    agent.recover()
+
+    def _term(*_):
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, _term)
     try:
-        for line in stdin:
+        agent.recover()
+        for line in _lines(stdin.fileno(), agent):
             if not line.strip():
                 continue
             try:
                 request = json.loads(line)
             except ValueError as e:
-                request = {"id": None, "op": "", "args": {}}
                 reply = {"id": None, "ok": False, "error": {"class": "UsageError", "exit_code": 2,
                                                             "message": f"not JSON: {e}"}}
             else:
@@ -312,5 +387,6 @@ def serve(store: Store, stdin=None, stdout=None, agent: Agent | None = None) -> 
             stdout.write(json.dumps(reply) + "\n")
             stdout.flush()
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # finish the rollback whatever comes
         agent.hangup()
     return 0

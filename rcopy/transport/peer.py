@@ -22,6 +22,7 @@ log = logging.getLogger("rcopy.peer")
 
 PROTOCOL = 1
 HELLO_TIMEOUT = 30.0
+SHORT_TIMEOUT = 30.0
 CALL_TIMEOUT = 3600.0     # begin snapshots every secondary; a full copy-based snapshot can take long
 
 
@@ -111,4 +112,9 @@ class Peer:
         return self.call("commit", group=group, generation=generation, sync_id=sync_id)
 
     def abort(self, group, generation, sync_id, reason) -> dict:
-        return self.call("abort", group=group, generation=generation, sync_id=sync_id, reason=reason)
+        # short: on a dead link the agent rolls back by itself (EOF, or its idle timeout)
+        return self.call("abort", group=group, generation=generation, sync_id=sync_id, reason=reason,
+                         timeout=SHORT_TIMEOUT)
+
+    def ping(self) -> dict:
+        return self.call("ping", timeout=SHORT_TIMEOUT)

@@ -165,6 +165,9 @@ class LocalPeer:
     def abort(self, group, generation, sync_id, reason):
         return self.call("abort", group=group, generation=generation, sync_id=sync_id, reason=reason)
 
+    def ping(self):
+        return self.call("ping")
+
     def close(self):
         """The channel closes: the agent sees EOF and rolls back what is in flight."""
         if not self.closed:

@@ -154,3 +154,33 @@ def test_a_killed_agent_is_rolled_back_by_the_next_one(backup):
     assert (st["generation"], st["pending_generation"]) == (1, 0) and "died" in st["reason"]
     assert sha(sec) == before
     b.close()
+
+
+@needs_nbdkit
+def test_silence_mid_sync_rolls_back_and_exits(backup):
+    tmp, sec = backup
+    before = sha(sec)
+    a = AgentProc(str(tmp / "B"), env={"RCOPY_AGENT_TIMEOUT": "1"})
+    _begin(a, sec)
+    with open(sec, "r+b") as f:
+        f.write(b"\xff" * 4096)
+    assert a.p.wait(timeout=60) == 0                     # gave up on its own, stdin still open
+    assert sha(sec) == before
+    assert Store(str(tmp / "B")).group("g").pending_generation == 0
+
+
+@needs_nbdkit
+def test_a_new_primary_connection_takes_over_from_a_stale_agent(backup):
+    tmp, sec = backup
+    before = sha(sec)
+    stale = AgentProc(str(tmp / "B"))                     # its ssh session outlived a cut link
+    _begin(stale, sec)
+    with open(sec, "r+b") as f:
+        f.write(b"\xff" * 4096)
+    fresh = AgentProc(str(tmp / "B"))
+    st = fresh.call("status", group="g")["result"]
+    assert st["pending_generation"] == 0 and st["generation"] == 1
+    assert stale.p.wait(timeout=60) == 0 and sha(sec) == before
+    _begin(fresh, sec)                                    # and the next sync can begin
+    fresh.call("abort", group="g", generation=2, sync_id="two", reason="test")
+    fresh.close()
