@@ -105,7 +105,8 @@ def block_count(length: int, block_size: int) -> int:
     return -(-length // check_block_size(block_size))
 
 
-def _kernel_id(kernel: int | str | None) -> int:
+def kernel_id(kernel: int | str | None) -> int:
+    """The id of a kernel given by id or name (None: automatic); KernelUnavailable if it cannot run."""
     if kernel is None:
         return lib.RCOPY_KERNEL_AUTO
     for k in _KERNELS:
@@ -128,7 +129,7 @@ def compare_into(flags, old, new, block_size: int = 4096, *, kernel: int | str |
     nothing (every block changed, zero blocks still marked). Returns the number of changed blocks.
     """
     check_block_size(block_size)
-    k = _kernel_id(kernel)
+    k = kernel_id(kernel)
     with _buffer(new, "new") as pn, _buffer(flags, "flags", writable=True) as pf:
         n = len(pn)
         if old is None:
@@ -175,7 +176,7 @@ def compare_fds(flags, fd_old: int | None, fd_new: int, offset: int, length: int
     ``fd_old=None`` compares against nothing. Buffered I/O only. Raises FdReadError on a failed or
     short read, naming which file and the offset."""
     check_block_size(block_size)
-    k = _kernel_id(kernel)
+    k = kernel_id(kernel)
     err = ffi.new("struct rcopy_io_error *")
     with _buffer(buf_new, "buf_new", writable=True) as pn, _buffer(flags, "flags", writable=True) as pf:
         if fd_old is None:

@@ -16,15 +16,15 @@ differ; a block outside them is taken as unchanged without being read.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import fcntl
 import io
 import mmap
 import os
-import queue
 import stat
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 from rcopy import native
@@ -35,6 +35,7 @@ CHUNK_SIZE = 8 << 20          # bytes per compare call (buffered) or per read (O
 PIECE_SIZE = 256 << 10        # buffered: read and compared in C piece by piece, still in the CPU cache
 DEPTH = 3                     # O_DIRECT chunk pairs in flight: one compared, the others being read
 _DIRECT_ALIGN = 4096   # O_DIRECT offsets/lengths are aligned to this (covers 512 and 4K sector disks)
+READER_THREAD = "rcopy-scan-reader"
 
 
 class OpenError(DeviceError):
@@ -123,12 +124,13 @@ class _Source:
             got = 0
             while got < length:
                 want = length - got
-                if self.direct:   # the tail of a file may be unaligned: ask for more, take what comes
+                direct = self.direct
+                if direct:   # the tail of a file may be unaligned: ask for more, take what comes
                     want = min(-(-want // _DIRECT_ALIGN) * _DIRECT_ALIGN, len(view) - got)
                 try:
                     n = os.preadv(self.fd, [view[got:got + want]], offset + got)
                 except OSError as e:
-                    if e.errno == errno.EINVAL and self.direct:
+                    if e.errno == errno.EINVAL and direct:   # idempotent: reads run in several threads
                         self._buffered()
                         continue
                     raise ReadError(path=self.path, offset=offset + got, reason=e.strerror) from None
@@ -155,6 +157,7 @@ def scan(old_path, new_path, *, ranges: Iterable[Extent] | None = None, block_si
     pages once compared. Closing the iterator early stops any reader thread and closes the files.
     """
     native.check_block_size(block_size)
+    native.kernel_id(kernel)
     if chunk_size is None:
         chunk_size = max(block_size, CHUNK_SIZE)
     if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % block_size:
@@ -224,9 +227,6 @@ def _coalesced(extents: Iterator[Extent]) -> Iterator[Extent]:
         extents.close()   # stops the reader thread even when our caller stops early
 
 
-_DONE = object()
-
-
 @dataclasses.dataclass
 class _Job:
     """One scan over its spans, in one of two modes chosen by how the sources read.
@@ -241,8 +241,8 @@ class _Job:
     compared, 0.7-0.77 x; adding POSIX_FADV_WILLNEED 16 MiB ahead, -10-30% warm, no gain cold.
 
     O_DIRECT (``direct=True``, for cold devices whose pages should not evict the page cache): the
-    kernel does not read ahead, so a reader thread fills a fixed pool of ``depth`` chunk pairs while
-    the calling thread compares; memory stays depth x 2 x chunk_size bytes. Cold, on this machine's
+    kernel does not read ahead, so reader threads fill a fixed pool of ``depth`` chunk pairs while the
+    calling thread compares; memory stays depth x 2 x chunk_size bytes. Cold, on this machine's
     virtio disk, it was no faster than buffered (0.17-0.34 vs 0.34-0.41 GB/s), so it is not the default.
     """
 
@@ -317,38 +317,29 @@ class _Job:
                 raise ShortRead(path=src.path, offset=e.offset) from None
             yield from self._extents(flags, changed, off, length)
 
-    def _read(self, spans, free: queue.Queue, ready: queue.Queue, stop: threading.Event):
-        try:
-            for off, length in self._pieces(spans):
-                bufs = free.get()
-                if bufs is None or stop.is_set():
-                    return
-                for src, buf in zip(self.sources, bufs):
-                    src.read_into(buf, off, length)
-                ready.put((off, length, bufs))
-            ready.put(_DONE)
-        except BaseException as e:   # handed to the caller's thread, raised there
-            ready.put(e)
-
     def _threaded(self, spans, pool, flags) -> Iterator[Extent]:
-        free: queue.Queue = queue.Queue()
-        for bufs in pool:
-            free.put(bufs)
-        ready: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        reader = threading.Thread(target=self._read, args=(spans, free, ready, stop),
-                                  name="rcopy-scan-reader", daemon=True)
-        try:
-            reader.start()
-            while (item := ready.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                off, length, bufs = item
-                extents = self._compare(flags, bufs, off, length)
-                free.put(bufs)
-                yield from extents
-        finally:
-            stop.set()
-            free.put(None)
-            if reader.is_alive():
-                reader.join()
+        """Keep up to ``depth`` chunks being read (each source's read in its own thread, so the disk
+        sees several requests at once), compare the oldest as soon as it is in."""
+        free = list(pool)
+        inflight: collections.deque = collections.deque()
+        pieces = self._pieces(spans)
+        with ThreadPoolExecutor(len(self.sources) * self.depth, thread_name_prefix=READER_THREAD) as ex:
+            try:
+                while True:
+                    while free and (piece := next(pieces, None)) is not None:
+                        off, length = piece
+                        bufs = free.pop()
+                        reads = [ex.submit(src.read_into, buf, off, length) for src, buf in zip(self.sources, bufs)]
+                        inflight.append((off, length, bufs, reads))
+                    if not inflight:
+                        return
+                    off, length, bufs, reads = inflight.popleft()
+                    for r in reads:
+                        r.result()   # a ReadError/ShortRead raised in the reader comes out here
+                    extents = self._compare(flags, bufs, off, length)
+                    free.append(bufs)
+                    yield from extents
+            finally:
+                for *_, reads in inflight:
+                    for r in reads:
+                        r.cancel()   # leaving the with block waits for reads already running
