@@ -1,9 +1,9 @@
 """The full or range-restricted block compare of two snapshots (design.md §3, "Refine", "Full compare").
 
 ``scan(old, new)`` reads both files or block devices and compares them block by block in C
-(rcopy.native, GIL released), in cache-sized pieces while the kernel reads ahead (buffered) or with a
-reader thread filling a small pool of chunk buffers (O_DIRECT); _Job says why, with the figures. Memory
-is bounded whatever the device size: 0.5 MiB of buffers buffered, depth x 2 x 8 MiB with O_DIRECT. The
+(rcopy.native, GIL released), a few chunks at once on worker threads, in cache-sized pieces while the
+kernel reads ahead (buffered) or whole chunks (O_DIRECT); _Job says why, with the figures. Memory is
+bounded whatever the device size: about depth x 0.5 MiB buffered, depth x 2 x 8 MiB with O_DIRECT. The
 compare finds which blocks of ``new`` changed and which changed blocks are all zero; extents come out
 sorted and coalesced, zero runs marked, ready for the sender (zero runs go out as NBD write-zeroes).
 
@@ -33,7 +33,7 @@ from rcopy.extent import Extent, coalesce
 
 CHUNK_SIZE = 8 << 20          # bytes per compare call (buffered) or per read (O_DIRECT)
 PIECE_SIZE = 256 << 10        # buffered: read and compared in C piece by piece, still in the CPU cache
-DEPTH = 3                     # O_DIRECT chunk pairs in flight: one compared, the others being read
+DEPTH = 2                     # chunks in flight, each on its own thread (2 cores here)
 _DIRECT_ALIGN = 4096   # O_DIRECT offsets/lengths are aligned to this (covers 512 and 4K sector disks)
 READER_THREAD = "rcopy-scan-reader"
 
@@ -228,22 +228,34 @@ def _coalesced(extents: Iterator[Extent]) -> Iterator[Extent]:
 
 
 @dataclasses.dataclass
+class _Slot:
+    """The buffers one chunk in flight uses: one per source, and its flags."""
+
+    bufs: list[mmap.mmap]
+    flags: bytearray
+
+
+@dataclasses.dataclass
 class _Job:
-    """One scan over its spans, in one of two modes chosen by how the sources read.
+    """One scan: up to ``depth`` chunks in flight on as many threads, consumed in order.
+
+    Each chunk is read and compared on a worker thread with the GIL released, so chunks overlap one
+    another and the caller's own work (sending). How a chunk is read depends on the sources:
 
     Buffered (the default): C reads a 256 KiB piece of each file and compares it at once, 8 MiB per
     call (native.compare_fds), while the kernel reads ahead (POSIX_FADV_SEQUENTIAL). The compare then
-    finds both pieces in the CPU cache and costs next to nothing beside the copy out of the page cache.
-    Measured here (2 vCPU EPYC, shared with other jobs, warm cache, 512 MiB files, best of 3): about
-    0.95-1.0 x a plain sequential read of the two files. Variants that lost: a reader thread handing
-    8 MiB chunks to the comparing thread, 0.35-0.6 x (the compare reads from DRAM what the other core
-    copied, and the two threads fight other jobs for two cores); 1 MiB pieces read by Python then
-    compared, 0.7-0.77 x; adding POSIX_FADV_WILLNEED 16 MiB ahead, -10-30% warm, no gain cold.
+    finds both pieces in the CPU cache and costs little beside the copy out of the page cache.
+    Measured here (2 vCPU EPYC shared with other jobs, warm cache, best of 3-5, ratio to a plain
+    sequential read of both files measured in alternation): 0.95-1.17 at load ~3, 0.73-0.83 at load ~7.
+    Variants that lost: one reader thread handing 8 MiB chunks to the comparing thread, 0.35-0.6 (the
+    compare reads from DRAM what the other core copied); 1 MiB pieces read by Python then compared,
+    0.7-0.77; POSIX_FADV_WILLNEED 16 MiB ahead, -10-30% warm and no gain cold.
 
     O_DIRECT (``direct=True``, for cold devices whose pages should not evict the page cache): the
-    kernel does not read ahead, so reader threads fill a fixed pool of ``depth`` chunk pairs while the
-    calling thread compares; memory stays depth x 2 x chunk_size bytes. Cold, on this machine's
-    virtio disk, it was no faster than buffered (0.17-0.34 vs 0.34-0.41 GB/s), so it is not the default.
+    kernel does not read ahead, so the in-flight chunks are what keeps the disk busy; each is read
+    whole into its slot (memory: depth x 2 x chunk_size bytes) and compared there. Cold, on this
+    machine's virtio disk, it was slower than buffered (0.14-0.49 vs 0.38-0.71 GB/s), so it is not the
+    default.
     """
 
     sources: list[_Source]
@@ -257,7 +269,7 @@ class _Job:
     kernel: int | str | None
 
     def _pieces(self, spans: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-        """(offset, length) reads, cut at multiples of chunk_size so reads stay aligned."""
+        """(offset, length) chunks, cut at multiples of chunk_size so large reads stay aligned."""
         c = self.chunk_size
         for start, end in spans:
             off = start
@@ -266,15 +278,61 @@ class _Job:
                 yield off, stop - off
                 off = stop
 
-    def _compare(self, flags: bytearray, bufs, off: int, length: int) -> list[Extent]:
-        views = [memoryview(b)[:length] for b in bufs]
+    def run(self, spans) -> Iterator[Extent]:
+        direct = any(s.direct for s in self.sources)
+        bufsize = -(-(self.chunk_size if direct else self.piece_size) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        slots = [_Slot([mmap.mmap(-1, bufsize) for _ in self.sources], bytearray(self.chunk_size // self.block_size))
+                 for _ in range(self.depth)]
+        work = self._read_direct if direct else self._read_buffered
+        free, inflight = list(slots), collections.deque()
+        pieces = self._pieces(spans)
+        try:
+            with ThreadPoolExecutor(self.depth, thread_name_prefix=READER_THREAD) as ex:
+                try:
+                    while True:
+                        while free and (piece := next(pieces, None)) is not None:
+                            slot = free.pop()
+                            inflight.append((slot, ex.submit(work, slot, *piece)))
+                        if not inflight:
+                            return
+                        slot, done = inflight.popleft()
+                        extents = done.result()   # a ReadError/ShortRead raised by the worker comes out here
+                        free.append(slot)
+                        yield from extents
+                finally:
+                    for _, f in inflight:
+                        f.cancel()   # leaving the with block waits for the chunks already running
+        finally:
+            for slot in slots:
+                for b in slot.bufs:
+                    b.close()
+            for src in self.sources:
+                src.close()
+
+    def _read_buffered(self, slot: _Slot, off: int, length: int) -> list[Extent]:
+        old = self.sources[0] if self.has_old else None
+        new = self.sources[-1]
+        try:
+            changed = native.compare_fds(slot.flags, old and old.fd, new.fd, off, length, self.block_size,
+                                         slot.bufs[0], slot.bufs[-1], kernel=self.kernel)
+        except native.FdReadError as e:
+            src = old if e.which == "old" else new
+            if e.errno:
+                raise ReadError(path=src.path, offset=e.offset, reason=os.strerror(e.errno)) from None
+            raise ShortRead(path=src.path, offset=e.offset) from None
+        return self._extents(slot.flags, changed, off, length)
+
+    def _read_direct(self, slot: _Slot, off: int, length: int) -> list[Extent]:
+        for src, buf in zip(self.sources, slot.bufs):
+            src.read_into(buf, off, length)
+        views = [memoryview(b)[:length] for b in slot.bufs]
         try:
             old = views[0] if self.has_old else None
-            changed = native.compare_into(flags, old, views[-1], self.block_size, kernel=self.kernel)
+            changed = native.compare_into(slot.flags, old, views[-1], self.block_size, kernel=self.kernel)
         finally:
             for v in views:
                 v.release()
-        return self._extents(flags, changed, off, length)
+        return self._extents(slot.flags, changed, off, length)
 
     def _extents(self, flags: bytearray, changed: int, off: int, length: int) -> list[Extent]:
         if self.drop_cache:
@@ -284,62 +342,3 @@ class _Job:
             return []
         return list(native.flag_extents(flags, -(-length // self.block_size), self.block_size,
                                         offset=off, end=off + length))
-
-    def run(self, spans) -> Iterator[Extent]:
-        threaded = any(s.direct for s in self.sources)
-        bufsize = self.chunk_size if threaded else self.piece_size
-        bufsize = -(-bufsize // _DIRECT_ALIGN) * _DIRECT_ALIGN
-        pool = [[mmap.mmap(-1, bufsize) for _ in self.sources] for _ in range(self.depth if threaded else 1)]
-        flags = bytearray(self.chunk_size // self.block_size)
-        try:
-            if threaded:
-                yield from self._threaded(spans, pool, flags)
-            else:
-                yield from self._inline(spans, pool[0], flags)
-        finally:
-            for bufs in pool:
-                for b in bufs:
-                    b.close()
-            for src in self.sources:
-                src.close()
-
-    def _inline(self, spans, bufs, flags) -> Iterator[Extent]:
-        old = self.sources[0] if self.has_old else None
-        new = self.sources[-1]
-        for off, length in self._pieces(spans):
-            try:
-                changed = native.compare_fds(flags, old and old.fd, new.fd, off, length, self.block_size,
-                                             bufs[0], bufs[-1], kernel=self.kernel)
-            except native.FdReadError as e:
-                src = old if e.which == "old" else new
-                if e.errno:
-                    raise ReadError(path=src.path, offset=e.offset, reason=os.strerror(e.errno)) from None
-                raise ShortRead(path=src.path, offset=e.offset) from None
-            yield from self._extents(flags, changed, off, length)
-
-    def _threaded(self, spans, pool, flags) -> Iterator[Extent]:
-        """Keep up to ``depth`` chunks being read (each source's read in its own thread, so the disk
-        sees several requests at once), compare the oldest as soon as it is in."""
-        free = list(pool)
-        inflight: collections.deque = collections.deque()
-        pieces = self._pieces(spans)
-        with ThreadPoolExecutor(len(self.sources) * self.depth, thread_name_prefix=READER_THREAD) as ex:
-            try:
-                while True:
-                    while free and (piece := next(pieces, None)) is not None:
-                        off, length = piece
-                        bufs = free.pop()
-                        reads = [ex.submit(src.read_into, buf, off, length) for src, buf in zip(self.sources, bufs)]
-                        inflight.append((off, length, bufs, reads))
-                    if not inflight:
-                        return
-                    off, length, bufs, reads = inflight.popleft()
-                    for r in reads:
-                        r.result()   # a ReadError/ShortRead raised in the reader comes out here
-                    extents = self._compare(flags, bufs, off, length)
-                    free.append(bufs)
-                    yield from extents
-            finally:
-                for *_, reads in inflight:
-                    for r in reads:
-                        r.cancel()   # leaving the with block waits for reads already running
