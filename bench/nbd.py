@@ -1,7 +1,8 @@
 """scripts/bench nbd [--size N] [--repeat R] [--servers nbdkit,qemu-nbd]: rcopy's NBD Sender vs nbdcopy.
 
 Every row copies from a source file on tmpfs (/dev/shm, random data, so no zero detection helps) into a
-fresh export on 127.0.0.1: ``nbdkit memory`` (RAM, sparse) and ``qemu-nbd`` over a raw file on tmpfs.
+fresh sparse raw file on tmpfs, exported on 127.0.0.1 by nbdkit's file plugin exactly as the backup does it
+(rcopy.transport.export.Export) or by qemu-nbd.
 Rows: nbdcopy-full (libnbd's nbdcopy, --flush, the reference), rcopy-full, rcopy-delta-1pct and
 rcopy-delta-10pct (random 4 KiB blocks, each its own extent before coalescing, flush included). One JSON
 object per row: name, server, bytes, seconds, mbps, requests_per_s (4 KiB blocks per second for deltas,
@@ -25,6 +26,7 @@ from rcopy.engine.ports import ExportInfo  # noqa: E402
 from rcopy.extent import Extent  # noqa: E402
 from rcopy.sys import nbdkit  # noqa: E402
 from rcopy.sys.run import run  # noqa: E402
+from rcopy.transport.export import Export  # noqa: E402
 from rcopy.transport.sender import NbdSender  # noqa: E402
 
 BLK = 4096
@@ -54,12 +56,12 @@ class Server:
         self.proc = None
 
     def __enter__(self) -> ExportInfo:
-        if self.kind == "nbdkit":
-            self.srv = nbdkit.start("memory", f"size={self.size}")
-            return ExportInfo("127.0.0.1", self.srv.port, "", self.size)
-        img = os.path.join(self.workdir, "qemu.img")
+        img = os.path.join(self.workdir, "target.img")
         with open(img, "wb") as f:
             f.truncate(self.size)
+        if self.kind == "nbdkit":
+            self.export = Export({"vol": img}, host="127.0.0.1")     # the backup's real export path
+            return self.export.start()["vol"]
         port = nbdkit.free_port()
         # A bench is not rcopy: it may start qemu-nbd itself (rcopy never runs qemu-nbd).
         self.proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "--bind", "127.0.0.1", "-p", str(port),
@@ -71,12 +73,11 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         if self.kind == "nbdkit":
-            self.srv.stop()
-            shutil.rmtree(self.srv.workdir, ignore_errors=True)
+            self.export.stop()
         else:
             self.proc.terminate()
             self.proc.wait(10)
-            os.unlink(os.path.join(self.workdir, "qemu.img"))
+        os.unlink(os.path.join(self.workdir, "target.img"))
 
 
 def _wait_port(port: int) -> None:

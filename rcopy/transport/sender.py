@@ -54,7 +54,8 @@ class Piece(NamedTuple):
     zero: bool
 
 
-def plan(extents: Iterable[Extent], geo: Geometry, *, max_request: int = 4 << 20, gap: int = 0) -> Iterator[Piece]:
+def plan(extents: Iterable[Extent], geo: Geometry, *, max_request: int = 1 << 20,
+         gap: int = 0) -> Iterator[Piece]:
     """Turn sorted extents into aligned, capped requests that respect the server's block sizes."""
     align = max(1, geo.min_block)
     cap = max(align, min(geo.max_payload, max_request) // align * align)
@@ -120,7 +121,9 @@ class NbdSender:
 
     connections: int = 2
     timeout: float = DEFAULT_TIMEOUT
-    max_request: int = 4 << 20
+    # 1 MiB requests beat 4 MiB ones by ~1.5x into both nbdkit and qemu-nbd on this host (a server
+    # starts writing a request only once all of it arrived; smaller ones overlap better).
+    max_request: int = 1 << 20
     max_in_flight: int = 64
     gap: int = 0
 
