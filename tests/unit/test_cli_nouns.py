@@ -68,3 +68,23 @@ def test_group_lifecycle_set_stop_dismiss_remove_and_dry_run(tmp_path):
     s.rcopy("group", "remove", "g")
     assert s.status()["groups"] == [] and s.status(s.B)["groups"] == []
     assert s.rcopy("status", "groups", "g", check=False).returncode == 3
+
+
+@needs_nbdkit_mark
+def test_daemon_runs_the_due_periodic_sync(tmp_path):
+    from rcopy.state import Store
+    s = _systems(tmp_path)
+    s.rcopy("group", "create", "g", "--target", "backup", "--period", "15s")
+    p, sec = s.volume("v1")
+    s.rcopy("group", "admit", "g", p, f"backup:{sec}")
+    s.rcopy("group", "start", "g", "--wait")
+    s.write_random(p, 3, seed=1)
+    s.rcopy("daemon", "--once")                  # not due yet: the sync just ran
+    assert s.status()["groups"][0]["sync_point"]["generation"] == 1
+    st = Store(s.A)
+    st.update_group("g", last_sync_start=1.0, last_sync_end=2.0)   # as if the period had passed
+    st.close()
+    s.rcopy("daemon", "--once")
+    g = s.status()["groups"][0]
+    assert g["sync_point"]["generation"] == 2 and g["volumes"][0]["full_reason"] == ""
+    s.rcopy("verify", "g")
