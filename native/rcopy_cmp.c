@@ -178,23 +178,26 @@ size_t rcopy_block_count(size_t len, size_t block_size)
     return len / block_size + (len % block_size != 0);
 }
 
-int64_t rcopy_cmp_blocks(int kernel, const uint8_t *old, const uint8_t *new_, size_t len,
-                         size_t block_size, uint8_t *flags, size_t nflags)
+/* The checks both entry points share; resolves RCOPY_KERNEL_AUTO in *kernel. 0 or an RCOPY_E* code. */
+static int64_t check_common(int *kernel, size_t len, size_t block_size, size_t nflags)
 {
     if (!rcopy_block_size_valid(block_size))
         return RCOPY_EBLOCKSIZE;
-    if (kernel == RCOPY_KERNEL_AUTO)
-        kernel = rcopy_kernel_best();
-    if (!rcopy_kernel_available(kernel))
+    if (*kernel == RCOPY_KERNEL_AUTO)
+        *kernel = rcopy_kernel_best();
+    if (!rcopy_kernel_available(*kernel))
         return RCOPY_EKERNEL;
-    size_t nblocks = rcopy_block_count(len, block_size);
-    if (nflags < nblocks)
+    if (nflags < rcopy_block_count(len, block_size))
         return RCOPY_EFLAGS;
-    if (len > 0 && (new_ == NULL || flags == NULL))
-        return RCOPY_ENULL;
+    return 0;
+}
 
-    const struct kernel *k = &kernels[kernel];
+/* The block loop, arguments already checked. */
+static int64_t cmp_run(const struct kernel *k, const uint8_t *old, const uint8_t *new_, size_t len,
+                       size_t block_size, uint8_t *flags)
+{
     int64_t ndiff = 0;
+    size_t nblocks = rcopy_block_count(len, block_size);
     for (size_t b = 0; b < nblocks; b++) {
         size_t off = b * block_size;
         size_t n = len - off < block_size ? len - off : block_size;
@@ -208,6 +211,17 @@ int64_t rcopy_cmp_blocks(int kernel, const uint8_t *old, const uint8_t *new_, si
         flags[b] = f;
     }
     return ndiff;
+}
+
+int64_t rcopy_cmp_blocks(int kernel, const uint8_t *old, const uint8_t *new_, size_t len,
+                         size_t block_size, uint8_t *flags, size_t nflags)
+{
+    int64_t rc = check_common(&kernel, len, block_size, nflags);
+    if (rc < 0)
+        return rc;
+    if (len > 0 && (new_ == NULL || flags == NULL))
+        return RCOPY_ENULL;
+    return cmp_run(&kernels[kernel], old, new_, len, block_size, flags);
 }
 
 /* pread() exactly n bytes or fill *err; 0 on success, -1 on error or end of file. */
@@ -234,16 +248,11 @@ int64_t rcopy_cmp_fds(int kernel, int fd_old, int fd_new, uint64_t offset, size_
                       size_t block_size, uint8_t *buf_old, uint8_t *buf_new, size_t piece,
                       uint8_t *flags, size_t nflags, struct rcopy_io_error *err)
 {
-    if (!rcopy_block_size_valid(block_size))
-        return RCOPY_EBLOCKSIZE;
+    int64_t rc = check_common(&kernel, len, block_size, nflags);
+    if (rc < 0)
+        return rc;
     if (piece == 0 || piece % block_size)
         return RCOPY_EPIECE;
-    if (kernel == RCOPY_KERNEL_AUTO)
-        kernel = rcopy_kernel_best();
-    if (!rcopy_kernel_available(kernel))
-        return RCOPY_EKERNEL;
-    if (nflags < rcopy_block_count(len, block_size))
-        return RCOPY_EFLAGS;
     if (len > 0 && (buf_new == NULL || flags == NULL || err == NULL || (fd_old >= 0 && buf_old == NULL)))
         return RCOPY_ENULL;
 
@@ -254,12 +263,8 @@ int64_t rcopy_cmp_fds(int kernel, int fd_old, int fd_new, uint64_t offset, size_
             return RCOPY_EIO;
         if (read_full(fd_new, buf_new, n, offset + done, 1, err) < 0)
             return RCOPY_EIO;
-        size_t first = done / block_size;
-        int64_t r = rcopy_cmp_blocks(kernel, fd_old >= 0 ? buf_old : NULL, buf_new, n, block_size,
-                                     flags + first, nflags - first);
-        if (r < 0)
-            return r;
-        ndiff += r;
+        ndiff += cmp_run(&kernels[kernel], fd_old >= 0 ? buf_old : NULL, buf_new, n, block_size,
+                         flags + done / block_size);
     }
     return ndiff;
 }

@@ -1,18 +1,17 @@
 """Typed Python face of the C block-compare module (native/rcopy_cmp.h is the contract).
 
 Buffers (bytes, bytearray, memoryview, mmap; read-only is fine) go to C through ``ffi.from_buffer``,
-never copied; cffi's out-of-line API mode releases the GIL for the call, so the scanner's reader thread
-keeps reading while a chunk is compared. Bad arguments raise UsageError subclasses here, before C sees
+never copied; cffi's out-of-line API mode releases the GIL for the call, so the scanner's worker
+threads read and compare chunks in parallel. Bad arguments raise UsageError subclasses here, before C sees
 them; C's own return codes are mapped too, so a mismatch between the two is a loud error, not a wrong
 answer.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Iterator
-
-import os
 
 from rcopy.errors import DeviceError, RcopyError, UsageError
 from rcopy.extent import Extent
@@ -91,7 +90,7 @@ def kernels() -> list[Kernel]:
 
 def best_kernel() -> Kernel:
     """The kernel used when none is forced."""
-    return kernels()[lib.rcopy_kernel_best()]
+    return _KERNELS[lib.rcopy_kernel_best()]
 
 
 def check_block_size(block_size: int) -> int:
@@ -112,7 +111,11 @@ def kernel_id(kernel: int | str | None) -> int:
     for k in _KERNELS:
         if kernel in (k.id, k.name) and k.available:
             return k.id
-    raise KernelUnavailable(kernel=kernel, available=", ".join(k.name for k in kernels() if k.available))
+    raise _unavailable(kernel)
+
+
+def _unavailable(kernel) -> KernelUnavailable:
+    return KernelUnavailable(kernel=kernel, available=", ".join(k.name for k in _KERNELS if k.available))
 
 
 def _buffer(obj, what: str, writable: bool = False):
@@ -148,7 +151,7 @@ def _check_rc(rc: int, *, kernel, block_size: int, nblocks: int) -> int:
     if rc == lib.RCOPY_EBLOCKSIZE:
         raise BadBlockSize(block_size=block_size)
     if rc == lib.RCOPY_EKERNEL:
-        raise KernelUnavailable(kernel=kernel, available=", ".join(k.name for k in kernels() if k.available))
+        raise _unavailable(kernel)
     if rc == lib.RCOPY_EFLAGS:
         raise UsageError(f"flags buffer too small: need {nblocks} bytes, one per block")
     if rc == lib.RCOPY_EPIECE:
