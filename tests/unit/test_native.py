@@ -241,3 +241,24 @@ def test_compare_fds_read_errors_name_the_file_and_offset(tmp_path):
         assert (e.value.which, e.value.offset, e.value.errno) == ("new", 0, errno.EIO)
         with pytest.raises(UsageError):   # buffers not a multiple of the block size
             native.compare_fds(bytearray(4), None, f.fileno(), 0, 4096, 4096, None, bytearray(1000))
+
+
+def test_c_return_codes_without_the_python_checks():
+    """The C side validates on its own (it is the contract other callers get), one code per mistake."""
+    lib, ffi = native.lib, native.ffi
+    buf = ffi.new("uint8_t[]", 8192)
+    flags = ffi.new("uint8_t[]", 2)
+    err = ffi.new("struct rcopy_io_error *")
+    cmp = lib.rcopy_cmp_blocks
+    assert cmp(lib.RCOPY_KERNEL_AUTO, buf, buf, 8192, 4096, flags, 2) == 0
+    assert cmp(0, buf, buf, 8192, 4000, flags, 2) == lib.RCOPY_EBLOCKSIZE
+    assert cmp(0, buf, buf, 8192, 1 << 21, flags, 2) == lib.RCOPY_EBLOCKSIZE
+    assert cmp(lib.RCOPY_KERNEL_COUNT, buf, buf, 8192, 4096, flags, 2) == lib.RCOPY_EKERNEL
+    assert cmp(-7, buf, buf, 8192, 4096, flags, 2) == lib.RCOPY_EKERNEL
+    assert cmp(0, buf, buf, 8193, 4096, flags, 2) == lib.RCOPY_EFLAGS
+    assert cmp(0, buf, ffi.NULL, 8192, 4096, flags, 2) == lib.RCOPY_ENULL
+    assert cmp(0, buf, ffi.NULL, 0, 4096, ffi.NULL, 0) == 0
+    assert lib.rcopy_cmp_fds(0, -1, 0, 0, 8192, 4096, ffi.NULL, buf, 6000, flags, 2, err) == lib.RCOPY_EPIECE
+    assert lib.rcopy_cmp_fds(0, 0, 0, 0, 8192, 4096, ffi.NULL, buf, 4096, flags, 2, err) == lib.RCOPY_ENULL
+    assert lib.rcopy_kernel_name(lib.RCOPY_KERNEL_COUNT) == ffi.NULL
+    assert lib.rcopy_block_count(1, 3) == 0
