@@ -23,6 +23,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 
 from rcopy.errors import LinkError, NotFound, PeerError, Refused
 from rcopy.transport import nbd_proto as P
@@ -30,6 +31,7 @@ from rcopy.transport import nbd_proto as P
 log = logging.getLogger("rcopy.nbd")
 
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_FLUSH_TIMEOUT = 300.0
 DEFAULT_IN_FLIGHT = 64
 _IOV_MAX = 1024
 _BATCH_BYTES = 1 << 20          # send queued small requests once this much is waiting
@@ -332,10 +334,12 @@ class NbdClient:
 
     def __init__(self, host: str, port: int, export: str = "", *, tls_cert_pem: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, max_in_flight: int = DEFAULT_IN_FLIGHT,
-                 structured: bool = True):
+                 structured: bool = True, flush_timeout: float = DEFAULT_FLUSH_TIMEOUT):
         self.host, self.port, self.export = host, port, export
         self.where = f"{host}:{port}"
         self.timeout = timeout
+        self.flush_timeout = max(flush_timeout, timeout)
+        self._quiet_until = 0.0       # monotonic time until which a silent server is not a timeout
         self.max_in_flight = max_in_flight
         self._link = _Link(self.where, timeout)
         self._handles = itertools.count(1)
@@ -490,7 +494,8 @@ class NbdClient:
         while not ready():
             if self._dead is not None:
                 raise self._dead
-            if not self._cond.wait(self.timeout * 2) and not ready() and self._dead is None:
+            if (not self._cond.wait(self.timeout * 2) and not ready() and self._dead is None
+                    and time.monotonic() >= self._quiet_until):
                 raise NbdTimeout("no reply from the reader", where=self.where, timeout=self.timeout)
 
     def _queue(self, cmd: int, offset: int, length: int, flags: int = 0, payload=None, buf=None,
@@ -620,10 +625,16 @@ class NbdClient:
         self._raise_if_failed()
 
     def flush(self) -> None:
-        """Wait for every request, then FLUSH: only after this returns is the data durable."""
+        """Wait for every request, then FLUSH: only after this returns is the data durable. The server
+        may stay silent up to flush_timeout meanwhile (writing back gigabytes of cache to a slow disk
+        is legitimate; a stuck link still fails, later)."""
         self.drain()
         if self.geometry.can_flush:
-            self._sync(self._queue(P.CMD_FLUSH, 0, 0, sync=True))
+            self._quiet_until = time.monotonic() + self.flush_timeout
+            try:
+                self._sync(self._queue(P.CMD_FLUSH, 0, 0, sync=True))
+            finally:
+                self._quiet_until = 0.0
 
     def close(self) -> None:
         """Disconnect politely (NBD_CMD_DISC) when the link is alive; always release the socket."""
@@ -696,6 +707,8 @@ class NbdClient:
                 on_wire = self._submitted - self._batch_requests - self._finished
                 if on_wire <= 0 and not self._completed and not self._closing:
                     continue            # idle, nothing owed to us: not a timeout
+                if time.monotonic() < self._quiet_until:
+                    continue            # a FLUSH may take longer than any other request
                 raise
             magic = magic_at(buf, off)[0]
             if magic == P.SIMPLE_REPLY_MAGIC:

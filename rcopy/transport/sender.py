@@ -23,7 +23,8 @@ from typing import Iterable, Iterator, NamedTuple
 from rcopy.engine.ports import ExportInfo
 from rcopy.errors import DeviceError, RcopyError, StateError
 from rcopy.extent import Extent, coalesce
-from rcopy.transport.client import DEFAULT_TIMEOUT, Geometry, NbdClient, PayloadSourceError
+from rcopy.transport.client import (DEFAULT_FLUSH_TIMEOUT, DEFAULT_TIMEOUT, Geometry, NbdClient,
+                                    PayloadSourceError)
 
 _SMALL = 256 << 10              # data requests up to this size are read into fresh bytes and batched
 _ZERO_CAP = 1 << 30             # WRITE_ZEROES carries no payload; keep its length well inside uint32
@@ -126,10 +127,12 @@ class NbdSender:
     max_request: int = 1 << 20
     max_in_flight: int = 64
     gap: int = 0
+    flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
 
     def _open(self, export: ExportInfo) -> NbdClient:
         return NbdClient(export.host, export.port, export.name, tls_cert_pem=export.tls_cert_pem,
-                         timeout=self.timeout, max_in_flight=self.max_in_flight)
+                         timeout=self.timeout, max_in_flight=self.max_in_flight,
+                         flush_timeout=self.flush_timeout)
 
     def send(self, source_path: str, extents: Iterable[Extent], export: ExportInfo, progress=None) -> int:
         """Write the extents, flush, and return the payload bytes sent. ``progress(n)`` is called with

@@ -159,6 +159,23 @@ def test_server_killed_mid_transfer_raises_link_error(serve):
     assert isinstance(error, LinkError) and isinstance(error, (NbdConnectionLost, NbdTimeout)), error
 
 
+def test_slow_flush_is_not_a_timeout(tmp_path):
+    """A FLUSH may legitimately outlast the per-request timeout (write-back of a large cache); it gets
+    flush_timeout instead, and a flush that outlasts even that still fails as a timeout."""
+    srv = nbdkit.start("eval", "get_size=echo 1048576", "pwrite=cat >/dev/null", "can_write=exit 0",
+                       "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+                       "can_flush=exit 0", "flush=sleep 2")
+    try:
+        with NbdClient("127.0.0.1", srv.port, timeout=0.5, flush_timeout=60) as c:
+            c.pwrite(b"f" * 4096, 0)
+            c.flush()
+        with NbdClient("127.0.0.1", srv.port, timeout=0.2, flush_timeout=0.2) as c:
+            with pytest.raises(NbdTimeout):
+                c.flush()
+    finally:
+        srv.stop()
+
+
 def test_slow_server_completes_correctly(serve):
     s = serve("nbdkit-memory", filters=("delay",), params=("wdelay=10ms", "rdelay=10ms"))
     rnd = random.Random(3)
