@@ -245,11 +245,12 @@ class _Job:
     Buffered (the default): C reads a 256 KiB piece of each file and compares it at once, 8 MiB per
     call (native.compare_fds), while the kernel reads ahead (POSIX_FADV_SEQUENTIAL). The compare then
     finds both pieces in the CPU cache and costs little beside the copy out of the page cache.
-    Measured here (2 vCPU EPYC shared with other jobs, warm cache, best of 3-5, ratio to a plain
-    sequential read of both files measured in alternation): 0.95-1.17 at load ~3, 0.73-0.83 at load ~7.
-    Variants that lost: one reader thread handing 8 MiB chunks to the comparing thread, 0.35-0.6 (the
-    compare reads from DRAM what the other core copied); 1 MiB pieces read by Python then compared,
-    0.7-0.77; POSIX_FADV_WILLNEED 16 MiB ahead, -10-30% warm and no gain cold.
+    Measured here (2 vCPU EPYC shared with other jobs at load 5-7, warm cache, 1 GiB files, best of 5,
+    ratio to a plain sequential read of both files measured in alternation): depth 1 0.78-0.85, depth 2
+    1.17-1.19, depth 3 0.88-1.15; hence DEPTH = 2. Variants that lost: one reader thread handing 8 MiB
+    chunks to the comparing thread, 0.35-0.6 (the compare reads from DRAM what the other core copied);
+    1 MiB pieces read by Python then compared, 0.7-0.77; POSIX_FADV_WILLNEED 16 MiB ahead, -10-30% warm
+    and no gain cold.
 
     O_DIRECT (``direct=True``, for cold devices whose pages should not evict the page cache): the
     kernel does not read ahead, so the in-flight chunks are what keeps the disk busy; each is read
