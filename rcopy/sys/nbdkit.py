@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -41,6 +42,7 @@ class NbdkitServer:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if it lingers; remove its pidfile/log directory."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -48,6 +50,7 @@ class NbdkitServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL at once: what a crash of the backup looks like to the client."""
@@ -89,8 +92,8 @@ def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | N
             if not srv.alive():
                 break
             time.sleep(0.02)
-        srv.stop()
         last = _tail(logfile) or f"not ready after {ready_timeout} s"
+        srv.stop()
         if "in use" not in last:
             break
     raise NbdkitError(last, where=f"{host}:{port or 'a free port'}")

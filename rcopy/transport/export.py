@@ -81,7 +81,6 @@ class Export:
         """Stop nbdkit and remove the session directory (certificate and key included). Idempotent."""
         if self.server is not None:
             self.server.stop()
-            shutil.rmtree(self.server.workdir, ignore_errors=True)
             self.server = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

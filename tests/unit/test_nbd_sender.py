@@ -3,6 +3,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import pytest
 from rcopy.engine.ports import ExportInfo
 from rcopy.errors import LinkError
 from rcopy.extent import Extent
+from rcopy.sys.nbdkit import NbdkitError
 from rcopy.transport.client import Geometry, NbdClient
 from rcopy.transport.export import BadExportName, Export
 from rcopy.transport.sender import (BadExtentList, ExportMismatch, ExtentBeyondExport, NbdSender, Piece,
@@ -206,10 +208,10 @@ def test_export_dies_with_its_parent(tmp_path):
     vol.write_bytes(bytes(MiB))
     code = ("import sys, time\nfrom rcopy.transport.export import Export\n"
             f"ex = Export({{'vol': {str(vol)!r}}})\nex.start()\n"
-            "print(ex.server.pid, ex._dir, flush=True)\ntime.sleep(120)\n")
+            "print(ex.server.pid, ex._dir, ex.server.workdir, flush=True)\ntime.sleep(120)\n")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        pid, session_dir = child.stdout.readline().split()
+        pid, *leftovers = child.stdout.readline().split()
         os.kill(int(pid), 0)                       # nbdkit is running
         child.send_signal(signal.SIGKILL)
         child.wait(30)
@@ -226,7 +228,8 @@ def test_export_dies_with_its_parent(tmp_path):
         if child.poll() is None:
             child.kill()
             child.wait(30)
-        shutil.rmtree(session_dir, ignore_errors=True)
+        for d in leftovers:                        # what the killed agent could not remove
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def test_sender_over_tls_lands_exactly(tmp_path):
@@ -249,3 +252,14 @@ def test_extent_beyond_the_export_is_refused_before_sending(serve, tmp_path):
     (tmp_path / "src").write_bytes(bytes(2 * MiB))
     with pytest.raises(ExtentBeyondExport):
         NbdSender().send(str(tmp_path / "src"), [Extent(MiB, BLK)], ExportInfo(s.host, s.port, "", MiB))
+
+
+def test_export_on_a_busy_port_is_a_typed_error(tmp_path):
+    vol = tmp_path / "vol"
+    vol.write_bytes(bytes(MiB))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        with pytest.raises(NbdkitError) as ei:
+            Export({"vol": str(vol)}, port=busy.getsockname()[1]).start()
+    assert ei.value.exit_code == 12 and "in use" in str(ei.value)
