@@ -2,15 +2,15 @@
 admitrcopyvv, startrcopygroup, stoprcopygroup). A group created here appears on its target by itself."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from rcopy import backends
 from rcopy.cli.common import connect, launch, open_store
 from rcopy.engine.names import snapshot_name, volume_name
+from rcopy.engine.snapshots import delete_named
 from rcopy.engine.states import Event, transition
 from rcopy.errors import AlreadyExists, NotFound, Refused, UsageError
-from rcopy.model import Group, GroupState, VolumePair, VolumeState, check_name, parse_period, parse_policies
+from rcopy.model import Group, VolumePair, VolumeState, check_name, parse_period, parse_policies
 
 
 def register(sub):
@@ -96,10 +96,7 @@ def do_remove(args):
 
 def _delete_base(g: Group, vols):
     for v in vols:
-        snapper = backends.snapshotter_for(v.local)
-        snap = snapper.find(v.local, snapshot_name(g.name, v.name, "P", g.generation))
-        if snap is not None:
-            snapper.delete(snap)
+        delete_named(backends.snapshotter_for, v.local, snapshot_name(g.name, v.name, "P", g.generation))
 
 
 def do_admit(args):

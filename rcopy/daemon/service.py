@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 from rcopy.daemon import links, scheduler
-from rcopy.engine.states import SENDING_ROLES, Event
+from rcopy.engine.states import SENDING_ROLES
 from rcopy.errors import RcopyError
 from rcopy.model import LinkState
 

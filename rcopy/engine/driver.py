@@ -15,11 +15,12 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Protocol
 
 from rcopy.engine import cycle
 from rcopy.engine import plan as P
 from rcopy.engine.names import parse, snapshot_name
+from rcopy.engine.snapshots import cut_by_backend, delete_named
 from rcopy.engine.ports import ChangeSource, ExportInfo, Sender, Snapshot, Snapshotter
 from rcopy.engine.states import Event, transition
 from rcopy.errors import RcopyError, SyncFailed
@@ -202,15 +203,10 @@ class Driver:
             run.base_ok[remote] = bool(v["base"])
 
     def _do_Cut(self, a: P.Cut, run):
-        by_backend: dict[int, tuple[Snapshotter, list]] = {}
-        for origin, name in a.requests:
-            s = self.snapshotter_for(origin)
-            by_backend.setdefault(id(s), (s, []))[1].append((origin, name))
-        for snapper, reqs in by_backend.values():
-            for origin, name in reqs:       # a leftover of an aborted attempt is older than "now": drop it
-                self._do_DeleteSnapshot(P.DeleteSnapshot(origin, name), run)
-            for snap in snapper.cut(reqs):
-                run.snaps[snap.name] = snap
+        for origin, name in a.requests:         # a leftover of an aborted attempt is older than "now": drop it
+            delete_named(self.snapshotter_for, origin, name)
+        for snap in cut_by_backend(self.snapshotter_for, a.requests):
+            run.snaps[snap.name] = snap
         _fault("after-cut")
 
     def _send_all(self, sends: list[P.Send], run: _Run):
@@ -290,10 +286,7 @@ class Driver:
         self.store.abort_sync(a.group, a.reason)
 
     def _do_DeleteSnapshot(self, a: P.DeleteSnapshot, run):
-        snapper = self.snapshotter_for(a.origin)
-        snap = snapper.find(a.origin, a.name)
-        if snap is not None:
-            snapper.delete(snap)
+        delete_named(self.snapshotter_for, a.origin, a.name)
 
     def _do_Note(self, a: P.Note, run):
         log.warning("%s", a.text)

@@ -38,6 +38,7 @@ from typing import Callable
 from rcopy import __version__, backends
 from rcopy.engine.names import snapshot_name, volume_name
 from rcopy.engine.ports import Snapshotter
+from rcopy.engine.snapshots import cut_by_backend, delete_named
 from rcopy.errors import Busy, NotFound, RcopyError, Refused, StateError
 from rcopy.model import Group, GroupState, Role, VolumePair, VolumeState, check_name
 from rcopy.state import Store
@@ -265,14 +266,10 @@ class Agent:
             os.close(fd)
 
     def _cut(self, g: Group, vols: list[VolumePair]):
-        by_backend: dict[int, tuple[Snapshotter, list]] = {}
-        for v in vols:
-            s = self.snapshotter_for(v.local)
-            by_backend.setdefault(id(s), (s, []))[1].append((v.local, snapshot_name(g.name, v.name, "R", g.generation)))
-        for snapper, reqs in by_backend.values():
-            # An existing R(n) is kept (cut is idempotent): it is a leftover of a failed begin, taken
-            # when the secondary already read as sync point n; deleting it could lose the only copy.
-            snapper.cut(reqs)
+        # An existing R(n) is kept (cut is idempotent): it is a leftover of a failed begin, taken when
+        # the secondary already read as sync point n; deleting it could lose the only copy.
+        cut_by_backend(self.snapshotter_for,
+                       [(v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in vols])
 
     def op_commit(self, group: str, generation: int, sync_id: str):
         g = self._secondary(group)
@@ -334,12 +331,8 @@ class Agent:
         self.store.abort_sync(g.name, reason)
 
     def _delete(self, path: str, name: str | None):
-        if not name:
-            return
-        snapper = self.snapshotter_for(path)
-        snap = snapper.find(path, name)
-        if snap is not None:
-            snapper.delete(snap)
+        if name:
+            delete_named(self.snapshotter_for, path, name)
 
 
 def _lines(fd: int, agent: Agent):
