@@ -263,3 +263,16 @@ def test_export_on_a_busy_port_is_a_typed_error(tmp_path):
         with pytest.raises(NbdkitError) as ei:
             Export({"vol": str(vol)}, port=busy.getsockname()[1]).start()
     assert ei.value.exit_code == 12 and "in use" in str(ei.value)
+
+
+@pytest.mark.parametrize("kind", ["nbdkit-file", "qemu-nbd", "nbd-server"])
+def test_large_zero_extent_is_one_write_zeroes_and_nothing_more(serve, tmp_path, kind):
+    size = 16 * MiB
+    s = serve(kind, size=size, fill=b"\xff")
+    (tmp_path / "src").write_bytes(bytes(size))
+    sent = NbdSender().send(str(tmp_path / "src"), [Extent(MiB, 14 * MiB, zero=True)],
+                            ExportInfo(s.host, s.port, s.name, size))
+    assert sent == 0                                # no payload: zeroes travel as WRITE_ZEROES
+    with open(s.path, "rb") as f:
+        d = f.read()
+    assert d[:MiB] == b"\xff" * MiB and d[MiB:15 * MiB] == bytes(14 * MiB) and d[15 * MiB:] == b"\xff" * MiB
