@@ -36,6 +36,7 @@ DEFAULT_IN_FLIGHT = 64
 _IOV_MAX = 1024
 _BATCH_BYTES = 1 << 20          # send queued small requests once this much is waiting
 _pack_request = P.pack_request
+_TLS_DIRECT = 64 << 10        # payloads this large are encrypted without joining them first
 _REQUEST_MAGIC = P.REQUEST_MAGIC
 
 
@@ -224,10 +225,21 @@ class _TlsStream:
             self._in.write(data)
 
     def sendv(self, bufs: list, total: int = -1) -> None:
-        data = b"".join(bufs)
+        # Small buffers (headers, 4 KiB blocks) are joined so they share TLS records; a large payload
+        # is encrypted straight from its buffer.
         with self._send_lock:
             with self._lock:
-                self.obj.write(data)
+                small: list = []
+                for b in bufs:
+                    if memoryview(b).nbytes >= _TLS_DIRECT:
+                        if small:
+                            self.obj.write(b"".join(small))
+                            small = []
+                        self.obj.write(b)
+                    else:
+                        small.append(b)
+                if small:
+                    self.obj.write(b"".join(small))
                 out = self._out.read()
             self.sock.sendall(out)
 
