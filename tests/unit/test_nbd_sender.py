@@ -276,3 +276,11 @@ def test_large_zero_extent_is_one_write_zeroes_and_nothing_more(serve, tmp_path,
     with open(s.path, "rb") as f:
         d = f.read()
     assert d[:MiB] == b"\xff" * MiB and d[MiB:15 * MiB] == bytes(14 * MiB) and d[15 * MiB:] == b"\xff" * MiB
+
+
+def test_nothing_to_send_still_flushes_and_returns_zero(serve, tmp_path):
+    s = serve("nbdkit-memory", size=1 * MiB)
+    (tmp_path / "src").write_bytes(bytes(MiB))
+    seen = []
+    assert NbdSender().send(str(tmp_path / "src"), [], ExportInfo(s.host, s.port, "", MiB), seen.append) == 0
+    assert seen[-1] == 0
