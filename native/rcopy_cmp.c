@@ -269,6 +269,29 @@ int64_t rcopy_cmp_fds(int kernel, int fd_old, int fd_new, uint64_t offset, size_
     return ndiff;
 }
 
+size_t rcopy_flag_runs(const uint8_t *flags, size_t nflags, size_t *pos, uint64_t *runs, size_t cap)
+{
+    size_t i = *pos, n = 0;
+    while (n < cap) {
+        while (i + 8 <= nflags && load64(flags + i) == 0)
+            i += 8;
+        while (i < nflags && flags[i] == 0)
+            i++;
+        if (i >= nflags)
+            break;
+        uint8_t kind = flags[i];
+        size_t start = i;
+        while (i < nflags && flags[i] == kind)
+            i++;
+        runs[3 * n] = start;
+        runs[3 * n + 1] = i - start;
+        runs[3 * n + 2] = kind;
+        n++;
+    }
+    *pos = i;
+    return n;
+}
+
 int64_t rcopy_bench_memcmp(const uint8_t *a, const uint8_t *b, size_t len, size_t block_size)
 {
     if (!rcopy_block_size_valid(block_size))

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-from typing import Iterator
 
 from rcopy.errors import DeviceError, RcopyError, UsageError
 from rcopy.extent import Extent
 
-ABI = 3  # must equal RCOPY_CMP_ABI in native/rcopy_cmp.h
+ABI = 4  # must equal RCOPY_CMP_ABI in native/rcopy_cmp.h
 
 try:
     from rcopy._native import ffi, lib
@@ -196,20 +194,29 @@ def compare_fds(flags, fd_old: int | None, fd_new: int, offset: int, length: int
     return _check_rc(rc, kernel=kernel, block_size=block_size, nblocks=block_count(length, block_size))
 
 
-# One regex pass finds the runs: C does the per-byte work, Python only sees the changed runs.
-_RUNS = re.compile(rb"\x01+|\x03+")
+RUNS_PER_CALL = 4096   # runs fetched from C per call: bounds the scratch array, not the result
 
 
 def flag_extents(flags, nblocks: int, block_size: int, *, offset: int = 0,
-                 end: int | None = None) -> Iterator[Extent]:
+                 end: int | None = None) -> list[Extent]:
     """Extents of the changed runs in flags[:nblocks], block 0 at byte ``offset``; the last one is
-    clipped to ``end`` (a short last block). Data and zero runs come out separately, in order."""
-    for m in _RUNS.finditer(flags, 0, nblocks):
-        start = offset + m.start() * block_size
-        stop = offset + m.end() * block_size
-        if end is not None and stop > end:
-            stop = end
-        yield Extent(start, stop - start, zero=flags[m.start()] == DIFF | ZERO)
+    clipped to ``end`` (a short last block). Data and zero runs come out separately, in order.
+    The runs are found in C (a regex over the flags cost 33 ms per GiB of volume at 4 KiB blocks)."""
+    out: list[Extent] = []
+    pos = ffi.new("size_t *", 0)
+    runs = ffi.new("uint64_t[]", 3 * RUNS_PER_CALL)
+    with _buffer(flags, "flags") as pf:
+        if nblocks > len(pf):
+            raise UsageError(f"{nblocks} blocks asked of {len(pf)} flags")
+        while n := lib.rcopy_flag_runs(pf, nblocks, pos, runs, RUNS_PER_CALL):
+            vals = ffi.unpack(runs, 3 * n)
+            for i in range(0, 3 * n, 3):
+                start = offset + vals[i] * block_size
+                stop = start + vals[i + 1] * block_size
+                if end is not None and stop > end:
+                    stop = end
+                out.append(Extent(start, stop - start, vals[i + 2] == DIFF | ZERO))
+    return out
 
 
 def diff_extents(old, new, block_size: int = 4096, *, offset: int = 0,

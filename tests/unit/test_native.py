@@ -193,6 +193,24 @@ def test_flag_extents_clips_the_short_last_block_and_splits_kinds():
     assert list(native.flag_extents(flags, 2, 512)) == [Extent(0, 1024)]
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0, 0, 0, 1, 3]), max_size=80), st.integers(0, 79), st.integers(1, 5),
+       st.integers(0, 511))
+def test_flag_extents_equal_the_reference_in_batches(flags, cut, per_call, short):
+    flags = bytes(flags)
+    nblocks = min(cut, len(flags))
+    end = nblocks * 512 - short if nblocks and short else None
+    want = ref_extents(flags[:nblocks], 512, end if end is not None else nblocks * 512, 0)
+    saved = native.RUNS_PER_CALL
+    try:
+        native.RUNS_PER_CALL = per_call   # several C calls per conversion
+        assert native.flag_extents(flags, nblocks, 512, end=end) == want
+    finally:
+        native.RUNS_PER_CALL = saved
+    with pytest.raises(UsageError):
+        native.flag_extents(flags, len(flags) + 1, 512)
+
+
 def test_bench_memcmp_counts_differing_blocks():
     a = bytes(10 * 4096 + 1)
     b = bytearray(a)
