@@ -97,10 +97,6 @@ class NbdUnsupported(PeerError):
     """NBD server {where}: export {export!r} does not support {msg}"""
 
 
-def _error_for(errno: int) -> type[NbdError]:
-    return NbdOutOfRange if errno in (P.EINVAL, P.ENOSPC, P.EOVERFLOW) else NbdError
-
-
 # -- geometry -----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Geometry:
@@ -490,9 +486,10 @@ class NbdClient:
             raise self._dead
 
     def _request_error(self, r: _Request) -> NbdError:
-        return _error_for(r.error)(r.message or "server reported an error", errno=r.error,
-                                   where=self.where, cmd=P.CMD_NAMES.get(r.cmd, r.cmd),
-                                   offset=r.offset, length=r.length)
+        # EINVAL/ENOSPC also mean "unaligned" or "backing store full": only a range check tells.
+        cls = NbdOutOfRange if r.offset + r.length > self.geometry.size else NbdError
+        return cls(r.message or "server reported an error", errno=r.error, where=self.where,
+                   cmd=P.CMD_NAMES.get(r.cmd, r.cmd), offset=r.offset, length=r.length)
 
     def _wait_slot(self) -> None:
         if self._submitted - self._finished < self.max_in_flight:
