@@ -5,8 +5,9 @@ Why our own: the kernel NBD client is not on every host, a dead link must surfac
 NBD project's doc/proto.md (fixed newstyle, NBD_OPT_GO, structured replies); the wire format is declared in
 rcopy.transport.nbd_proto.
 
-Threads: the caller's thread writes requests (batched into one ``sendmsg`` per many requests); a reader
-thread receives replies and matches them to requests by handle. A request counts as done only when the
+Threads: the caller's thread writes requests (small ones batched into one ``sendmsg``, large payloads
+sent from the source file with ``sendfile``); a reader thread receives replies and matches them to
+requests by handle. A request counts as done only when the
 server acknowledged it; a write that the server failed is remembered and raised by the next call
 (``drain``/``flush``/submit). Every blocking socket call has a timeout, so a dead link raises
 :class:`NbdTimeout` instead of hanging.
@@ -35,8 +36,8 @@ DEFAULT_FLUSH_TIMEOUT = 300.0
 DEFAULT_IN_FLIGHT = 64
 _IOV_MAX = 1024
 _BATCH_BYTES = 1 << 20          # send queued small requests once this much is waiting
-_pack_request = P.pack_request
-_TLS_DIRECT = 64 << 10        # payloads this large are encrypted without joining them first
+_TLS_DIRECT = 64 << 10          # payloads this large are encrypted without joining them first
+_pack_request = P.pack_request  # module globals: the per-request path avoids attribute lookups
 _REQUEST_MAGIC = P.REQUEST_MAGIC
 
 
