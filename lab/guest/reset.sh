@@ -29,6 +29,14 @@ if ((${#maps[@]})); then
   done
 fi
 ((${#loops[@]})) && losetup -D
+# /dev/VG folders outlive their dm devices (dmsetup removed them behind LVM's back), and a stale one
+# makes the next vgcreate of that name fail: drop folders holding nothing but dangling links.
+for dir in /dev/*/; do
+  case $dir in /dev/@(block|char|disk|fd|mapper|pts|shm|net|bus|cpu|input|hugepages|mqueue)/) continue ;; esac
+  stale=1
+  for link in "$dir"*; do [[ -L $link && ! -e $link ]] || { stale=0; break; }; done
+  ((stale)) && rm -rf "$dir"
+done
 # discard=unmap + detect-zeroes on the qemu side: the discard punches holes, the disks read back zeros
 blkdiscard -f /dev/vdb 2>/dev/null
 blkdiscard -f /dev/vdc 2>/dev/null
