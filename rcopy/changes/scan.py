@@ -255,8 +255,8 @@ class _Job:
     O_DIRECT (``direct=True``, for cold devices whose pages should not evict the page cache): the
     kernel does not read ahead, so the in-flight chunks are what keeps the disk busy; each is read
     whole into its slot (memory: depth x 2 x chunk_size bytes) and compared there. Cold, on this
-    machine's virtio disk, it was slower than buffered (0.14-0.49 vs 0.38-0.71 GB/s), so it is not the
-    default.
+    machine's virtio disk, it was 3-4x slower than buffered (1 GiB: 0.23 vs 0.70 GB/s, plain read
+    0.85; depth 2 to 8 and 4 or 8 MiB chunks all gave 0.16-0.24), so it is not the default.
     """
 
     sources: list[_Source]
