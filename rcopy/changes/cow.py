@@ -32,7 +32,8 @@ def candidates(old: lvm.LV) -> list[Extent]:
     table = cow.read_device(cow_device(old))
     if not table.valid:
         raise _invalid(old)
-    return [Extent(off, min(length, old.size - off)) for off, length in cow.extents(table) if off < old.size]
+    size = old.volume_size
+    return [Extent(off, min(length, size - off)) for off, length in cow.extents(table) if off < size]
 
 
 def _invalid(lv: lvm.LV) -> SnapshotInvalid:
@@ -47,4 +48,4 @@ class CowChanges:
         a, b = lvm.by_path(old.path), lvm.by_path(new.path)
         if not (a.is_cow_snapshot and b.is_cow_snapshot and a.vg == b.vg and a.origin == b.origin):
             raise Refused(f"{old.path} and {new.path} are not dm-snapshots of one origin")
-        return refine(old.path, new.path, candidates(a), block_size=block_size, size=b.size)
+        return refine(old.path, new.path, candidates(a), block_size=block_size, size=b.volume_size)

@@ -19,16 +19,11 @@ from rcopy.changes.refine import full_compare, refine
 from rcopy.engine.ports import Snapshot
 from rcopy.errors import Refused
 from rcopy.extent import Extent
+from rcopy.snapshot.thin import pool_device
 from rcopy.sys import dmsetup, lvm, thin_tools
 
 log = logging.getLogger("rcopy.changes.thin")
 LOCK_DIR = "/run/lock"
-
-
-def pool_device(vg: str, pool: str) -> str:
-    """The dm device that takes pool messages: VG-POOL-tpool (or VG-POOL for a pool alone)."""
-    tpool = lvm.dm_name(vg, pool, "tpool")
-    return tpool if dmsetup.exists(tpool) else lvm.dm_name(vg, pool)
 
 
 def metadata_device(vg: str, pool: str) -> str:
@@ -81,7 +76,7 @@ class ThinChanges:
 
     def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
         a, b = lvm.by_path(old.path), lvm.by_path(new.path)
-        if a.size != b.size:
+        if a.volume_size != b.volume_size:
             raise Refused(f"{old.name} and {new.name} differ in size: not snapshots of one volume")
         if not (a.is_thin and b.is_thin and a.vg == b.vg and a.pool == b.pool
                 and a.thin_id is not None and b.thin_id is not None):

@@ -31,6 +31,10 @@ class LvmSnapshotter:
     def _is_ours(self, lv: lvm.LV) -> bool:
         raise NotImplementedError
 
+    def _complete(self, lv: lvm.LV) -> bool:
+        """False for a snapshot left half-made by an interrupted cut."""
+        return True
+
     # -- Snapshotter -------------------------------------------------------------------------------
     def origin(self, path: str) -> lvm.LV:
         lv = lvm.by_path(path)
@@ -50,13 +54,13 @@ class LvmSnapshotter:
 
     def cut(self, requests: Sequence[tuple[str, str]]) -> list[Snapshot]:
         """Snapshot all (origin, name) at one instant. If all exist already: return them (idempotent).
-        If only some exist (a cut interrupted by a crash), they are from another instant: remove them
-        and cut again, since a mixed set is not crash-consistent."""
+        If only some exist, or not all are complete (a cut interrupted by a crash), they are from
+        another instant: remove them and cut again, since a mixed set is not crash-consistent."""
         origins = [self.origin(path) for path, _ in requests]
         for (_, name), o in zip(requests, origins):
             lvm.check_name(name)
         existing = [lvm.get(o.vg, name) for o, (_, name) in zip(origins, requests)]
-        if all(lv is not None for lv in existing):
+        if all(lv is not None and self._complete(lv) for lv in existing):
             return [self.find(o.path, name) or self._foreign(o, name) for o, (_, name) in zip(origins, requests)]
         for o, lv in zip(origins, existing):
             if lv is None:
@@ -67,16 +71,17 @@ class LvmSnapshotter:
             lvm.remove(lv.vg, lv.name)
         for o in origins:
             self._before_cut(o)
-
-        def create_all() -> list[lvm.LV]:
-            return [self._create(o, name) for o, (_, name) in zip(origins, requests)]
-
-        made = group_cut([o.dm_name for o in origins], create_all)
+        made = self._take(origins, [name for _, name in requests])
         snaps = []
         for o, lv in zip(origins, made):
             udev.wait_for(lv.path)
             snaps.append(self._snapshot(o, lv))
         return snaps
+
+    def _take(self, origins: list[lvm.LV], names: list[str]) -> list[lvm.LV]:
+        """Create the snapshots inside one group cut (rcopy.snapshot.cut); returns them active."""
+        return group_cut([o.dm_name for o in origins],
+                         lambda: [self._create(o, name) for o, name in zip(origins, names)])
 
     def _foreign(self, origin: lvm.LV, name: str):
         raise Refused(f"{origin.vg}/{name} exists and is not a {self.kind} snapshot of {origin.full_name}: "

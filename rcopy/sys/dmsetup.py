@@ -91,6 +91,19 @@ def parse_lines(text: str) -> list[Line]:
     return out
 
 
+def parse_all(text: str) -> dict[str, list[Line]]:
+    """Parse table/status output of ALL devices: ``NAME: START LENGTH TARGET ARGS...`` per line."""
+    out: dict[str, list[Line]] = {}
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        name, sep, rest = raw.partition(": ")
+        if not sep:
+            raise DmError(f"unexpected dmsetup line: {raw!r}")
+        out.setdefault(name, []).extend(parse_lines(rest))
+    return out
+
+
 def parse_snapshot_status(line: Line) -> SnapshotStatus:
     """snapshot status: ``<allocated>/<total> <metadata>``, or ``Invalid``, ``Overflow``, ``Merge failed``."""
     if line.target not in ("snapshot", "snapshot-merge"):

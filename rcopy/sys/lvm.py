@@ -23,7 +23,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
 FIELDS = ("vg_name", "lv_name", "lv_path", "lv_dm_path", "lv_attr", "lv_size", "segtype", "origin",
           "pool_lv", "thin_id", "chunk_size", "lv_active", "lv_skip_activation", "lv_snapshot_invalid",
           "lv_merging", "lv_merge_failed", "lv_device_open", "lv_suspended", "snap_percent",
-          "vg_extent_size")
+          "vg_extent_size", "origin_size")
 TIMEOUT = 120.0
 
 
@@ -58,6 +58,12 @@ class LV:
     open: bool
     suspended: bool
     extent_size: int
+    origin_size: int = 0     # for a snapshot: the size of its origin (``size`` is then the COW store's)
+
+    @property
+    def volume_size(self) -> int:
+        """Bytes a reader of this LV sees: the origin's size for a classic snapshot."""
+        return self.origin_size if self.is_cow_snapshot and self.origin_size else self.size
 
     @property
     def full_name(self) -> str:
@@ -119,7 +125,8 @@ def parse_lvs_json(text: str) -> list[LV]:
             active=_flag(r.get("lv_active", "")), skip_activation=_flag(r.get("lv_skip_activation", "")),
             snapshot_invalid=_flag(r.get("lv_snapshot_invalid", "")), merging=_flag(r.get("lv_merging", "")),
             merge_failed=_flag(r.get("lv_merge_failed", "")), open=_flag(r.get("lv_device_open", "")),
-            suspended=_flag(r.get("lv_suspended", "")), extent_size=_int(r.get("vg_extent_size"))))
+            suspended=_flag(r.get("lv_suspended", "")), extent_size=_int(r.get("vg_extent_size")),
+            origin_size=_int(r.get("origin_size"))))
     return out
 
 
@@ -175,15 +182,17 @@ def _same_snapshot(lv: LV, origin: str) -> None:
                             f"remove it or choose another name")
 
 
-def create_thin_snapshot(vg: str, origin: str, name: str) -> LV:
-    """Thin snapshot VG/NAME of VG/ORIGIN, activated (activation skip cleared). Idempotent."""
+def create_thin_snapshot(vg: str, origin: str, name: str, *, active: bool = True) -> LV:
+    """Thin snapshot VG/NAME of VG/ORIGIN. Idempotent. With ``active`` (the default) activation skip
+    is cleared and it is activated; otherwise it stays inactive with activation skip set, LVM's
+    default, which the group cut needs (rcopy.snapshot.thin re-takes it at the cut instant)."""
     check_name(name)
     lv = get(vg, name)
     if lv is None:
-        _lvm("lvcreate", "-qq", "-s", "-kn", "-ay", "-n", name, f"{vg}/{origin}")
+        _lvm("lvcreate", "-qq", "-s", "-ky", "-n", name, f"{vg}/{origin}")
         lv = require(vg, name)
     _same_snapshot(lv, origin)
-    return activate(lv)
+    return activate(lv) if active else lv
 
 
 def create_cow_snapshot(vg: str, origin: str, name: str, size: int) -> LV:
@@ -191,7 +200,7 @@ def create_cow_snapshot(vg: str, origin: str, name: str, size: int) -> LV:
     check_name(name)
     lv = get(vg, name)
     if lv is None:
-        _lvm("lvcreate", "-qq", "-s", "-kn", "-L", f"{int(size)}b", "-n", name, f"{vg}/{origin}")
+        _lvm("lvcreate", "-qq", "-s", "-L", f"{-(-int(size) // 1024)}k", "-n", name, f"{vg}/{origin}")
         lv = require(vg, name)
     _same_snapshot(lv, origin)
     return lv
@@ -199,11 +208,17 @@ def create_cow_snapshot(vg: str, origin: str, name: str, size: int) -> LV:
 
 def activate(lv: LV) -> LV:
     """Clear activation skip and activate (thin snapshots default to skip); no-op when already so."""
-    if lv.skip_activation:
-        _lvm("lvchange", "-kn", lv.full_name)
-    if not lv.active:
-        _lvm("lvchange", "-ay", "-K", lv.full_name)
-    return require(lv.vg, lv.name) if (lv.skip_activation or not lv.active) else lv
+    if not lv.skip_activation and lv.active:
+        return lv
+    _lvm("lvchange", *(("-kn",) if lv.skip_activation else ()), "-ay", lv.full_name)
+    return require(lv.vg, lv.name)
+
+
+def deactivate(lv: LV) -> LV:
+    if lv.active:
+        _lvm("lvchange", "-an", lv.full_name)
+        return require(lv.vg, lv.name)
+    return lv
 
 
 def remove(vg: str, name: str) -> bool:

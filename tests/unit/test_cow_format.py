@@ -82,3 +82,21 @@ def test_read_device_on_a_file(tmp_path):
     assert t.old_chunks() == [9, 10]
     with pytest.raises(cow.CowFormatError, match="not found"):
         cow.read_device(str(tmp_path / "missing"))
+
+
+DATA = __import__("pathlib").Path(__file__).resolve().parent.parent / "data"
+
+
+def test_real_cow_store():
+    """The lab's P1 -cow device: origin chunks 5, 100, 2000, 2001 copied out to chunks 2..5."""
+    img = (DATA / "cow_P1_first8k.bin").read_bytes()
+    size = 8388608
+    t = cow.parse_table(lambda off, n: img[off:off + n] if off + n <= len(img) else bytes(n), size)
+    assert t.valid and t.header.chunk_bytes == 4096
+    assert [(e.old_chunk, e.new_chunk) for e in t.exceptions] == [(5, 2), (100, 3), (2000, 4), (2001, 5)]
+    assert list(cow.extents(t)) == [(5 * 4096, 4096), (100 * 4096, 4096), (2000 * 4096, 8192)]
+
+
+def test_real_invalid_header():
+    h = cow.parse_header((DATA / "cow_invalid_header.bin").read_bytes())
+    assert h.valid == 0 and h.chunk_size == 8

@@ -49,3 +49,26 @@ def test_valid_names(name):
 def test_invalid_names(name):
     with pytest.raises(Refused):
         lvm.check_name(name)
+
+
+DATA = __import__("pathlib").Path(__file__).resolve().parent.parent / "data"
+
+
+def test_real_thin_report():
+    lvs = {lv.name: lv for lv in lvm.parse_lvs_json((DATA / "lvs_thin.json").read_text())}
+    p1 = lvs["rcopy.x.thinvol.P1"]
+    assert p1.is_thin and p1.thin_id == 2 and p1.origin == "thinvol" and p1.pool == "pool" and p1.active
+    assert not p1.skip_activation and not p1.snapshot_invalid and not p1.open
+    assert lvs["pool"].chunk_size == 65536 and lvs["pool"].segtype == "thin-pool"
+    assert lvs["[lvol0_pmspare]"].active is False          # lv_active is "" or "active", even with --binary
+    assert lvs["thinvol"].volume_size == 16 << 20
+
+
+def test_real_cow_reports():
+    lvs = {lv.name: lv for lv in lvm.parse_lvs_json((DATA / "lvs_cow.json").read_text())}
+    p1 = lvs["rcopy.x.thick.P1"]
+    assert p1.is_cow_snapshot and p1.origin == "thick" and p1.chunk_size == 4096
+    assert p1.size == 8 << 20 and p1.volume_size == 16 << 20      # lv_size is the COW store's
+    assert not lvs["thick"].is_cow_snapshot
+    (bad,) = lvm.parse_lvs_json((DATA / "lvs_cow_invalid.json").read_text())
+    assert bad.snapshot_invalid and bad.attr[4] == "I" and bad.is_cow_snapshot

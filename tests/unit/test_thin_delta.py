@@ -47,3 +47,21 @@ def test_rejects_other_devices_and_bad_documents():
         parse_delta_xml("<superblock data_block_size='128'>")
     with pytest.raises(ThinDeltaError):
         parse_delta_xml('<superblock data_block_size="128"></superblock>')
+
+
+DATA = __import__("pathlib").Path(__file__).resolve().parent.parent / "data"
+
+
+def test_real_thin_delta_output():
+    """thin_delta 0.9.0 -m from the lab: 64 KiB blocks 0, 6, 125 changed (writes to 4 KiB blocks 5,
+    100, 2000); it lists <same> ranges too."""
+    d = parse_delta_xml((DATA / "thin_delta_m.xml").read_text(), left=2, right=3)
+    assert d.block_bytes == 65536
+    assert [(r.begin, r.length) for r in d.changed()] == [(0, 1), (6, 1), (125, 1)]
+    assert {r.kind for r in d.ranges} == {"same", "different"}
+    assert d.ranges[-1].end == 256                      # 16 MiB / 64 KiB
+
+
+def test_real_verbose_format_is_refused():
+    with pytest.raises(ThinDeltaError):
+        parse_delta_xml((DATA / "thin_delta_m_verbose.xml").read_text())
