@@ -15,7 +15,7 @@ from rcopy import native
 from rcopy.changes import scan as scanmod
 from rcopy.changes.scan import scan
 from rcopy.errors import DeviceError, UsageError
-from rcopy.extent import Extent, coalesce
+from rcopy.extent import Extent
 
 from .test_native import ref_extents, ref_flags
 
