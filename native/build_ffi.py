@@ -2,7 +2,7 @@
 
 ``ffibuilder`` is what setup.py builds at install. :func:`builder` makes the same module under another
 name with other flags: tests/unit/test_native_asan.py uses it for the AddressSanitizer/UBSan build.
-Out-of-line API mode releases the GIL around every C call, so a compare runs beside the reader thread.
+Out-of-line API mode releases the GIL around every C call, so chunks are read and compared in parallel.
 """
 import os
 import re

@@ -154,7 +154,7 @@ def scan(old_path, new_path, *, ranges: Iterable[Extent] | None = None, block_si
     Opens and sizes both at call time, so a bad path or a size mismatch raises here, not at the first
     ``next()``. ``direct`` reads with O_DIRECT (falls back to buffered where refused), for cold devices
     whose pages should not evict the cache; ``drop_cache`` instead reads buffered and drops each chunk's
-    pages once compared. Closing the iterator early stops any reader thread and closes the files.
+    pages once compared. Closing the iterator early stops the worker threads and closes the files.
     """
     native.check_block_size(block_size)
     native.kernel_id(kernel)
@@ -224,7 +224,7 @@ def _coalesced(extents: Iterator[Extent]) -> Iterator[Extent]:
     try:
         yield from coalesce(extents)
     finally:
-        extents.close()   # stops the reader thread even when our caller stops early
+        extents.close()   # stops the worker threads even when our caller stops early
 
 
 @dataclasses.dataclass
