@@ -21,6 +21,7 @@ class Config:
     sockets: Path        # QMP and ssh control sockets (short path: unix sockets allow ~100 bytes)
     cache: Path          # built images, keyed by recipe hash; survives a fresh clone
     accel: str           # tcg here (nested KVM did not boot a guest); kvm where it works
+    cpu: str             # CPU model under TCG
     disk_mb: int         # size of each data disk
     mem_mb: int
     boot_timeout: float
@@ -46,6 +47,7 @@ def load(env=os.environ) -> Config:
         sockets=Path("/tmp") / f"rcopy-lab-{tag[:10]}",
         cache=cache,
         accel=env.get("RCOPY_LAB_ACCEL", "tcg"),
+        cpu=env.get("RCOPY_LAB_CPU", "max"),
         disk_mb=int(env.get("RCOPY_LAB_DISK_MB", "512")),
         mem_mb=int(env.get("RCOPY_LAB_MEM_MB", "1024")),
         boot_timeout=float(env.get("RCOPY_LAB_BOOT_TIMEOUT", "240")),

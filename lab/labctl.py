@@ -86,6 +86,14 @@ class Lab:
         if push:
             self.push()
 
+    def ensure_up(self) -> None:
+        """Reuse the instance if both VMs answer (installing the working tree), else boot it afresh."""
+        if self.healthy():
+            self.push()
+        else:
+            self.down()
+            self.up()
+
     def _boot(self, host: str) -> None:
         vm = self.vm(host)
         vm.boot()

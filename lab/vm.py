@@ -65,7 +65,7 @@ class Vm:
     def argv(self) -> list[str]:
         n = HOSTS.index(self.host) + 1
         other = HOSTS[1 - HOSTS.index(self.host)]
-        accel = ["-accel", "kvm", "-cpu", "host"] if self.cfg.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
+        accel = ["-accel", "kvm", "-cpu", "host"] if self.cfg.accel == "kvm" else ["-accel", "tcg", "-cpu", self.cfg.cpu]
         cmdline = (f"console=ttyS0 root=/dev/vda rw panic=-1 net.ifnames=0 quiet mitigations=off "
                    f"init=/usr/sbin/lab-init lab.host={self.host} lab.ip={LINK_IPS[self.host]}")
         data = [a for name in DATA_DISKS for a in (

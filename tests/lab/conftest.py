@@ -32,11 +32,7 @@ def _log(msg):
 def lab():
     lab = Lab(log=_log)
     try:
-        if lab.healthy():
-            lab.push()
-        else:
-            lab.down()
-            lab.up()
+        lab.ensure_up()
     except RcopyError as e:
         pytest.fail(f"the lab did not start: {e}", pytrace=False)
     yield lab
