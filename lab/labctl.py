@@ -162,7 +162,8 @@ class Lab:
             raise NotRunning(host=stopped[0])
         if stopped:
             self._both(self._boot, stopped)
-        self.link(True)
+        if not self._link_state():   # lab.link() is the only way the link goes down
+            self.link(True)
         script = RESET_SCRIPT.read_text()
         self._both(lambda h: self.run(h, "bash -s", input=script, timeout=180))
         self.log(f"lab: reset in {time.monotonic() - t0:.1f} s")

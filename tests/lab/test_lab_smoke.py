@@ -60,6 +60,18 @@ def test_scripts_lab_run_exits_with_the_commands_status(lab):
     assert (cp.returncode, cp.stdout) == (3, "out\n")
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["bogus"], "unknown verb 'bogus'"),
+    (["run", "nosuch", "--", "true"], "no VM named 'nosuch'"),
+    (["link", "sideways"], "usage: scripts/lab link down|up"),
+])
+def test_scripts_lab_refuses_bad_input_in_one_line(tmp_path, argv, words):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "RCOPY_LAB_DIR": str(tmp_path / "lab")}
+    cp = subprocess.run([REPO / "scripts/lab", *argv], capture_output=True, text=True, timeout=60, env=env)
+    assert (cp.returncode, cp.stdout) == (2, "")
+    assert words in cp.stderr and len(cp.stderr.strip().splitlines()) == 1
+
+
 def _vagrant_settings(tmp_path):
     vagrant = REPO / "vagrant"
     syntax = subprocess.run(["ruby", "-c", vagrant / "Vagrantfile"], capture_output=True, text=True, timeout=60)
