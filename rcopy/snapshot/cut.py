@@ -8,8 +8,11 @@ Algorithm (design §3, "The cut"):
    B, issued only after W1 on A completed. If W2 is in B's snapshot it completed before B's suspend,
    so W1 completed before the last suspend, hence (A completes nothing between its suspend and its
    snapshot) before A's suspend: W1 is in A's snapshot. "W2 without W1" cannot be captured.
-2. Create every snapshot. LVM's own suspend of an already suspended origin is a no-op; its resume,
-   after that origin's snapshot exists, releases only that origin — harmless, its snapshot is taken.
+2. Create every snapshot. For a thick origin (measured, LVM 2.03.16): lvcreate sees the origin
+   "already suspended", skips its own suspend, loads the snapshot-origin/snapshot tables and resumes
+   the origin once its snapshot exists — harmless, that origin's snapshot is taken. For a thin
+   origin lvcreate cannot run inside the cut (it skips the pool messages too): rcopy.snapshot.thin
+   re-takes pre-created snapshots with pool messages instead.
 3. Resume every origin still suspended, always (finally), even when a create failed.
 
 LVM runs with ignore_suspended_devices (rcopy.sys.lvm.LVM_CONFIG) so it never blocks reading a
