@@ -87,6 +87,7 @@ class _Run:
     base_ok: dict[str, bool] = dataclasses.field(default_factory=dict)         # remote -> backup holds base
     snaps: dict[str, Snapshot] = dataclasses.field(default_factory=dict)       # name -> snapshot
     stats: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+    heartbeat: tuple[threading.Event, threading.Thread] | None = None
 
 
 class Driver:
@@ -147,7 +148,12 @@ class Driver:
         run = _Run()
         split = next(i for i, a in enumerate(actions) if isinstance(a, P.PeerCommit))
         try:
-            self.execute(actions[:split], run)
+            try:
+                self.execute(actions[:split], run)
+            finally:
+                if run.heartbeat is not None:
+                    run.heartbeat[0].set()
+                    run.heartbeat[1].join()
         except (Exception, KeyboardInterrupt) as e:     # not SystemExit & co: a dying process aborts nothing
             reason = _reason(e, generation)
             self._abort(g, vols, generation, sync_id, reason)
@@ -201,6 +207,10 @@ class Driver:
         for remote, v in res["volumes"].items():
             run.exports[remote] = ExportInfo(**v["export"])
             run.base_ok[remote] = bool(v["base"])
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(stop,), name="rcopy-heartbeat", daemon=True)
+        beat.start()
+        run.heartbeat = (stop, beat)
 
     def _do_Cut(self, a: P.Cut, run):
         for origin, name in a.requests:         # a leftover of an aborted attempt is older than "now": drop it
@@ -212,22 +222,22 @@ class Driver:
     def _send_all(self, sends: list[P.Send], run: _Run):
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="rcopy-send") as pool:
             futures = [pool.submit(self._send_one, a, run) for a in sends]
-            pending = set(futures)
-            while pending:
-                _, pending = concurrent.futures.wait(pending, timeout=HEARTBEAT)
-                if pending:
-                    self._heartbeat()
+            concurrent.futures.wait(futures)
             errors = [f.exception() for f in futures if f.exception()]
         if errors:
             errors.sort(key=lambda e: not (isinstance(e, RcopyError) and e.kind == "link"))
             raise errors[0]
 
-    def _heartbeat(self):
-        """Tell the agent we are alive while the data flows over NBD (it rolls back after a silence)."""
-        try:
-            self.peer.ping()
-        except RcopyError as e:                  # the sends will fail on their own if the link is gone
-            log.info("heartbeat to the backup failed: %s", e)
+    def _heartbeat(self, stop: threading.Event):
+        """Ping the agent from its begin until our commit or abort: it rolls back after a silence, and
+        the cut and the sends (data goes over NBD, not the channel) can take long. The main thread makes
+        no peer call meanwhile, so the channel is never used by two threads at once."""
+        while not stop.wait(HEARTBEAT):
+            try:
+                self.peer.ping()
+            except RcopyError as e:              # the sends will fail on their own if the link is gone
+                log.info("heartbeat to the backup failed: %s", e)
+                return
 
     def _send_one(self, a: P.Send, run: _Run):
         g = parse(a.source).group

@@ -266,3 +266,19 @@ def test_reconcile_rules_are_pure():
     assert quiet == []
     diverged = reconcile(Group("g", "t", generation=1, sync_id="one"), vols, PeerView(generation=0))
     assert [a.kind for a in diverged] == ["Note"] and "full" in diverged[0].text
+
+
+def test_primary_pings_the_agent_from_begin_until_commit(rig, monkeypatch):
+    import time as _time
+    monkeypatch.setattr(driver_mod, "HEARTBEAT", 0.01)
+    real_send = rig.sender.send
+
+    def slow_send(*a, **kw):
+        _time.sleep(0.2)
+        return real_send(*a, **kw)
+
+    monkeypatch.setattr(rig.sender, "send", slow_send)
+    rig.sync(Event.START)
+    ops = [e[1] for e in rig.log if e[0] == "peer"]
+    assert "ping" in ops[ops.index("begin"):ops.index("commit")]
+    assert "ping" not in ops[ops.index("commit"):]
