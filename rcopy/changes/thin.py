@@ -5,7 +5,9 @@ commits the pool's current transaction first), run ``thin_delta -m`` between the
 ALWAYS release it (a held metadata snapshot pins metadata blocks, and a second reserve fails). The
 "different", "left_only" and "right_only" ranges are candidates; rcopy.changes.refine compares them.
 Cost grows with the metadata, not the volume: no data block is read outside the candidates.
-Snapshots in different pools (or not thin) fall back to the full compare.
+Snapshots in different pools (or not thin) fall back to the full compare. Granularity is the pool
+chunk: 1% of 4 KiB blocks written at random touch 1-0.99^16 = 15% of 64 KiB chunks, so the refine reads
+~15% of the volume from each snapshot (measured: bench/extents.py); clustered writes cost far less.
 """
 from __future__ import annotations
 
