@@ -59,6 +59,8 @@ class Lab:
 
     def _both(self, fn, hosts=HOSTS) -> list:
         """fn(host) for each host at once (the VMs boot and work in parallel); first error wins."""
+        if not hosts:
+            return []
         with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
             return [f.result() for f in [pool.submit(fn, h) for h in hosts]]
 
