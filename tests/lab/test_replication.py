@@ -96,3 +96,27 @@ def test_initial_sync_then_three_delta_rounds(clean_lab):
             assert changed <= v["bytes_sent"] <= 4 * changed, (v["name"], v["bytes_sent"], changed)
         assert_secondaries_equal_sync_point(lab, rnd + 2)
         rc(lab, "verify", "g")
+
+
+def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
+    lab = clean_lab
+    group(lab, agent=AGENT)
+    before = {v: sha(lab, "backup", dev(v)) for v in VOLS}
+    write_random(lab, 2000, seed=5)
+    lab.run("primary", "nohup rcopy sync g --wait </dev/null >/tmp/sync.out 2>&1 & echo $! >/tmp/sync.pid")
+    for _ in range(600):
+        if status(lab)["syncing"]:
+            break
+        time.sleep(0.2)
+    lab.link(False)
+    lab.run("primary", "while kill -0 $(cat /tmp/sync.pid) 2>/dev/null; do sleep 1; done", timeout=600)
+    g = status(lab)
+    assert g["state"] == "stopped" and g["reason"], g
+    lab.run("backup", "for i in $(seq 300); do rcopy status --json | grep -q '\"syncing_generation\": 0' && exit 0; "
+                      "sleep 1; done; exit 1", timeout=400)
+    assert {v: sha(lab, "backup", dev(v)) for v in VOLS} == before      # the whole group at sync point 1
+    lab.link(True)
+    rc(lab, "sync", "g", "--wait")
+    g = status(lab)
+    assert g["state"] == "started" and [v["full_reason"] for v in g["volumes"]] == ["", ""]
+    rc(lab, "verify", "g")
