@@ -57,6 +57,8 @@ OUT.update(bench="extents", backend=KIND, volume_mib=MIB, changed_blocks=len(pic
 for x in (p1, p2):
     s.delete(x)
 sh("lvremove", "-qq", "-f", f"{{VG}}/bench{{KIND}}")
+if KIND == "thin":
+    sh("lvremove", "-qq", "-f", f"{{VG}}/pool")    # room for the thick volume and its COW store
 """
 
 
