@@ -120,3 +120,16 @@ def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
     g = status(lab)
     assert g["state"] == "started" and [v["full_reason"] for v in g["volumes"]] == ["", ""]
     rc(lab, "verify", "g")
+
+
+def test_deleted_base_makes_the_next_sync_full_and_status_says_why(clean_lab):
+    lab = clean_lab
+    group(lab)
+    lab.run("primary", f"lvremove -qq -f {VG}/rcopy.g.thinvol.P1")
+    write_random(lab, 10, seed=7)
+    rc(lab, "sync", "g", "--wait")
+    vols = {v["name"]: v for v in status(lab)["volumes"]}
+    assert "rcopy.g.thinvol.P1 is missing" in vols["thinvol"]["full_reason"]
+    assert vols["thickvol"]["full_reason"] == ""
+    assert "missing" in rc(lab, "status").stdout
+    assert_secondaries_equal_sync_point(lab, 2)
