@@ -133,3 +133,33 @@ def test_deleted_base_makes_the_next_sync_full_and_status_says_why(clean_lab):
     assert vols["thickvol"]["full_reason"] == ""
     assert "missing" in rc(lab, "status").stdout
     assert_secondaries_equal_sync_point(lab, 2)
+
+
+def _refused(r, code):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("rcopy: error:"), r.stderr
+
+
+def test_bad_input_is_refused_with_nothing_changed(clean_lab):
+    lab = clean_lab
+    run_guest(lab, SETUP + f'thick_volume("fsvol", {MIB})\nthick_volume("small", {MIB // 2})\nthick_volume("extra", {MIB})', "backup")
+    run_guest(lab, SETUP + f'thick_volume("extra", {MIB})', "primary")
+    lab.run("backup", f"mkfs.ext4 -q {dev('fsvol')}")
+    rc(lab, "target", "create", "backup", "--link", "backup")
+    rc(lab, "group", "create", "g", "--target", "backup")
+    rc(lab, "group", "admit", "g", dev("thinvol"), f"backup:{dev('thinvol')}")
+    before = (rc(lab, "status", "--json").stdout, rc(lab, "status", "--json", host="backup").stdout)
+    _refused(rc(lab, "group", "create", "h", "--target", "nope", check=False), 3)
+    _refused(rc(lab, "sync", "nope", check=False), 3)
+    _refused(rc(lab, "group", "admit", "g", dev("extra"), f"backup:{dev('fsvol')}", check=False), 6)
+    _refused(rc(lab, "group", "admit", "g", dev("extra"), f"backup:{dev('small')}", check=False), 5)
+    _refused(rc(lab, "group", "admit", "g", dev("thinvol"), f"backup:{dev('extra')}", check=False), 4)
+    _refused(rc(lab, "group", "create", "h", "--target", "backup", "--period", "1w", check=False), 2)
+    r = lab.run("primary", "setpriv --reuid=65534 --regid=65534 --clear-groups rcopy status", check=False)
+    _refused(r, 7)
+    assert (rc(lab, "status", "--json").stdout, rc(lab, "status", "--json", host="backup").stdout) == before
+    rc(lab, "target", "create", "dead", "--link", "192.0.2.1")
+    _refused(rc(lab, "group", "create", "h", "--target", "dead", check=False), 10)
+    rc(lab, "group", "start", "g", "--wait")
+    _refused(rc(lab, "group", "admit", "g", dev("extra"), f"backup:{dev('extra')}", check=False), 5)
+    assert [v["name"] for v in status(lab)["volumes"]] == ["thinvol"]
