@@ -21,8 +21,13 @@ from rcopy.sys.channel import Channel
 log = logging.getLogger("rcopy.peer")
 
 PROTOCOL = 1
-HELLO_TIMEOUT = 30.0
-SHORT_TIMEOUT = 30.0
+# A dead link is caught by ssh itself (ConnectTimeout, ServerAlive* in Target.DEFAULT_AGENT) and ends the
+# channel at once; these timeouts only guard against a live agent that stays silent. The agent answers
+# hello only after its own recovery (a dm-snapshot merge took 12-24 s in the TCG lab, plus ~3 s of ssh
+# login), and abort rolls back before it answers, so neither may be short (30 s failed in the lab).
+HELLO_TIMEOUT = 300.0
+ABORT_TIMEOUT = 300.0
+PING_TIMEOUT = 60.0
 CALL_TIMEOUT = 3600.0     # begin snapshots every secondary; a full copy-based snapshot can take long
 
 
@@ -114,7 +119,7 @@ class Peer:
     def abort(self, group, generation, sync_id, reason) -> dict:
         # short: on a dead link the agent rolls back by itself (EOF, or its idle timeout)
         return self.call("abort", group=group, generation=generation, sync_id=sync_id, reason=reason,
-                         timeout=SHORT_TIMEOUT)
+                         timeout=ABORT_TIMEOUT)
 
     def ping(self) -> dict:
-        return self.call("ping", timeout=SHORT_TIMEOUT)
+        return self.call("ping", timeout=PING_TIMEOUT)
