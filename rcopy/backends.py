@@ -1,56 +1,109 @@
-"""Hands out the real implementations of the engine's ports for a volume (the CLI's and agent's wiring).
+"""The registry of snapshot back-ends: each bundles a snapshotter, a change source and rollback.
 
-The engine sees only rcopy.engine.ports; this is where a path becomes a Snapshotter (file simulator,
-LVM thin or dm-snapshot via rcopy.snapshot.select), a Snapshotter a ChangeSource, and where the
-full-sync extents, the NBD Sender and the volume digest for ``verify`` come from.
+A volume's back-end is decided ONCE, when it is admitted (``probe``), and stored with the volume pair
+with the device's stable identity; every later call names it (``get``), so nothing probes udev or LVM
+per call. Back-ends: ``thin`` (LVM thin snapshots, changes from thin_delta), ``cow`` (classic
+dm-snapshot of thick LVs, changes from the COW exception table), ``file`` (regular files: the simulator
+the host tests run the whole CLI on). ``cut`` takes one group cut across back-ends.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import os
 import threading
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
-from rcopy.engine.ports import ChangeSource, Snapshot, Snapshotter
+from rcopy.ports import ChangeSource, Snapshot, Snapshotter
 from rcopy.errors import DeviceError, DeviceUnsafe, Refused
 from rcopy.extent import Extent
 from rcopy.snapshot import file as filesnap
 
-_cache: dict[str, Snapshotter] = {}
+KINDS = ("thin", "cow", "file")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    snapshotter: Snapshotter
+    changes: ChangeSource
+
+    def full(self, snap: Snapshot) -> Iterator[Extent]:
+        """Every block of the snapshot, lazily: data as data, zero runs as zero extents (a full sync)."""
+        from rcopy.changes.scan import scan
+        return scan(None, snap.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    kind: str
+    identity: str
+
+
+_made: dict[str, Backend] = {}
 _lock = threading.Lock()
 
 
-def snapshotter_for(path: str) -> Snapshotter:
-    """One Snapshotter instance per back-end, so the driver cuts all volumes of a back-end together."""
-    if filesnap.is_file_volume(path):
-        name = filesnap.BACKEND
-    else:
-        from rcopy.snapshot.select import backend_name
-        name = backend_name(path)
+def _make(name: str) -> Backend:
+    if name == "thin":
+        from rcopy.changes.thin import ThinChanges
+        from rcopy.snapshot.thin import ThinSnapshotter
+        return Backend(name, ThinSnapshotter(), ThinChanges())
+    if name == "cow":
+        from rcopy.changes.cow import CowChanges
+        from rcopy.snapshot.cow import CowSnapshotter
+        return Backend(name, CowSnapshotter(), CowChanges())
+    if name == "file":
+        from rcopy.changes.refine import FullCompare
+        return Backend(name, filesnap.FileSnapshotter(), FullCompare())
+    raise Refused(f"unknown snapshot back-end {name!r}: known are {', '.join(KINDS)}")
+
+
+def get(name: str) -> Backend:
+    """The back-end of that name (one instance per process)."""
     with _lock:
-        if name not in _cache:
-            if name == filesnap.BACKEND:
-                _cache[name] = filesnap.FileSnapshotter()
-            else:
-                from rcopy.snapshot.select import for_backend
-                _cache[name] = for_backend(name)
-        return _cache[name]
+        if name not in _made:
+            _made[name] = _make(name)
+        return _made[name]
 
 
-def changes_for(snapper: Snapshotter) -> ChangeSource:
-    from rcopy.changes.select import change_source_for
-    return change_source_for(snapper)
+def probe(path: str) -> Probe:
+    """Which back-end the volume at ``path`` needs, and its stable identity (at admit only)."""
+    from rcopy.snapshot.select import backend_name
+    return Probe(*backend_name(path))
 
 
-def full_extents(snap: Snapshot) -> Iterator[Extent]:
-    """Every non-zero block of the snapshot as data, zero runs as zero extents (a full sync)."""
-    from rcopy.changes.scan import scan
-    return scan(None, snap.path)
+def for_device(path: str) -> Backend:
+    """The back-end of a device not (yet) admitted: probes it (tools and tests)."""
+    return get(probe(path).kind)
 
 
-def sender():
-    from rcopy.transport.sender import NbdSender
-    return NbdSender()
+def cut(requests: Sequence[tuple[str, str, str]], *, reuse: bool = True) -> list[Snapshot]:
+    """ONE cut of (back-end, origin, snapshot name) across back-ends (rcopy.snapshot.cut); the
+    snapshots come back in request order."""
+    from rcopy.snapshot.cut import take
+    order: dict[str, list[tuple[str, str]]] = {}
+    for kind, origin, name in requests:
+        order.setdefault(kind, []).append((origin, name))
+    snaps = take([(get(kind).snapshotter, reqs) for kind, reqs in order.items()], reuse=reuse)
+    by_name = {s.name: s for s in snaps}
+    return [by_name[name] for _, _, name in requests]
+
+
+def find(kind: str, origin: str, name: str) -> Snapshot | None:
+    return get(kind).snapshotter.find(origin, name)
+
+
+def delete(requests: Iterable[tuple[str, str, str]]) -> int:
+    """Delete every existing (back-end, origin, name) snapshot, batched per back-end; returns how many
+    existed."""
+    per: dict[str, list[Snapshot]] = {}
+    for kind, origin, name in requests:
+        snap = get(kind).snapshotter.find(origin, name)
+        if snap is not None:
+            per.setdefault(kind, []).append(snap)
+    for kind, snaps in per.items():
+        get(kind).snapshotter.delete_all(snaps)
+    return sum(len(s) for s in per.values())
 
 
 def digest(path: str) -> str:
@@ -80,7 +133,3 @@ def check_secondary(path: str, size: int, *, force: bool = False, nosync: bool =
     if filesnap.is_file_volume(path) and not (force or nosync) and filesnap.has_data(path):
         raise DeviceUnsafe(f"refusing to overwrite {path}: it holds data (non-zero bytes); "
                            "use --force to overwrite it, or --nosync if it already equals the primary")
-
-
-def is_regular_file(path: str) -> bool:
-    return os.path.isfile(path)

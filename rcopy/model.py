@@ -1,6 +1,6 @@
 """rcopy's vocabulary as plain data: systems, targets, links, groups, volume pairs, sync points.
 
-Names follow design.md §1 and 3PAR's ``showrcopy`` (roles primary / secondary / primary-rev /
+Names follow rcopy/DESIGN.md §1 and 3PAR's ``showrcopy`` (roles primary / secondary / primary-rev /
 secondary-rev; group states new, starting, started, stopped, failsafe; volume states new, syncing,
 synced, not-synced, stale, failed). Values are frozen dataclasses: rcopy.state persists them, the engine
 computes new ones with ``dataclasses.replace``; nothing here touches the system.
@@ -176,6 +176,8 @@ class VolumePair:
     bytes_sent: int = 0            # payload of the last completed sync
     last_sync: float = 0.0
     full_reason: str = ""          # why the last (or running) sync was full, "" for a delta
+    backend: str = ""              # snapshot back-end chosen at admit: thin, cow or file
+    device_id: str = ""            # the local device's stable identity (lv:UUID, file:DEV:INODE)
 
     @property
     def percent(self) -> int:

@@ -4,9 +4,9 @@ Where: ``--state-dir`` (exported as ``RCOPY_STATE_DIR`` by the CLI) or ``/var/li
 is mode 0700, every file in it 0600. The database runs in WAL mode with ``synchronous=FULL``, so a
 committed transaction survives a host crash and a killed writer leaves the previous committed state.
 Each sync-point commit is ONE transaction (group generation, sync-point row, volume states together),
-which is what makes the two-phase commit of design.md §4 recoverable (rcopy/engine/DESIGN.md).
+which is what makes the two-phase commit of rcopy/DESIGN.md §4 recoverable (rcopy/engine/DESIGN.md).
 
-Schema (version 1, in ``meta.schema_version``; ``_MIGRATIONS[n]`` upgrades n-1 -> n):
+Schema (version 2, in ``meta.schema_version``; ``_MIGRATIONS[n]`` upgrades n-1 -> n):
 
 ``meta(key PRIMARY KEY, value)``
     ``schema_version``, ``system`` (this system's name; default the host name or $RCOPY_SYSTEM_NAME).
@@ -19,8 +19,12 @@ pending_generation, pending_id, last_sync_start, last_sync_end, alert)``
     one row per group (primary or secondary side); ``generation``/``sync_id`` name the last committed
     sync point, ``pending_*`` the one in flight (0 / '' when none). Policies are comma separated.
 ``volumes(grp, name, local UNIQUE, remote, size, state, bytes_done, bytes_total, bytes_sent, last_sync,
-full_reason, PRIMARY KEY(grp, name))``
-    volume pairs; ``local`` is unique across groups (a volume is in one group only).
+full_reason, backend, device_id, PRIMARY KEY(grp, name))``
+    volume pairs; ``local`` is unique across groups (a volume is in one group only). ``backend`` (thin,
+    cow, file) and ``device_id`` (``lv:UUID`` or ``file:DEV:INODE``) are decided once at admit (v2).
+``groups.last_report`` (v2)
+    JSON of the last sync's report: seconds per phase, external commands on each side, bytes, the
+    executed plan (``rcopy status --json`` shows it as ``last_sync``).
 ``sync_points(grp, generation, sync_id, committed, started, ended, PRIMARY KEY(grp, generation))``
     the committed sync point of each group and the one in flight, with their identities.
 
@@ -34,6 +38,7 @@ import contextlib
 import dataclasses
 import enum
 import fcntl
+import json
 import os
 import socket
 import sqlite3
@@ -45,7 +50,7 @@ from rcopy.errors import AlreadyExists, Busy, NotFound, PermissionDenied, Refuse
 from rcopy.model import Group, GroupState, Link, LinkState, Role, SyncPoint, System, Target, VolumePair, VolumeState
 
 DEFAULT_DIR = "/var/lib/rcopy"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,7 +74,12 @@ CREATE TABLE sync_points (grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CA
 """
 
 # schema version n -> SQL that upgrades a version n-1 database; run in one transaction with the version bump.
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+_SCHEMA_V2 = """
+ALTER TABLE volumes ADD COLUMN backend TEXT NOT NULL DEFAULT '';
+ALTER TABLE volumes ADD COLUMN device_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE groups ADD COLUMN last_report TEXT NOT NULL DEFAULT '{}'
+"""
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 
 def state_dir(explicit: str | None = None) -> str:
@@ -110,7 +120,7 @@ def _values(obj, columns: tuple[str, ...]) -> list:
 _GROUP_COLS = ("name", "target", "role", "mode", "period", "policies", "state", "reason", "generation", "sync_id",
                "pending_generation", "pending_id", "last_sync_start", "last_sync_end", "alert")
 _VOLUME_COLS = ("grp", "name", "local", "remote", "size", "state", "bytes_done", "bytes_total", "bytes_sent",
-                "last_sync", "full_reason")
+                "last_sync", "full_reason", "backend", "device_id")
 
 
 class Store:
@@ -276,15 +286,26 @@ class Store:
     def volumes(self, group: str) -> list[VolumePair]:
         return [_row_to(VolumePair, r) for r in self._q("SELECT * FROM volumes WHERE grp=? ORDER BY rowid", (group,))]
 
-    def volume_by_local(self, local: str) -> VolumePair | None:
-        r = self._q("SELECT * FROM volumes WHERE local=?", (local,))
+    def volume_by_local(self, local: str, device_id: str = "") -> VolumePair | None:
+        """The volume pair whose local device is ``local`` (or has that stable identity)."""
+        r = self._q("SELECT * FROM volumes WHERE local=? OR (device_id<>'' AND device_id=?)", (local, device_id))
         return _row_to(VolumePair, r[0]) if r else None
+
+    def set_report(self, group: str, report: dict):
+        with self.tx() as db:
+            db.execute("UPDATE groups SET last_report=? WHERE name=?", (json.dumps(report, sort_keys=True), group))
+
+    def report(self, group: str) -> dict:
+        rows = self._q("SELECT last_report FROM groups WHERE name=?", (group,))
+        return json.loads(rows[0]["last_report"] or "{}") if rows else {}
 
     def add_volume(self, v: VolumePair):
         with self.tx() as db:
-            other = db.execute("SELECT grp FROM volumes WHERE local=?", (v.local,)).fetchone()
+            other = db.execute("SELECT grp, local FROM volumes WHERE local=? OR (device_id<>'' AND device_id=?)",
+                               (v.local, v.device_id)).fetchone()
             if other:
-                raise AlreadyExists(f"{v.local} is already in group {other['grp']}: dismiss it there first")
+                alias = "" if other["local"] == v.local else f" (as {other['local']}: the same device)"
+                raise AlreadyExists(f"{v.local} is already in group {other['grp']}{alias}: dismiss it there first")
             if db.execute("SELECT 1 FROM volumes WHERE grp=? AND name=?", (v.group, v.name)).fetchone():
                 raise AlreadyExists(f"group {v.group} already has a volume named {v.name}: rename the device")
             db.execute(f"INSERT INTO volumes ({','.join(_VOLUME_COLS)}) VALUES ({','.join('?' * len(_VOLUME_COLS))})",
@@ -323,10 +344,12 @@ class Store:
                 db.execute("UPDATE volumes SET state='syncing', bytes_done=0, bytes_total=0 WHERE grp=? AND name=?", (group, n))
         return self.group(group)
 
-    def commit_sync(self, group: str, generation: int, sync_id: str, stats: dict[str, tuple[int, str]] | None = None) -> Group:
-        """Make ``generation`` the group's sync point: ONE transaction (design.md §4). Idempotent.
+    def commit_sync(self, group: str, generation: int, sync_id: str, stats: dict[str, tuple[int, str]] | None = None,
+                    *, state: GroupState = GroupState.STARTED, reason: str = "") -> Group:
+        """Make ``generation`` the group's sync point: ONE transaction (rcopy/DESIGN.md §4). Idempotent.
 
-        ``stats`` maps volume name -> (bytes sent, full-sync reason) for the volumes that were synced.
+        ``stats`` maps volume name -> (bytes sent, full-sync reason) for the volumes that were synced;
+        ``state``/``reason`` are the group's after the commit (rcopy.engine.states, event sync-done).
         """
         now = time.time()
         with self.tx() as db:
@@ -339,23 +362,24 @@ class Store:
             db.execute("UPDATE sync_points SET committed=1, ended=? WHERE grp=? AND generation=?", (now, group, generation))
             db.execute("DELETE FROM sync_points WHERE grp=? AND generation<>?", (group, generation))
             db.execute("UPDATE groups SET generation=?, sync_id=?, pending_generation=0, pending_id='', "
-                       "last_sync_end=?, state='started', reason='' WHERE name=?", (generation, sync_id, now, group))
+                       "last_sync_end=?, state=?, reason=? WHERE name=?", (generation, sync_id, now, state.value, reason, group))
             for name, (sent, why) in (stats or {}).items():
                 db.execute("UPDATE volumes SET state='synced', bytes_sent=?, full_reason=?, last_sync=?, "
                            "bytes_done=bytes_total WHERE grp=? AND name=?", (sent, why, now, group, name))
             db.execute("UPDATE volumes SET state='synced', last_sync=? WHERE grp=? AND state='syncing'", (now, group))
         return self.group(group)
 
-    def abort_sync(self, group: str, reason: str, *, stop: bool = True) -> Group:
-        """Forget the sync point in flight; volumes return to the last committed point (or not-synced)."""
+    def abort_sync(self, group: str, reason: str, *, state: GroupState | None = GroupState.STOPPED) -> Group:
+        """Forget the sync point in flight; volumes return to the last committed point (or not-synced).
+        ``state`` is the group's afterwards (rcopy.engine.states, event sync-failed); None keeps it."""
         with self.tx() as db:
             g = self.group(group)
             if g.pending_generation:
                 db.execute("DELETE FROM sync_points WHERE grp=? AND generation=? AND committed=0",
                            (group, g.pending_generation))
             db.execute("UPDATE groups SET pending_generation=0, pending_id='' WHERE name=?", (group,))
-            if stop:
-                db.execute("UPDATE groups SET state='stopped', reason=? WHERE name=?", (reason, group))
+            if state is not None:
+                db.execute("UPDATE groups SET state=?, reason=? WHERE name=?", (state.value, reason, group))
             db.execute("UPDATE volumes SET state=CASE WHEN last_sync>0 THEN 'synced' ELSE 'not-synced' END, "
                        "bytes_done=0 WHERE grp=? AND state='syncing'", (group,))
         return self.group(group)

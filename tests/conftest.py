@@ -2,10 +2,17 @@
 
 tests/unit needs no kernel feature and no root. tests/lab runs against the two-VM lab (scripts/lab); a lab
 test is never skipped silently: if the lab cannot start the test errors. Set RCOPY_NO_LAB=1 to deselect
-lab tests for a quick local run (the header then says so, loudly).
+lab tests for a quick local run (the header then says so, loudly). The lab's package, rcopylab, lives in
+scripts/ (scripts/lab is its command line); it is put on the import path here.
 """
 import os
 import shutil
+import sys
+from pathlib import Path
+
+SCRIPTS = str(Path(__file__).resolve().parent.parent / "scripts")
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
 
 
 def _servers():

@@ -2,11 +2,11 @@
 # Provisioning of a Vagrant lab VM (see Vagrantfile), run as root inside the VM:
 #   provision.sh system NAME HOST1 ADDR1 HOST2 ADDR2   packages, names on the link, root ssh, modules, disks
 #   provision.sh rcopy                                 install rcopy from the synced tree (/rcopy)
-# The package list is the qemu lab's (lab/recipe/packages) minus its kernel: the box's Debian kernel has
-# the same dm-snapshot, dm-thin-pool, nbd and loop modules.
+# The package list is the qemu lab's (scripts/rcopylab/recipe/packages) minus its kernel: the box's
+# Debian kernel has the same dm-snapshot, dm-thin-pool, nbd and loop modules.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-recipe=/rcopy/lab/recipe
+recipe=/rcopy/scripts/rcopylab/recipe
 
 system() {
   local name=$1; shift

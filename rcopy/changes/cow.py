@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from rcopy.changes.refine import refine
-from rcopy.engine.ports import Snapshot
+from rcopy.ports import Snapshot
 from rcopy.errors import Refused
 from rcopy.extent import Extent
 from rcopy.snapshot.cow import snapshot_status
@@ -42,7 +42,7 @@ def _invalid(lv: lvm.LV) -> SnapshotInvalid:
 
 
 class CowChanges:
-    """Implements rcopy.engine.ports.ChangeSource for classic dm-snapshots."""
+    """Implements rcopy.ports.ChangeSource for classic dm-snapshots."""
 
     def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
         a, b = lvm.by_path(old.path), lvm.by_path(new.path)

@@ -1,4 +1,4 @@
-"""The full or range-restricted block compare of two snapshots (design.md §3, "Refine", "Full compare").
+"""The full or range-restricted block compare of two snapshots (rcopy/DESIGN.md §3, "Refine", "Full compare").
 
 ``scan(old, new)`` reads both files or block devices and compares them block by block in C
 (rcopy.native, GIL released), a few chunks at once on worker threads, in cache-sized pieces while the

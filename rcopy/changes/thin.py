@@ -7,7 +7,7 @@ ALWAYS release it (a held metadata snapshot pins metadata blocks, and a second r
 Cost grows with the metadata, not the volume: no data block is read outside the candidates.
 Snapshots in different pools (or not thin) fall back to the full compare. Granularity is the pool
 chunk: 1% of 4 KiB blocks written at random touch 1-0.99^16 = 15% of 64 KiB chunks, so the refine reads
-~15% of the volume from each snapshot (measured: bench/extents.py); clustered writes cost far less.
+~15% of the volume from each snapshot (measured: tests/bench/extents.py); clustered writes cost far less.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import os
 from typing import Iterator
 
 from rcopy.changes.refine import full_compare, refine
-from rcopy.engine.ports import Snapshot
+from rcopy.ports import Snapshot
 from rcopy.errors import Refused
 from rcopy.extent import Extent
 from rcopy.snapshot.thin import pool_device
@@ -74,7 +74,7 @@ def candidates(old: lvm.LV, new: lvm.LV) -> list[Extent]:
 
 
 class ThinChanges:
-    """Implements rcopy.engine.ports.ChangeSource for thin snapshots."""
+    """Implements rcopy.ports.ChangeSource for thin snapshots."""
 
     def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
         a, b = lvm.by_path(old.path), lvm.by_path(new.path)

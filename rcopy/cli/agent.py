@@ -10,7 +10,7 @@ def register(sub):
 
 
 def do_agent(args):
-    from rcopy.cli.common import open_store
-    from rcopy.transport.agent import serve
+    from rcopy.app.agent import serve
+    from rcopy.app.session import open_store
 
     return serve(open_store(), sys.stdin, sys.stdout)

@@ -14,8 +14,8 @@ def register(sub):
 
 
 def do_daemon(args):
-    from rcopy.cli.common import open_store, run_sync
-    from rcopy.daemon.service import Service
+    from rcopy.app.service import Service
+    from rcopy.app.session import open_store, run_sync
     from rcopy.engine.states import Event
     from rcopy.state import Store
 

@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 def changed_extents(old_path: str, new_path: str, block_size: int):
     """(backend, extents): the pure part of the command, beside its printing (borg's habit)."""
-    from rcopy.changes.select import change_source_for
+    from rcopy import backends
     from rcopy.snapshot.select import snapshot_at
 
     if block_size < 512 or block_size & (block_size - 1):
@@ -34,7 +34,7 @@ def changed_extents(old_path: str, new_path: str, block_size: int):
     if old.backend != "file" and old.origin != new.origin:
         raise Refused(f"{old_path} and {new_path} are snapshots of different volumes "
                       f"({old.origin}, {new.origin})")
-    return old.backend, list(change_source_for(old.backend).changed(old, new, block_size=block_size))
+    return old.backend, list(backends.get(old.backend).changes.changed(old, new, block_size=block_size))
 
 
 def run(args) -> int:

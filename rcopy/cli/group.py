@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 from rcopy import backends
-from rcopy.cli.common import connect, launch, open_store
+from rcopy.app import session
+from rcopy.app.session import connect, open_store
+from rcopy.cli.common import start_sync
 from rcopy.engine.names import snapshot_name, volume_name
-from rcopy.engine.snapshots import delete_named
 from rcopy.engine.states import Event, transition
 from rcopy.errors import AlreadyExists, NotFound, Refused, UsageError
 from rcopy.model import Group, VolumePair, VolumeState, check_name, parse_period, parse_policies
@@ -95,8 +96,7 @@ def do_remove(args):
 
 
 def _delete_base(g: Group, vols):
-    for v in vols:
-        delete_named(backends.snapshotter_for, v.local, snapshot_name(g.name, v.name, "P", g.generation))
+    backends.delete([(v.backend, v.local, snapshot_name(g.name, v.name, "P", g.generation)) for v in vols])
 
 
 def do_admit(args):
@@ -110,13 +110,14 @@ def do_admit(args):
         raise Refused(f"group {g.name} replicates to {g.target}, not {target}")
     if args.create:
         raise Refused("--create is not available yet: create the secondary on the target and admit it")
-    local = os.path.abspath(args.local) if backends.is_regular_file(args.local) else args.local
+    local = os.path.abspath(args.local) if os.path.isfile(args.local) else args.local
     if not os.path.exists(local):
         raise NotFound(f"volume {args.local} not found: check the path")
-    other = store.volume_by_local(local)
+    probe = backends.probe(local)                 # refuses what rcopy cannot snapshot; decided once, here
+    other = store.volume_by_local(local, probe.identity)
     if other:
-        raise AlreadyExists(f"{local} is already in group {other.group}: dismiss it there first")
-    backends.snapshotter_for(local)              # refuses what rcopy cannot snapshot
+        alias = "" if other.local == local else f" (as {other.local}: the same device)"
+        raise AlreadyExists(f"{local} is already in group {other.group}{alias}: dismiss it there first")
     size = backends.volume_size(local)
     name = volume_name(local)
     if any(v.name == name for v in store.volumes(g.name)):
@@ -124,15 +125,16 @@ def do_admit(args):
     state = VolumeState.SYNCED if args.nosync else VolumeState.NEW
     with store.lock(g.name, "a sync"), connect(store, g.target) as peer:
         peer.call("admit", group=g.name, path=remote, remote=local, size=size, nosync=args.nosync, force=args.force)
-        store.add_volume(VolumePair(g.name, name, local, remote, size, state=state))
-    print(f"{local} admitted to group {g.name} with secondary {g.target}:{remote} ({size} bytes)")
+        store.add_volume(VolumePair(g.name, name, local, remote, size, state=state, backend=probe.kind,
+                                    device_id=probe.identity))
+    print(f"{local} admitted to group {g.name} with secondary {g.target}:{remote} ({size} bytes, {probe.kind})")
 
 
 def do_dismiss(args):
     store = open_store()
     g = store.group(args.group)
     transition(g, Event.ADMIT)
-    local = os.path.abspath(args.local) if backends.is_regular_file(args.local) else args.local
+    local = os.path.abspath(args.local) if os.path.isfile(args.local) else args.local
     v = store.volume_by_local(local)
     if v is None or v.group != g.name:
         raise NotFound(f"{args.local} is not in group {g.name}: see 'rcopy status groups {g.name}'")
@@ -146,12 +148,13 @@ def do_dismiss(args):
 
 def do_start(args):
     store = open_store()
-    return launch(store, args.group, event=Event.START, wait=args.wait)
+    return start_sync(store, args.group, event=Event.START, wait=args.wait)
 
 
 def do_stop(args):
     store = open_store()
     with store.lock(args.group, "a sync"):
+        session.settle(store, args.group)
         g = transition(store.group(args.group), Event.STOP)
         store.put_group(g)
     print(f"group {g.name} stopped")

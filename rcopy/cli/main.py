@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="rcopy: %(levelname)s %(name)s: %(message)s")
     try:
+        from rcopy.app.session import unwind_on_signals
+        unwind_on_signals()
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.state_dir:

@@ -5,9 +5,13 @@
 GROUP = ``{name, target, role, mode, period (seconds or null), policies [..], state, reason, alert,
 sync_point {generation, id} (generation 0: never synced), syncing (bool), syncing_generation,
 last_sync_start, last_sync_end (Unix seconds, 0: never), next_sync (Unix seconds of the next
-periodic sync, null: on demand only), volumes [VOLUME...]}``,
-VOLUME = ``{name, local, remote, size, state, percent (while syncing), bytes_done, bytes_total,
-last_sync, bytes_sent (by the last completed sync), full_reason ("" for a delta)}``,
+periodic sync, null: on demand only), last_sync REPORT ({} before the first), volumes [VOLUME...]}``,
+REPORT = ``{generation, seconds, bytes_sent, phases {begin, cut, send, commit} (seconds; send includes
+change detection), commands (external commands this system ran), commands_by_tool {tool: n},
+peer_commands (the backup's), volumes {name: {bytes_sent, full_reason}}, plan [executed actions]}``,
+VOLUME = ``{name, local, remote, size, backend (thin, cow, file), state, percent (while syncing),
+bytes_done, bytes_total, last_sync, bytes_sent (by the last completed sync), full_reason ("" for a
+delta)}``,
 TARGET = ``{name, agent, links [{address, state}]}``. ``status links`` prints only targets' links.
 """
 from __future__ import annotations
@@ -15,8 +19,9 @@ from __future__ import annotations
 import os
 import time
 
-from rcopy.cli.common import open_store, print_json
-from rcopy.daemon.scheduler import next_start
+from rcopy.app.session import open_store
+from rcopy.cli.common import print_json
+from rcopy.engine.schedule import next_start
 from rcopy.model import format_period
 
 
@@ -47,6 +52,7 @@ def group_dict(store, g) -> dict:
         if state == "syncing" and not live:
             state = "syncing-interrupted"
         vols.append({"name": v.name, "local": v.local, "remote": v.remote, "size": v.size, "state": state,
+                     "backend": v.backend,
                      "percent": v.percent, "bytes_done": v.bytes_done, "bytes_total": v.bytes_total,
                      "last_sync": v.last_sync, "bytes_sent": v.bytes_sent, "full_reason": v.full_reason})
     reason = g.reason
@@ -57,7 +63,8 @@ def group_dict(store, g) -> dict:
             "policies": sorted(g.policies), "state": g.state.value, "reason": reason, "alert": g.alert,
             "sync_point": {"generation": g.generation, "id": g.sync_id}, "syncing": live,
             "syncing_generation": g.pending_generation, "last_sync_start": g.last_sync_start,
-            "last_sync_end": g.last_sync_end, "next_sync": _next(g), "volumes": vols}
+            "last_sync_end": g.last_sync_end, "next_sync": _next(g), "last_sync": store.report(g.name),
+            "volumes": vols}
 
 
 def _next(g) -> float | None:
@@ -98,6 +105,12 @@ def do_status(args):
         line += f"  sync point {sp['generation']}" + (f" (syncing {g['syncing_generation']})" if g["syncing"] else "")
         print(line + f"  last sync {_when(g['last_sync_end'])}"
               + (f"  next {_when(g['next_sync'])}" if g["next_sync"] else ""))
+        rep = g["last_sync"]
+        if rep:
+            phases = " ".join(f"{k} {v:.1f}" for k, v in rep.get("phases", {}).items())
+            print(f"  last sync: point {rep.get('generation')}, {rep.get('seconds', 0):.1f} s ({phases}), "
+                  f"{rep.get('bytes_sent', 0)} bytes sent, commands here {rep.get('commands', '-')}, "
+                  f"on {g['target']} {rep.get('peer_commands', '-')}")
         if g["alert"]:
             print(f"  ALERT: {g['alert']}")
         print(f"  {'volume':<16} {'local':<28} {'remote':<28} {'state':<12} {'last sync':<19} {'sent':>12}  note")

@@ -1,7 +1,8 @@
 """``rcopy sync GROUP [--wait] [--full] [--dry-run]``: resync now (3PAR syncrcopy)."""
 from __future__ import annotations
 
-from rcopy.cli.common import launch, open_store
+from rcopy.app.session import open_store, plan
+from rcopy.cli.common import start_sync
 from rcopy.engine.plan import render
 from rcopy.engine.states import Event
 
@@ -11,7 +12,8 @@ def register(sub):
     p.add_argument("group")
     p.add_argument("--wait", action="store_true", help="wait for the sync, showing progress")
     p.add_argument("--full", action="store_true", help="send every volume whole")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (per volume: delta or full, and why) and change nothing")
     p.set_defaults(func=do_sync)
 
 
@@ -19,7 +21,6 @@ def do_sync(args):
     store = open_store()
     full = "full sync requested by the administrator" if args.full else ""
     if args.dry_run:
-        from rcopy.cli.common import driver
-        print(render(driver(store, None).plan(args.group, full=full)))
+        print(render(plan(store, args.group, full=full)))
         return 0
-    return launch(store, args.group, event=Event.SYNC, full=full, wait=args.wait)
+    return start_sync(store, args.group, event=Event.SYNC, full=full, wait=args.wait)

@@ -1,7 +1,8 @@
 """``rcopy target create|remove|list``: the peer systems this one replicates to (3PAR creatercopytarget)."""
 from __future__ import annotations
 
-from rcopy.cli.common import open_store, print_json
+from rcopy.app.session import open_store
+from rcopy.cli.common import print_json
 from rcopy.model import Target, check_name
 
 

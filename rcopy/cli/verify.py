@@ -3,7 +3,8 @@ the last sync point, and report any difference (exit 15 when one differs)."""
 from __future__ import annotations
 
 from rcopy import backends
-from rcopy.cli.common import connect, open_store, print_json
+from rcopy.app.session import connect, open_store
+from rcopy.cli.common import print_json
 from rcopy.engine.names import snapshot_name
 from rcopy.errors import NotFound, Refused, SyncFailed
 
@@ -24,7 +25,7 @@ def do_verify(args):
     with store.lock(g.name, "a sync"), connect(store, g.target) as peer:
         remote = peer.call("hash", group=g.name)
         for v in store.volumes(g.name):
-            snapper = backends.snapshotter_for(v.local)
+            snapper = backends.get(v.backend).snapshotter
             name = snapshot_name(g.name, v.name, "P", g.generation)
             snap = snapper.find(v.local, name)
             if snap is None:

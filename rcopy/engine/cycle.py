@@ -1,8 +1,11 @@
 """The sync cycle as pure functions: what to do for a sync, an abort, a reconcile after a restart.
 
-Inputs are model values plus facts the driver looked up (does P(n) exist and is it valid? what does
-the peer hold?); outputs are plans (lists of rcopy.engine.plan actions). Nothing here does I/O, so every
-rule of design.md §2.3-2.5 is a unit test (tests/unit/test_engine*.py). DESIGN.md explains the order.
+Inputs are model values plus facts looked up beforehand: on the primary whether each P(n) exists and is
+usable, from the backup its view of the group (``PeerView``: its sync point and which secondaries it
+holds at it, answered by the agent's ``status`` or ``begin``). Outputs are plans (lists of
+rcopy.engine.plan actions): the plan decides delta or full for every volume, and the driver only
+executes it, so ``rcopy sync --dry-run`` prints exactly what a sync does. Nothing here does I/O.
+DESIGN.md explains the order.
 """
 from __future__ import annotations
 
@@ -20,23 +23,34 @@ def new_sync_id() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PeerView:
-    """What the backup reports about a group (agent op ``status``)."""
+    """What the backup reports about a group (agent ops ``status`` and ``begin``)."""
 
     generation: int = 0
     sync_id: str = ""
     pending_generation: int = 0
     pending_id: str = ""
     exists: bool = True
+    volumes: dict = dataclasses.field(default_factory=dict)   # secondary path -> its volume state
 
     @classmethod
     def from_dict(cls, d: dict) -> "PeerView":
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
+    def holds(self, generation: int, sync_id: str, remote: str) -> bool:
+        """Does the backup hold sync point (generation, sync_id) on secondary ``remote``? A delta is
+        applied only then (design §4: a blind apply is how peers corrupt replicas)."""
+        return (generation > 0 and self.generation == generation and self.sync_id == sync_id
+                and self.volumes.get(remote) == VolumeState.SYNCED.value)
 
-def base_problem(g: Group, v: VolumePair, base_state: str | None, *, full: str = "") -> str:
+
+def _snap(g: Group, v: VolumePair, kind: str, generation: int) -> tuple[str, str, str]:
+    return (v.backend, v.local, snapshot_name(g.name, v.name, kind, generation))
+
+
+def base_problem(g: Group, v: VolumePair, base_state: str | None, peer: PeerView, *, full: str = "") -> str:
     """Why volume ``v`` cannot be sent as a delta from P(n), or "" when it can.
 
-    ``base_state``: None when P(n) exists and is usable, else the driver's words for what is wrong.
+    ``base_state``: None when P(n) exists and is usable here, else the words for what is wrong.
     """
     if full:
         return full
@@ -44,42 +58,51 @@ def base_problem(g: Group, v: VolumePair, base_state: str | None, *, full: str =
         return "initial sync"
     if v.state in (VolumeState.NEW, VolumeState.NOT_SYNCED, VolumeState.FAILED, VolumeState.STALE) or not v.last_sync:
         return f"volume was {v.state.value}, not synced at sync point {g.generation}"
-    return base_state or ""
+    if base_state:
+        return base_state
+    if not peer.holds(g.generation, g.sync_id, v.remote):
+        return (f"the backup does not hold sync point {g.generation} on {v.remote} "
+                f"(it holds {peer.generation or 'none'})")
+    return ""
+
+
+def plan_begin(g: Group, volumes: list[VolumePair], generation: int, sync_id: str) -> list[P.Action]:
+    """The first steps of sync point ``generation``; the backup's answer to PeerBegin feeds plan_sync."""
+    return [P.RecordBegin(g.name, generation, sync_id),
+            P.PeerBegin(g.name, generation, sync_id, g.generation, g.sync_id, tuple(v.remote for v in volumes))]
 
 
 def plan_sync(g: Group, volumes: list[VolumePair], generation: int, sync_id: str,
-              base_states: dict[str, str | None], *, full: str = "") -> list[P.Action]:
-    """The plan of sync point ``generation`` (= g.generation + 1): design.md §2.3 steps (a)-(d).
+              base_states: dict[str, str | None], peer: PeerView, *, full: str = "") -> list[P.Action]:
+    """The whole plan of sync point ``generation`` (= g.generation + 1): design §2.3 steps (a)-(d).
 
-    ``base_states`` maps volume name -> None (P(n) usable) or the reason it is not. ``full`` forces a
-    full sync of every volume with that reason (``rcopy sync --full``).
+    ``base_states`` maps volume name -> None (P(n) usable) or the reason it is not; ``peer`` is the
+    backup's view. ``full`` forces a full sync of every volume with that reason (``sync --full``).
     """
     n = g.generation
-    plan: list[P.Action] = [
-        P.RecordBegin(g.name, generation, sync_id),
-        P.PeerBegin(g.name, generation, sync_id, n, g.sync_id, tuple(v.remote for v in volumes)),
-        P.Cut(tuple((v.local, snapshot_name(g.name, v.name, "P", generation)) for v in volumes)),
-    ]
+    plan = plan_begin(g, volumes, generation, sync_id)
+    plan.append(P.Cut(tuple(_snap(g, v, "P", generation) for v in volumes)))
     for v in volumes:
         source = snapshot_name(g.name, v.name, "P", generation)
         if n == 0 and v.state is VolumeState.SYNCED and not full:
-            plan.append(P.Send(v.name, v.local, v.remote, source, None, "admitted with --nosync", skip=True))
+            plan.append(P.Send(v.name, v.local, v.remote, v.backend, v.size, source, None,
+                               "admitted with --nosync", skip=True))
             continue
-        why = base_problem(g, v, base_states.get(v.name), full=full)
+        why = base_problem(g, v, base_states.get(v.name), peer, full=full)
         base = None if why else snapshot_name(g.name, v.name, "P", n)
-        plan.append(P.Send(v.name, v.local, v.remote, source, base, why))
+        plan.append(P.Send(v.name, v.local, v.remote, v.backend, v.size, source, base, why))
     plan += [P.PeerCommit(g.name, generation, sync_id), P.Commit(g.name, generation, sync_id)]
     if n:
-        plan += [P.DeleteSnapshot(v.local, snapshot_name(g.name, v.name, "P", n)) for v in volumes]
+        plan.append(P.DeleteSnapshots(tuple(_snap(g, v, "P", n) for v in volumes)))
     return plan
 
 
 def plan_abort(g: Group, volumes: list[VolumePair], generation: int, sync_id: str, reason: str,
-               *, peer: bool = True) -> list[P.Action]:
+               *, peer: bool = True, link: bool = False) -> list[P.Action]:
     """Undo an uncommitted sync: the backup rolls back (R(n) promoted), P(n+1) goes, P(n) stays."""
     plan: list[P.Action] = [P.PeerAbort(g.name, generation, sync_id, reason)] if peer else []
-    plan += [P.DeleteSnapshot(v.local, snapshot_name(g.name, v.name, "P", generation)) for v in volumes]
-    plan.append(P.Abort(g.name, reason))
+    plan.append(P.DeleteSnapshots(tuple(_snap(g, v, "P", generation) for v in volumes)))
+    plan.append(P.Abort(g.name, reason, link))
     return plan
 
 
@@ -98,7 +121,7 @@ def reconcile(g: Group, volumes: list[VolumePair], peer: PeerView) -> list[P.Act
         if peer.generation == p and peer.sync_id == pid:
             plan.append(P.Commit(g.name, p, pid))
             if g.generation:
-                plan += [P.DeleteSnapshot(v.local, snapshot_name(g.name, v.name, "P", g.generation)) for v in volumes]
+                plan.append(P.DeleteSnapshots(tuple(_snap(g, v, "P", g.generation) for v in volumes)))
             return plan
         reason = f"sync point {p} was interrupted (found in flight after a restart); the backup kept sync point {peer.generation}"
         return plan_abort(g, volumes, p, pid, reason, peer=bool(peer.pending_generation))
@@ -106,7 +129,7 @@ def reconcile(g: Group, volumes: list[VolumePair], peer: PeerView) -> list[P.Act
         plan.append(P.PeerAbort(g.name, peer.pending_generation, peer.pending_id,
                                 "the primary has no sync in flight"))
     if g.generation > 1:
-        plan += [P.DeleteSnapshot(v.local, snapshot_name(g.name, v.name, "P", g.generation - 1)) for v in volumes]
+        plan.append(P.DeleteSnapshots(tuple(_snap(g, v, "P", g.generation - 1) for v in volumes)))
     if g.generation and (peer.generation, peer.sync_id) != (g.generation, g.sync_id):
         plan.append(P.Note(f"the backup holds sync point {peer.generation} ({peer.sync_id or '-'}), not "
                            f"{g.generation} ({g.sync_id}): the next sync will be full"))

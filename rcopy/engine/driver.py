@@ -1,37 +1,42 @@
 """Executes the engine's plans through the ports: the only place where a sync actually happens.
 
 The driver is handed everything (zrepl's driver over interfaces): the Store, a Peer (the backup's agent
-over the control channel, rcopy.transport.peer), ``snapshotter_for(path)``, ``changes_for(snapshotter)``,
-``full_extents(snapshot)`` and a Sender. It never imports rcopy.sys. Order and crash windows are in
-DESIGN.md; the short version: record in flight -> backup R(n) + exports -> cut P(n+1) -> send (up to 20
-volumes at once) -> backup commits (durable) -> we commit -> delete P(n). Any failure before the backup's
-commit aborts: the backup promotes R(n), we delete P(n+1), the group is stopped with the reason.
+over the control channel), ``backend(kind)`` giving each back-end's snapshotter, change source and full
+scan, a ``cut`` across back-ends, and a Sender. It never imports rcopy.sys and never decides: the plan
+(cycle.plan_sync, made after the backup answered ``begin``) says delta or full for every volume, and
+the driver executes it. Order and crash windows are in DESIGN.md; the short version: record in flight
+-> backup R(n) + exports -> ONE cut of P(n+1) -> send (up to 20 volumes at once, extents flowing lazily
+from detection to the wire) -> backup commits (durable) -> we commit -> delete P(n). Any failure before
+the backup's commit aborts: the backup promotes R(n), we delete P(n+1), the group is stopped with the
+reason.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import logging
-import os
 import threading
 import time
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
+from rcopy import faults
 from rcopy.engine import cycle
 from rcopy.engine import plan as P
-from rcopy.engine.names import parse, snapshot_name
-from rcopy.engine.snapshots import cut_by_backend, delete_named
-from rcopy.engine.ports import ChangeSource, ExportInfo, Sender, Snapshot, Snapshotter
+from rcopy.engine.names import parse
+from rcopy.ports import Backend, ExportInfo, Sender, Snapshot
 from rcopy.engine.states import Event, transition
 from rcopy.errors import RcopyError, SyncFailed
 from rcopy.extent import Extent
-from rcopy.model import Group, GroupState, VolumePair
+from rcopy.model import Group, VolumePair
 
 log = logging.getLogger("rcopy.engine")
 
 MAX_IN_FLIGHT = 20          # volumes syncing at once per system (3PAR's figure)
 _SLOTS = threading.BoundedSemaphore(MAX_IN_FLIGHT)   # shared by every group this process syncs
 HEARTBEAT = 5.0             # seconds between pings to the agent during the data phase
+PHASES = ("begin", "cut", "send", "commit")
 
 
 class Peer(Protocol):
@@ -66,17 +71,19 @@ class SyncReport:
     generation: int
     volumes: dict[str, tuple[int, str]]      # name -> (bytes sent, full reason or "")
     seconds: float
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)   # PHASES -> seconds
+    peer_commands: int | None = None         # external commands the backup ran for this sync
+    plan: list[str] = dataclasses.field(default_factory=list)           # the executed plan, rendered
 
     @property
     def bytes_sent(self) -> int:
         return sum(b for b, _ in self.volumes.values())
 
-
-def _fault(point: str):
-    """Test hook: RCOPY_FAULT=<point> kills this process at that point (tests of the crash windows)."""
-    if os.environ.get("RCOPY_FAULT") == point:
-        log.warning("RCOPY_FAULT=%s: exiting here on purpose", point)
-        os._exit(99)
+    def as_dict(self) -> dict:
+        return {"generation": self.generation, "seconds": round(self.seconds, 3), "bytes_sent": self.bytes_sent,
+                "phases": {k: round(v, 3) for k, v in self.phases.items()}, "peer_commands": self.peer_commands,
+                "volumes": {n: {"bytes_sent": b, "full_reason": r} for n, (b, r) in self.volumes.items()},
+                "plan": self.plan}
 
 
 @dataclasses.dataclass
@@ -84,19 +91,30 @@ class _Run:
     """What a running plan learned so far."""
 
     exports: dict[str, ExportInfo] = dataclasses.field(default_factory=dict)   # remote -> export
-    base_ok: dict[str, bool] = dataclasses.field(default_factory=dict)         # remote -> backup holds base
+    view: cycle.PeerView = dataclasses.field(default_factory=cycle.PeerView)   # the backup's facts
     snaps: dict[str, Snapshot] = dataclasses.field(default_factory=dict)       # name -> snapshot
     stats: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    done: list[P.Action] = dataclasses.field(default_factory=list)
+    peer_commands: int | None = None
     heartbeat: tuple[threading.Event, threading.Thread] | None = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - t0
 
 
 class Driver:
-    def __init__(self, store, peer: Peer, *, snapshotter_for: Callable[[str], Snapshotter],
-                 changes_for: Callable[[Snapshotter], ChangeSource],
-                 full_extents: Callable[[Snapshot], Iterable[Extent]], sender: Sender,
+    def __init__(self, store, peer: Peer, *, backend: Callable[[str], Backend],
+                 cut: Callable[[Sequence[tuple[str, str, str]]], list[Snapshot]],
+                 delete: Callable[[Iterable[tuple[str, str, str]]], int], sender: Sender,
                  progress: Progress | None = None, workers: int = MAX_IN_FLIGHT):
         self.store, self.peer = store, peer
-        self.snapshotter_for, self.changes_for, self.full_extents = snapshotter_for, changes_for, full_extents
+        self.backend, self.cut, self.delete = backend, cut, delete
         self.sender = sender
         self.progress = progress or _Quiet()
         self.workers = max(1, min(workers, MAX_IN_FLIGHT))
@@ -109,8 +127,8 @@ class Driver:
         if not g.generation:
             return out
         for v in volumes:
-            name = snapshot_name(g.name, v.name, "P", g.generation)
-            snapper = self.snapshotter_for(v.local)
+            _, _, name = cycle._snap(g, v, "P", g.generation)
+            snapper = self.backend(v.backend).snapshotter
             snap = snapper.find(v.local, name)
             if snap is None:
                 out[v.name] = f"base snapshot {name} is missing"
@@ -121,8 +139,10 @@ class Driver:
         return out
 
     def plan(self, name: str, *, full: str = "") -> list[P.Action]:
+        """What a sync of ``name`` would do now: the same facts, the same function as ``sync``."""
         g, vols = self.store.group(name), self.store.volumes(name)
-        return cycle.plan_sync(g, vols, g.generation + 1, "<new id>", self.base_states(g, vols), full=full)
+        view = cycle.PeerView.from_dict(self.peer.status(name))
+        return cycle.plan_sync(g, vols, g.generation + 1, "<new id>", self.base_states(g, vols), view, full=full)
 
     # -- reconcile ----------------------------------------------------------------------------------
     def reconcile(self, name: str) -> list[P.Action]:
@@ -137,45 +157,49 @@ class Driver:
     def sync(self, name: str, *, event: Event = Event.SYNC, full: str = "") -> SyncReport:
         """One sync point, start to commit. The caller holds the group lock and has reconciled."""
         t0 = time.monotonic()
-        g = self.store.group(name)
-        g = transition(g, event)
+        g = transition(self.store.group(name), event)
         self.store.put_group(g)
         vols = self.store.volumes(name)
         if not vols:
             raise SyncFailed(f"group {name} has no volumes: admit some with 'rcopy group admit'")
         generation, sync_id = g.generation + 1, cycle.new_sync_id()
-        actions = cycle.plan_sync(g, vols, generation, sync_id, self.base_states(g, vols), full=full)
         run = _Run()
-        split = next(i for i, a in enumerate(actions) if isinstance(a, P.PeerCommit))
         try:
             try:
-                self.execute(actions[:split], run)
+                with run.phase("begin"):
+                    bases = self.base_states(g, vols)
+                    self.execute(cycle.plan_begin(g, vols, generation, sync_id), run)
+                actions = cycle.plan_sync(g, vols, generation, sync_id, bases, run.view, full=full)
+                split = next(i for i, a in enumerate(actions) if isinstance(a, P.PeerCommit))
+                self.execute(actions[len(run.done):split], run)
             finally:
                 if run.heartbeat is not None:
                     run.heartbeat[0].set()
                     run.heartbeat[1].join()
         except (Exception, KeyboardInterrupt) as e:     # not SystemExit & co: a dying process aborts nothing
             reason = _reason(e, generation)
-            self._abort(g, vols, generation, sync_id, reason)
+            self._abort(g, vols, generation, sync_id, reason, link=isinstance(e, RcopyError) and e.kind == "link")
             if isinstance(e, RcopyError):
                 raise SyncFailed(f"group {name}: {reason}; the backup returns to sync point {g.generation}; "
                                  f"group stopped") from e
             raise
-        try:
-            self.execute(actions[split:split + 1], run)
-        except (Exception, KeyboardInterrupt) as e:
-            # The backup may or may not have committed: only asking it can tell. Keep everything (P(n),
-            # P(n+1), the record in flight) and let the next run's reconcile finish or undo the commit.
-            reason = (f"sync point {generation}: the backup's commit was not confirmed ({e}); "
-                      "the next run reconciles with the backup")
-            self.store.update_group(name, state=GroupState.STOPPED, reason=reason)
-            raise SyncFailed(f"group {name}: {reason}") from e
-        self.execute(actions[split + 1:], run)
-        return SyncReport(name, generation, run.stats, time.monotonic() - t0)
+        with run.phase("commit"):
+            try:
+                self.execute(actions[split:split + 1], run)
+            except (Exception, KeyboardInterrupt) as e:
+                # The backup may or may not have committed: only asking it can tell. Keep everything (P(n),
+                # P(n+1), the record in flight) and let the next run's reconcile finish or undo the commit.
+                reason = (f"sync point {generation}: the backup's commit was not confirmed ({e}); "
+                          "the next run reconciles with the backup")
+                self.store.put_group(transition(self.store.group(name), Event.SYNC_FAILED, reason))
+                raise SyncFailed(f"group {name}: {reason}") from e
+            self.execute(actions[split + 1:], run)
+        return SyncReport(name, generation, run.stats, time.monotonic() - t0, run.phases, run.peer_commands,
+                          P.lines(run.done))
 
-    def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str):
+    def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str, *, link: bool):
         log.info("group %s: aborting sync point %s: %s", g.name, generation, reason)
-        for a in cycle.plan_abort(g, vols, generation, sync_id, reason):
+        for a in cycle.plan_abort(g, vols, generation, sync_id, reason, link=link):
             try:
                 self.execute([a], _Run())
             except RcopyError as e:
@@ -192,36 +216,40 @@ class Driver:
         for a in actions:
             if isinstance(a, P.Send):
                 if a is sends[0]:
-                    self._send_all(sends, run)
+                    with run.phase("send"):
+                        self._send_all(sends, run)
+                    run.done += sends
                 continue
             log.info("%s", a.describe())
             getattr(self, "_do_" + a.kind)(a, run)
+            run.done.append(a)
 
     def _do_RecordBegin(self, a: P.RecordBegin, run):
         self.store.begin_sync(a.group, a.generation, a.sync_id)
-        _fault("after-record-begin")
+        faults.point("after-record-begin")
 
     def _do_PeerBegin(self, a: P.PeerBegin, run):
         res = self.peer.begin(a.group, a.generation, a.sync_id, a.base_generation, a.base_id,
                               list(a.remotes), self.peer.link)
+        run.view = cycle.PeerView.from_dict(res.get("view", {}))
         for remote, v in res["volumes"].items():
             run.exports[remote] = ExportInfo(**v["export"])
-            run.base_ok[remote] = bool(v["base"])
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(stop,), name="rcopy-heartbeat", daemon=True)
         beat.start()
         run.heartbeat = (stop, beat)
 
     def _do_Cut(self, a: P.Cut, run):
-        for origin, name in a.requests:         # a leftover of an aborted attempt is older than "now": drop it
-            delete_named(self.snapshotter_for, origin, name)
-        for snap in cut_by_backend(self.snapshotter_for, a.requests):
-            run.snaps[snap.name] = snap
-        _fault("after-cut")
+        with run.phase("cut"):
+            self.delete(a.requests)      # a leftover of an aborted attempt is older than "now": drop it
+            for snap in self.cut(a.requests):
+                run.snaps[snap.name] = snap
+        faults.point("after-cut")
 
     def _send_all(self, sends: list[P.Send], run: _Run):
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="rcopy-send") as pool:
-            futures = [pool.submit(self._send_one, a, run) for a in sends]
+            # each worker runs in a copy of this context: the caller's command ledger counts its commands
+            futures = [pool.submit(contextvars.copy_context().run, self._send_one, a, run) for a in sends]
             concurrent.futures.wait(futures)
             errors = [f.exception() for f in futures if f.exception()]
         if errors:
@@ -245,61 +273,77 @@ class Driver:
             run.stats[a.volume] = (0, a.reason)
             self.progress.finish(a.volume, 0, a.reason)
             return
-        snapper = self.snapshotter_for(a.origin)
-        source = run.snaps.get(a.source) or snapper.find(a.origin, a.source)
+        backend = self.backend(a.backend)
+        source = run.snaps.get(a.source)
         if source is None:
-            raise SyncFailed(f"snapshot {a.source} of {a.origin} vanished during the sync")
-        reason, base = a.reason, None
+            raise SyncFailed(f"snapshot {a.source} of {a.origin} was not taken by the cut")
         if a.base:
-            base = snapper.find(a.origin, a.base)
+            base = backend.snapshotter.find(a.origin, a.base)
             if base is None:
-                reason = f"base snapshot {a.base} vanished"
-            elif not run.base_ok.get(a.remote, False):
-                reason = f"the backup does not hold the base sync point of {a.base}"
-        if reason or base is None:
-            extents = list(self.full_extents(source))
-            reason = reason or "full sync"
+                raise SyncFailed(f"base snapshot {a.base} vanished during the sync: the next sync is full")
+            extents = backend.changes.changed(base, source)
         else:
-            extents = list(self.changes_for(snapper).changed(base, source))
-        total = sum(e.length for e in extents)
-        self.progress.start(a.volume, total)
+            extents = backend.full(source)
+        flow = _Position(extents)
+        self.progress.start(a.volume, a.size)
         last = [0.0]
 
-        def progress(done: int):
+        def progress(_sent: int):
+            done = flow.position
             self.progress.update(a.volume, done)
             now = time.monotonic()
             if now - last[0] >= 1.0:
                 last[0] = now
                 with self._db_mutex:
-                    self.store.progress(g, a.volume, done, total)
+                    self.store.progress(g, a.volume, done, a.size)
 
         with _SLOTS:
-            sent = self.sender.send(source.path, extents, run.exports[a.remote], progress=progress)
-        _fault("after-send")
+            sent = self.sender.send(source.path, flow, run.exports[a.remote], progress=progress)
+        faults.point("after-send")
         with self._db_mutex:
-            self.store.progress(g, a.volume, total, total)
-        run.stats[a.volume] = (sent, reason)
-        self.progress.finish(a.volume, sent, reason)
+            self.store.progress(g, a.volume, a.size, a.size)
+        run.stats[a.volume] = (sent, a.reason)
+        self.progress.finish(a.volume, sent, a.reason)
 
     def _do_PeerCommit(self, a: P.PeerCommit, run):
-        self.peer.commit(a.group, a.generation, a.sync_id)
-        _fault("after-peer-commit")
+        res = self.peer.commit(a.group, a.generation, a.sync_id) or {}
+        run.peer_commands = res.get("commands")
+        faults.point("after-peer-commit")
 
     def _do_Commit(self, a: P.Commit, run):
-        self.store.commit_sync(a.group, a.generation, a.sync_id, run.stats)
-        _fault("after-commit")
+        after = transition(self.store.group(a.group), Event.SYNC_DONE)
+        self.store.commit_sync(a.group, a.generation, a.sync_id, run.stats, state=after.state, reason=after.reason)
+        faults.point("after-commit")
 
     def _do_PeerAbort(self, a: P.PeerAbort, run):
         self.peer.abort(a.group, a.generation, a.sync_id, a.reason)
 
     def _do_Abort(self, a: P.Abort, run):
-        self.store.abort_sync(a.group, a.reason)
+        after = transition(self.store.group(a.group), Event.LINK_DOWN if a.link else Event.SYNC_FAILED, a.reason)
+        self.store.abort_sync(a.group, after.reason, state=after.state)
 
-    def _do_DeleteSnapshot(self, a: P.DeleteSnapshot, run):
-        delete_named(self.snapshotter_for, a.origin, a.name)
+    def _do_DeleteSnapshots(self, a: P.DeleteSnapshots, run):
+        self.delete(a.requests)
 
     def _do_Note(self, a: P.Note, run):
         log.warning("%s", a.text)
+
+
+class _Position:
+    """Passes extents through lazily and remembers how far into the volume they reached (progress
+    without materialising the list: a full sync of a large volume starts sending at once)."""
+
+    def __init__(self, extents: Iterable[Extent]):
+        self._it: Iterator[Extent] = iter(extents)
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Extent:
+        e = next(self._it)
+        self.position = e.offset + e.length
+        return e
 
 
 def _reason(e: BaseException, generation: int) -> str:
@@ -307,5 +351,5 @@ def _reason(e: BaseException, generation: int) -> str:
         what = "link lost" if e.kind == "link" else "failed"
         return f"sync point {generation} {what}: {e}"
     if isinstance(e, KeyboardInterrupt):
-        return f"sync point {generation} interrupted by the administrator"
+        return f"sync point {generation} interrupted (signal)"
     return f"sync point {generation} failed: {type(e).__name__}: {e}"

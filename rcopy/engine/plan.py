@@ -27,7 +27,7 @@ class RecordBegin(Action):
     sync_id: str
 
     def describe(self):
-        return f"record sync point {self.generation} ({self.sync_id}) of {self.group} as in flight"
+        return f"record sync point {self.generation} of {self.group} as in flight"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +47,11 @@ class PeerBegin(Action):
 
 @dataclasses.dataclass(frozen=True)
 class Cut(Action):
-    """Snapshot every primary volume at one instant."""
-    requests: tuple[tuple[str, str], ...]   # (origin path, snapshot name)
+    """Snapshot every primary volume at one instant, thin and thick in one suspension."""
+    requests: tuple[tuple[str, str, str], ...]   # (back-end, origin path, snapshot name)
 
     def describe(self):
-        return "cut: " + ", ".join(f"{o} -> {n}" for o, n in self.requests)
+        return "cut (one instant): " + ", ".join(f"{o} -> {n} ({b})" for b, o, n in self.requests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,8 @@ class Send(Action):
     volume: str
     origin: str
     remote: str
+    backend: str                # thin, cow or file: chosen at admit
+    size: int
     source: str                 # snapshot name of P(n+1)
     base: str | None            # snapshot name of P(n); None: full
     reason: str = ""            # why full (or why skipped)
@@ -90,7 +92,7 @@ class Commit(Action):
     sync_id: str
 
     def describe(self):
-        return f"commit sync point {self.generation} ({self.sync_id}) of {self.group} here"
+        return f"commit sync point {self.generation} of {self.group} here"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,18 +110,19 @@ class PeerAbort(Action):
 class Abort(Action):
     group: str
     reason: str
+    link: bool = False          # the cause was the link (auto_recover may retry), not the data
 
     def describe(self):
         return f"forget the sync in flight of {self.group}, stop it: {self.reason}"
 
 
 @dataclasses.dataclass(frozen=True)
-class DeleteSnapshot(Action):
-    origin: str
-    name: str
+class DeleteSnapshots(Action):
+    """Delete snapshots that exist (missing ones are skipped), batched per back-end."""
+    requests: tuple[tuple[str, str, str], ...]   # (back-end, origin path, snapshot name)
 
     def describe(self):
-        return f"delete snapshot {self.name} of {self.origin} (if it exists)"
+        return "delete (if they exist): " + ", ".join(n for _, _, n in self.requests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,5 +134,9 @@ class Note(Action):
         return self.text
 
 
+def lines(plan: list[Action]) -> list[str]:
+    return [f"{i}. {a.describe()}" for i, a in enumerate(plan, 1)]
+
+
 def render(plan: list[Action]) -> str:
-    return "\n".join(f"{i:2d}. {a.describe()}" for i, a in enumerate(plan, 1))
+    return "\n".join(lines(plan))

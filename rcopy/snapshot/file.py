@@ -13,8 +13,9 @@ import os
 import stat
 from typing import Sequence
 
-from rcopy.engine.ports import Snapshot
+from rcopy.ports import Snapshot
 from rcopy.errors import DeviceError, NotFound
+from rcopy.snapshot.cut import CutPart, take
 from rcopy.sys.run import run
 
 BACKEND = "file"
@@ -85,24 +86,35 @@ def _fsync_dir(path: str):
 
 
 class FileSnapshotter:
-    """Implements rcopy.engine.ports.Snapshotter for regular files. Every method is idempotent."""
+    """Implements rcopy.ports.Snapshotter for regular files. Every method is idempotent."""
 
     backend = BACKEND
 
     def _path(self, origin: str, name: str) -> str:
         return os.path.join(os.path.dirname(os.path.abspath(origin)), name)
 
+    def existing(self, requests: Sequence[tuple[str, str]]) -> list[Snapshot] | None:
+        snaps = [self.find(origin, name) for origin, name in requests]
+        return snaps if all(snaps) else None
+
     def cut(self, requests: Sequence[tuple[str, str]]) -> list[Snapshot]:
-        out = []
-        for origin, name in requests:
-            path = self._path(origin, name)
-            if not os.path.exists(path):
+        """Snapshot (origin, name) pairs of this back-end alone at one instant (idempotent)."""
+        return take([(self, requests)])
+
+    def prepare(self, requests: Sequence[tuple[str, str]]) -> CutPart:
+        """Copies are taken "inside" the cut (nothing to suspend: the simulator's tests do not write
+        during a cut); a leftover copy of an interrupted cut is replaced."""
+        out: list[Snapshot] = []
+
+        def take():
+            for origin, name in requests:
+                path = self._path(origin, name)
                 tmp = path + ".tmp"
                 _copy(origin, tmp)
                 os.rename(tmp, path)
                 _fsync_dir(path)
-            out.append(Snapshot(origin, name, path, BACKEND))
-        return out
+                out.append(Snapshot(origin, name, path, BACKEND))
+        return CutPart([], take, lambda: out)
 
     def find(self, origin: str, name: str) -> Snapshot | None:
         path = self._path(origin, name)
@@ -113,6 +125,10 @@ class FileSnapshotter:
             return os.path.getsize(snap.path) == os.path.getsize(snap.origin)
         except OSError:
             return False
+
+    def delete_all(self, snaps: Sequence[Snapshot]) -> None:
+        for snap in snaps:
+            self.delete(snap)
 
     def delete(self, snap: Snapshot) -> None:
         try:

@@ -1,17 +1,19 @@
-"""What the thin and the classic (cow) LVM snapshot back-ends share: resolving origins, the cut with
-its idempotency rules, find, delete, and rollback by ``lvconvert --merge``.
+"""What the thin and the classic (cow) LVM snapshot back-ends share: resolving origins, the cut's
+idempotency rules, find, delete, and rollback by ``lvconvert --merge``.
 
-A back-end subclass says how to create one snapshot (``_create``), which origins it accepts
-(``_accepts``) and how to judge validity. Snapshots live in the origin's VG under the engine-chosen name.
+A back-end subclass says how to prepare and take its share of a group cut (``_part``), which origins
+it accepts (``_accepts``) and how to judge validity. Snapshots live in the origin's VG under the
+engine-chosen name. Every question goes through ``lvm.lvs``, which a caller may batch into one report
+per VG (``lvm.reports()``).
 """
 from __future__ import annotations
 
 import logging
 from typing import Sequence
 
-from rcopy.engine.ports import Snapshot
+from rcopy.ports import Snapshot
 from rcopy.errors import Busy, Refused
-from rcopy.snapshot.cut import group_cut
+from rcopy.snapshot.cut import CutPart, take
 from rcopy.sys import lvm, udev
 
 log = logging.getLogger("rcopy.snapshot")
@@ -25,7 +27,7 @@ class LvmSnapshotter:
     def _accepts(self, origin: lvm.LV) -> bool:
         raise NotImplementedError
 
-    def _create(self, origin: lvm.LV, name: str) -> lvm.LV:
+    def _part(self, origins: list[lvm.LV], names: list[str]) -> CutPart:
         raise NotImplementedError
 
     def _is_ours(self, lv: lvm.LV) -> bool:
@@ -34,6 +36,9 @@ class LvmSnapshotter:
     def _complete(self, lv: lvm.LV) -> bool:
         """False for a snapshot left half-made by an interrupted cut."""
         return True
+
+    def _before_cut(self, origin: lvm.LV) -> None:
+        """Hook: wait for anything that forbids a new snapshot of ``origin``."""
 
     # -- Snapshotter -------------------------------------------------------------------------------
     def origin(self, path: str) -> lvm.LV:
@@ -52,47 +57,57 @@ class LvmSnapshotter:
             return None
         return self._snapshot(o, lv)
 
+    def existing(self, requests: Sequence[tuple[str, str]]) -> list[Snapshot] | None:
+        """The snapshots when every one of ``requests`` exists and is complete (a cut already done)."""
+        out = []
+        for path, name in requests:
+            o = self.origin(path)
+            lv = lvm.get(o.vg, name)
+            if lv is None or not self._is_ours(lv) or lv.origin not in (o.name, "") or not self._complete(lv):
+                return None
+            out.append(self._snapshot(o, lv))
+        return out
+
     def cut(self, requests: Sequence[tuple[str, str]]) -> list[Snapshot]:
-        """Snapshot all (origin, name) at one instant. If all exist already: return them (idempotent).
-        If only some exist, or not all are complete (a cut interrupted by a crash), they are from
-        another instant: remove them and cut again, since a mixed set is not crash-consistent."""
+        """Snapshot (origin, name) pairs of this back-end alone at one instant (idempotent)."""
+        return take([(self, requests)])
+
+    def prepare(self, requests: Sequence[tuple[str, str]]) -> CutPart:
+        """Everything before the suspension. Any existing snapshot of these names is from another
+        instant (an interrupted cut): it is removed, since a mixed set is not crash-consistent."""
         origins = [self.origin(path) for path, _ in requests]
-        for (_, name), o in zip(requests, origins):
-            lvm.check_name(name)
-        existing = [lvm.get(o.vg, name) for o, (_, name) in zip(origins, requests)]
-        if all(lv is not None and self._complete(lv) for lv in existing):
-            return [self.find(o.path, name) or self._foreign(o, name) for o, (_, name) in zip(origins, requests)]
-        for o, lv in zip(origins, existing):
+        names = [lvm.check_name(name) for _, name in requests]
+        stale = []
+        for o, name in zip(origins, names):
+            lv = lvm.get(o.vg, name)
             if lv is None:
                 continue
             if not self._is_ours(lv) or lv.origin not in (o.name, ""):
-                self._foreign(o, lv.name)
+                self._foreign(o, name)
             log.warning("removing %s: left by an interrupted cut, not consistent with the new one", lv.full_name)
-            lvm.remove(lv.vg, lv.name)
+            stale.append((lv.vg, lv.name))
+        lvm.remove_all(stale)
         for o in origins:
             self._before_cut(o)
-        made = self._take(origins, [name for _, name in requests])
+        return self._part(origins, names)
+
+    def _finished(self, origins: list[lvm.LV], made: list[lvm.LV]) -> list[Snapshot]:
         snaps = []
         for o, lv in zip(origins, made):
             udev.wait_for(lv.path)
             snaps.append(self._snapshot(o, lv))
         return snaps
 
-    def _take(self, origins: list[lvm.LV], names: list[str]) -> list[lvm.LV]:
-        """Create the snapshots inside one group cut (rcopy.snapshot.cut); returns them active."""
-        return group_cut([o.dm_name for o in origins],
-                         lambda: [self._create(o, name) for o, name in zip(origins, names)])
-
     def _foreign(self, origin: lvm.LV, name: str):
         raise Refused(f"{origin.vg}/{name} exists and is not a {self.kind} snapshot of {origin.full_name}: "
                       f"remove or rename it")
 
-    def _before_cut(self, origin: lvm.LV) -> None:
-        """Hook: wait for anything that forbids a new snapshot of ``origin``."""
-
     def delete(self, snap: Snapshot) -> None:
-        vg = lvm.by_path(snap.origin).vg
-        lvm.remove(vg, snap.name)
+        self.delete_all([snap])
+
+    def delete_all(self, snaps: Sequence[Snapshot]) -> None:
+        """Remove the snapshots with one lvremove (missing ones are skipped)."""
+        lvm.remove_all([(lvm.by_path(s.origin).vg, s.name) for s in snaps])
 
     def rollback(self, snap: Snapshot) -> None:
         """Merge the snapshot into its origin; the origin keeps its name and path. A snapshot already

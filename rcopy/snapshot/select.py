@@ -1,48 +1,34 @@
-"""Pick the snapshot back-end for a volume: thin LV -> thin, thick LV -> cow (dm-snapshot), regular
-file -> the file simulator. Anything else is refused: rcopy snapshots only what it can cut."""
+"""Which snapshot back-end a device needs: thin LV -> thin, thick LV -> cow (dm-snapshot), regular
+file -> the file simulator. Asked once, when a volume is admitted (rcopy.backends.probe); anything else
+is refused: rcopy snapshots only what it can cut."""
 from __future__ import annotations
 
 import os
 
-from rcopy.engine.ports import Snapshot, Snapshotter
+from rcopy.ports import Snapshot
 from rcopy.errors import NotFound, Refused
 from rcopy.sys import lvm, udev
 
 
-def backend_name(path: str) -> str:
-    """'thin', 'cow' or 'file' for the volume at ``path``."""
+def backend_name(path: str) -> tuple[str, str]:
+    """('thin' | 'cow' | 'file', stable identity) of the volume at ``path``.
+
+    The identity names the device whatever path reaches it: ``lv:UUID`` for an LV (survives renames),
+    ``file:DEV:INODE`` for a regular file.
+    """
     if not os.path.exists(path):
         raise NotFound(f"volume {path} not found: check the path")
     if os.path.isfile(path):
-        return "file"
+        st = os.stat(path)
+        return "file", f"file:{st.st_dev}:{st.st_ino}"
     dev = udev.device(path)
     if not dev.is_lvm:
         raise Refused(f"{path} is not an LVM logical volume: rcopy snapshots thin or thick LVs "
                       f"(or regular files)")
     lv = lvm.by_path(path)
-    if lv.is_thin:
-        return "thin"
     if lv.is_cow_snapshot or lv.segtype == "thin-pool" or dev.dm_layer:
         raise Refused(f"{path} is an LVM-internal or snapshot LV ({lv.segtype}): give the origin volume")
-    return "cow"
-
-
-def for_backend(name: str) -> Snapshotter:
-    if name == "thin":
-        from rcopy.snapshot.thin import ThinSnapshotter
-        return ThinSnapshotter()
-    if name == "cow":
-        from rcopy.snapshot.cow import CowSnapshotter
-        return CowSnapshotter()
-    if name == "file":
-        from rcopy.snapshot.file import FileSnapshotter   # owned by the engine; imported lazily
-        return FileSnapshotter()
-    raise Refused(f"unknown snapshot back-end {name!r}: use thin, cow or file")
-
-
-def for_device(path: str) -> Snapshotter:
-    """The Snapshotter that can cut the volume at ``path``."""
-    return for_backend(backend_name(path))
+    return ("thin" if lv.is_thin else "cow"), f"lv:{lv.uuid}"
 
 
 def snapshot_at(path: str) -> Snapshot:

@@ -10,22 +10,28 @@ So the thin cut re-takes the snapshots at the cut instant, by pool messages, und
 LVM already knows:
 
 1. ``lvcreate -s -ky`` each snapshot beforehand, inactive: LVM allocates its device id and records it.
-2. Suspend every origin (rcopy.snapshot.cut), then for each snapshot send the pool ``delete ID`` and
-   ``create_snap ID ORIGIN_ID``: the snapshot now holds the origin at the cut instant. These messages
-   do not touch the pool's transaction id, so LVM's metadata stays exact.
-3. Resume all, then clear activation skip and activate each snapshot. A snapshot still flagged
+2. Inside the group's one suspension (rcopy.snapshot.cut, with the thick origins of the same group),
+   for each snapshot send the pool ``delete ID`` and ``create_snap ID ORIGIN_ID``: the snapshot now
+   holds the origin at the cut instant. These messages do not touch the pool's transaction id, so
+   LVM's metadata stays exact.
+3. After the resume, clear activation skip and activate each snapshot. A snapshot still flagged
    activation-skip is unfinished: a later cut removes and re-takes it.
 
 HAZARD: a crash between ``delete ID`` and ``create_snap ID`` (two consecutive ioctls) leaves an LV whose
-thin device is gone; it cannot be activated and ``lvremove`` of it must be forced. Changes between two
-thin snapshots come from the pool metadata (rcopy.changes.thin).
+thin device is gone; it cannot be activated and ``lvremove`` of it must be forced. SIGTERM and SIGINT
+are held back across the pair (SIGKILL cannot be). Changes between two thin snapshots come from the
+pool metadata (rcopy.changes.thin).
 """
 from __future__ import annotations
 
-from rcopy.engine.ports import Snapshot
-from rcopy.snapshot.cut import group_cut
+import signal
+
+from rcopy.ports import Snapshot
+from rcopy.snapshot.cut import CutPart
 from rcopy.snapshot.lvmbase import LvmSnapshotter
 from rcopy.sys import dmsetup, lvm
+
+_HELD = {signal.SIGTERM, signal.SIGINT}
 
 
 def pool_device(vg: str, pool: str) -> str:
@@ -35,7 +41,7 @@ def pool_device(vg: str, pool: str) -> str:
 
 
 class ThinSnapshotter(LvmSnapshotter):
-    """Implements rcopy.engine.ports.Snapshotter for thin LVs. Every method is idempotent."""
+    """Implements rcopy.ports.Snapshotter for thin LVs. Every method is idempotent."""
 
     backend = "thin"
     kind = "thin"
@@ -49,18 +55,24 @@ class ThinSnapshotter(LvmSnapshotter):
     def _complete(self, lv: lvm.LV) -> bool:
         return not lv.skip_activation
 
-    def _take(self, origins: list[lvm.LV], names: list[str]) -> list[lvm.LV]:
+    def _part(self, origins: list[lvm.LV], names: list[str]) -> CutPart:
         made = [lvm.deactivate(lvm.create_thin_snapshot(o.vg, o.name, n, active=False))
                 for o, n in zip(origins, names)]
+        pools = {(o.vg, o.pool): pool_device(o.vg, o.pool) for o in origins}
 
-        def resnap() -> None:
+        def take() -> None:
             for o, lv in zip(origins, made):
-                pool = pool_device(o.vg, o.pool)
-                dmsetup.message(pool, f"delete {lv.thin_id}")
-                dmsetup.message(pool, f"create_snap {lv.thin_id} {o.thin_id}")
+                pool = pools[(o.vg, o.pool)]
+                old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+                try:
+                    dmsetup.message(pool, f"delete {lv.thin_id}")
+                    dmsetup.message(pool, f"create_snap {lv.thin_id} {o.thin_id}")
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-        group_cut([o.dm_name for o in origins], resnap)
-        return [lvm.activate(lv) for lv in made]
+        def finish() -> list[Snapshot]:
+            return self._finished(origins, [lvm.activate(lv) for lv in made])
+        return CutPart([o.dm_name for o in origins], take, finish)
 
     def valid(self, snap: Snapshot) -> bool:
         """A thin snapshot stays valid while it exists, is complete and active (the pool, not the

@@ -23,6 +23,41 @@ class ChannelTimeout(LinkError):
     """{cmd}: no answer from the agent within {timeout} s: the link or the peer is down"""
 
 
+MAX_LINE = 1 << 20          # a control message is a few KiB; a longer line is a broken or hostile peer
+
+
+class LineTooLong(LinkError):
+    """a control line longer than {limit} bytes arrived: the peer is not speaking rcopy's protocol"""
+
+
+class LineReader:
+    """Newline-framed reads from a file descriptor with a timeout per line and a length limit: the one
+    line reader of the control channel (both ends use it)."""
+
+    def __init__(self, fd: int, limit: int = MAX_LINE):
+        self.fd, self.limit, self._buf, self._skipping = fd, limit, b"", False
+
+    def readline(self, timeout: float | None) -> bytes | None:
+        """The next line without its newline; None at end of input. Raises ChannelTimeout after
+        ``timeout`` seconds without a complete line (None: wait for ever), LineTooLong for a line past
+        the limit, which is skipped whole (never held in memory) so the next line reads normally."""
+        while b"\n" not in self._buf:
+            if len(self._buf) > self.limit:
+                self._buf, self._skipping = b"", True
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if not ready:
+                raise ChannelTimeout(cmd=f"fd {self.fd}", timeout=timeout)
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        if self._skipping or len(line) > self.limit:
+            self._skipping = False
+            raise LineTooLong(limit=self.limit)
+        return line
+
+
 class Channel:
     def __init__(self, argv, *, env: dict | None = None):
         self.argv = tuple(str(a) for a in argv)
@@ -35,7 +70,7 @@ class Channel:
         except FileNotFoundError:
             raise CommandNotFound(tool=self.argv[0]) from None
         _record(self.argv, 0, f"spawned pid {self.proc.pid}", "", 0.0)
-        self._buf = b""
+        self._lines = LineReader(self.proc.stdout.fileno())
 
     def send(self, line: str):
         try:
@@ -45,17 +80,13 @@ class Channel:
             raise ChannelClosed(cmd=self.cmd, msg=self._why()) from None
 
     def receive(self, timeout: float) -> str:
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            ready, _, _ = select.select([fd], [], [], timeout)
-            if not ready:
-                raise ChannelTimeout(cmd=self.cmd, timeout=timeout)
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                raise ChannelClosed(cmd=self.cmd, msg=self._why())
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
+        try:
+            line = self._lines.readline(timeout)
+        except ChannelTimeout:
+            raise ChannelTimeout(cmd=self.cmd, timeout=timeout) from None
+        if line is None:
+            raise ChannelClosed(cmd=self.cmd, msg=self._why())
+        return line.decode(errors="replace")
 
     def _why(self) -> str:
         try:

@@ -8,6 +8,8 @@ Suspend and resume are idempotent: the kernel treats a second suspend (or resume
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 
 from rcopy.errors import NotFound, ToolError
 from rcopy.sys.run import Result, describe, run
@@ -175,3 +177,35 @@ def resume(name: str) -> None:
 def message(name: str, msg: str, sector: int = 0) -> str:
     """Send a target message (e.g. thin-pool 'reserve_metadata_snap'); returns the target's reply."""
     return _checked(name, _dm("message", name, str(sector), *msg.split(), check=False)).stdout
+
+
+def suspended_name(path: str, sysfs: str = "/sys") -> str | None:
+    """The dm name of the device at ``path`` if it is a suspended device-mapper device, else None.
+
+    Read from sysfs (``/sys/dev/block/MAJ:MIN/dm/{name,suspended}``), so checking every volume of a
+    group before each run costs no command.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    base = os.path.join(sysfs, "dev", "block", f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}", "dm")
+    try:
+        with open(os.path.join(base, "suspended")) as f:
+            flag = f.read().strip()
+        with open(os.path.join(base, "name")) as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    return name if flag == "1" else None
+
+
+def resume_suspended(paths) -> list[str]:
+    """Resume every device among ``paths`` left suspended (a cut killed by SIGKILL or a power cut of
+    the process, not of the host); returns the dm names resumed."""
+    names = list(dict.fromkeys(n for p in paths if (n := suspended_name(p))))
+    for name in names:
+        resume(name)
+    return names

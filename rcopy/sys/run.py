@@ -8,6 +8,8 @@ flight recorder). Wrappers in rcopy.sys turn a failed :class:`Result` into their
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
@@ -101,8 +103,42 @@ def describe(res: Result) -> str:
     return f"{' '.join(res.argv)} failed (exit {res.rc}): {last}"
 
 
+class Ledger:
+    """Counts the external commands run inside a ``with ledger():`` block (rcopy status reports them
+    per sync: on real hardware each LVM command costs 50-300 ms, in the TCG lab 0.3-1 s)."""
+
+    def __init__(self):
+        self.commands = 0
+        self.by_tool: collections.Counter = collections.Counter()
+        self._mutex = threading.Lock()
+
+    def add(self, argv: tuple[str, ...]):
+        tool = argv[1] if argv and argv[0] == "lvm" and len(argv) > 1 else (argv[0] if argv else "?")
+        with self._mutex:
+            self.commands += 1
+            self.by_tool[os.path.basename(tool)] += 1
+
+
+_ledger: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar("rcopy_ledger", default=None)
+
+
+@contextlib.contextmanager
+def ledger(book: Ledger | None = None):
+    """Count the commands this context (and threads started with its copied context) runs, into
+    ``book`` (continued) or a new Ledger."""
+    book = book or Ledger()
+    token = _ledger.set(book)
+    try:
+        yield book
+    finally:
+        _ledger.reset(token)
+
+
 def _record(argv, rc, out, err, seconds) -> Result:
     res = Result(argv, rc, out, err, seconds)
+    book = _ledger.get()
+    if book is not None:
+        book.add(tuple(argv))
     with _lock:
         _recorder.append(res)
     log.debug("ran %s rc=%s in %.3fs%s", " ".join(argv), rc, seconds,

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from typing import Mapping
 
-from rcopy.engine.ports import ExportInfo
+from rcopy.ports import ExportInfo
 from rcopy.errors import NotFound, UsageError
 from rcopy.sys import nbdkit
 

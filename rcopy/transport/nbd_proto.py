@@ -1,8 +1,9 @@
 """The NBD wire format, declared as data (the NBD project's doc/proto.md, "fixed newstyle" negotiation).
 
-Only constants and struct layouts live here; rcopy.transport.client speaks the protocol with them. Each
-message is a :class:`Message`: a big-endian ``struct`` format plus field names, so encoding and decoding
-are generic and a test can round-trip captured bytes (pyroute2's ``fields`` tables are the model).
+Only constants, struct layouts and length bounds live here; rcopy.transport.handshake and .client speak
+the protocol with them. Each message is a :class:`Message`: a big-endian ``struct`` format plus field
+names, so encoding and decoding are generic and a test can round-trip captured bytes (pyroute2's
+``fields`` tables are the model).
 """
 from __future__ import annotations
 
@@ -157,6 +158,17 @@ EXPORT_NAME_PAD = 124
 DEFAULT_MIN_BLOCK = 1
 DEFAULT_PREFERRED_BLOCK = 4096
 DEFAULT_MAX_PAYLOAD = 32 << 20
+MAX_MIN_BLOCK = 1 << 16          # proto.md: the minimum block size is a power of 2, at most 64 KiB
+
+# Bounds on lengths the server chooses, checked before reading them into memory. Strings on the wire are
+# at most 4096 bytes (proto.md) and info items a dozen, so 64 KiB is generous for both.
+MAX_OPTION_REPLY = 64 << 10      # all replies to one option, headers included
+MAX_CHUNK_BODY = 64 << 10        # a structured reply chunk that carries no READ data (error, none, ...)
+
+
+def valid_block_sizes(minimum: int, maximum: int) -> bool:
+    """NBD_INFO_BLOCK_SIZE as proto.md allows it: the client aligns to minimum and caps at maximum."""
+    return 0 < minimum <= MAX_MIN_BLOCK and minimum & (minimum - 1) == 0 and maximum >= minimum
 
 
 def go_payload(name: str, infos: tuple[int, ...] = (INFO_BLOCK_SIZE,)) -> bytes:

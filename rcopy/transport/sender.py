@@ -20,11 +20,12 @@ import os
 import threading
 from typing import Iterable, Iterator, NamedTuple
 
-from rcopy.engine.ports import ExportInfo
+from rcopy.ports import ExportInfo
 from rcopy.errors import DeviceError, RcopyError, StateError
 from rcopy.extent import Extent, coalesce
-from rcopy.transport.client import (DEFAULT_FLUSH_TIMEOUT, DEFAULT_TIMEOUT, Geometry, NbdClient,
-                                    PayloadSourceError)
+from rcopy.transport.client import DEFAULT_FLUSH_TIMEOUT, DEFAULT_TIMEOUT, NbdClient
+from rcopy.transport.handshake import Geometry
+from rcopy.transport.nbd_errors import PayloadSourceError
 
 _SMALL = 256 << 10              # data requests up to this size are read into fresh bytes and batched
 _ZERO_CAP = 1 << 30             # WRITE_ZEROES carries no payload; keep its length well inside uint32
@@ -117,7 +118,7 @@ class _Dealer:
 
 @dataclasses.dataclass
 class NbdSender:
-    """Implements rcopy.engine.ports.Sender. ``connections`` is used only where the server allows
+    """Implements rcopy.ports.Sender. ``connections`` is used only where the server allows
     multi-conn; ``gap`` bridges data extents closer than that many bytes (redundant but correct bytes)."""
 
     connections: int = 2

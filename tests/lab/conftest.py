@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from lab.labctl import Lab
 from rcopy.errors import RcopyError
+from rcopylab.labctl import Lab
 
 
 @pytest.hookimpl(tryfirst=True)

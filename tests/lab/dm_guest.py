@@ -122,7 +122,7 @@ def drop_caches():
 
 
 def snap(origin, name):
-    from rcopy.engine.ports import Snapshot
+    from rcopy.ports import Snapshot
     from rcopy.sys import lvm
     lv = lvm.by_path(origin)
     return Snapshot(origin, name, f"/dev/{lv.vg}/{name}", "thin" if lv.is_thin else "cow")

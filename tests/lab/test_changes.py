@@ -11,14 +11,14 @@ pytestmark = pytest.mark.lab
 MIB = 32
 EXACT = """
 import random
-from rcopy.snapshot.select import for_device
-from rcopy.changes.select import change_source_for
+from rcopy import backends
 from rcopy.changes import thin as thin_changes, cow as cow_changes
 from rcopy.sys import lvm
 KIND, MIB = {kind!r}, {mib}
 v = volume(KIND, "vol", MIB)
 fill_random(v, MIB, seed=1)
-s = for_device(v)
+bk = backends.for_device(v)
+s = bk.snapshotter
 (p1,) = s.cut([(v, "rcopy.t.vol.P1")])
 rnd = random.Random(7)
 idx = rnd.sample(range(MIB * 256), 60)
@@ -28,7 +28,7 @@ blocks.update({{i: read_block(v, i) for i in same}})
 blocks.update({{i: bytes(BLOCK) for i in zeroed}})
 write_blocks(v, blocks)
 (p2,) = s.cut([(v, "rcopy.t.vol.P2")])
-src = change_source_for(s)
+src = bk.changes
 devs = data_devices(KIND, "vol", [p1.name, p2.name])
 drop_caches()
 r0, d0 = sectors_read(), dm_sectors_read(devs)
@@ -68,7 +68,7 @@ def test_refined_extents_are_exactly_the_changed_blocks(clean_lab, kind):
 
 CUT = """
 import subprocess, sys, time
-from rcopy.snapshot.select import for_device
+from rcopy.backends import for_device
 KIND = {kind!r}
 A, B = volume(KIND, "a", 8), volume(KIND, "b", 8)
 WRITER = '''
@@ -87,7 +87,7 @@ while not os.path.exists("/tmp/stop-writer"):
 print(n, errors)
 '''
 w = subprocess.Popen([sys.executable, "-c", WRITER, A, B], stdout=subprocess.PIPE, text=True)
-s = for_device(A)
+s = for_device(A).snapshotter
 pairs = []
 try:
     for k in range(6):
@@ -114,11 +114,11 @@ def test_group_cut_is_crash_consistent(clean_lab, kind):
 
 ROLLBACK = """
 import random
-from rcopy.snapshot.select import for_device
+from rcopy.backends import for_device
 KIND = {kind!r}
 v = volume(KIND, "vol", 16)
 fill_random(v, 16, seed=3)
-s = for_device(v)
+s = for_device(v).snapshotter
 (p,) = s.cut([(v, "rcopy.r.vol.R1")])
 before = sha256(v)
 rnd = random.Random(9)

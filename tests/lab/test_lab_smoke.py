@@ -1,7 +1,7 @@
 """The lab itself, on a real kernel: what issue 2 says it must show before anything is built on it.
 
-The scenario lives in lab/smoke.py (scripts/demo narrates the same steps); here each step is asserted,
-plus the Vagrant description of the same lab, which cannot boot here but is checked beyond its syntax.
+The scenario lives in scripts/rcopylab/smoke.py (scripts/demo narrates the same steps); here each step is
+asserted, plus the Vagrant description of the same lab, which cannot boot here but is checked beyond its syntax.
 """
 import json
 import subprocess
@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 import rcopy
-from lab import smoke
-from lab.config import HOSTS, REPO
+from rcopylab import smoke
+from rcopylab.config import HOSTS, REPO
 
 pytestmark = pytest.mark.lab
 
@@ -101,5 +101,5 @@ def test_vagrantfile_describes_the_same_two_vms(tmp_path):
                  if e["call"] == "provision" and f"define:{host}" in e["scope"]}
         assert dict(zip(shell["system"][2::2], shell["system"][3::2])) == addrs
     assert ["..", "/rcopy"] in [e["args"] for e in events if e["call"] == "synced_folder"]
-    assert "recipe=/rcopy/lab/recipe" in (REPO / "vagrant/provision.sh").read_text()
+    assert "recipe=/rcopy/scripts/rcopylab/recipe" in (REPO / "vagrant/provision.sh").read_text()
     assert (tmp_path / "id_lab").exists() and (tmp_path / "id_lab.pub").exists()

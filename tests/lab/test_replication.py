@@ -52,7 +52,7 @@ def write_random(lab, blocks, seed):
 import random
 rnd = random.Random({seed})
 for v in {list(VOLS)!r}:
-    idx = rnd.sample(range({MIB} * 256), {blocks})
+    idx = rnd.sample(range(1, {MIB} * 256), {blocks})      # block 0 is the sequence writer's
     write_blocks("/dev/{VG}/" + v, {{i: rnd.randbytes(BLOCK) for i in idx}})
 OUT["bytes"] = {blocks} * BLOCK
 """)
@@ -79,23 +79,85 @@ def group(lab, period=None, agent=None):
     return status(lab)
 
 
-def test_initial_sync_then_three_delta_rounds(clean_lab):
+WRITER = f"""
+import os, sys, mmap
+fds = [os.open(p, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC) for p in ("/dev/{VG}/thinvol", "/dev/{VG}/thickvol")]
+buf = mmap.mmap(-1, 4096)
+k = 0
+while True:
+    k += 1
+    for fd in fds:                      # k to the thin volume, THEN k to the thick one
+        buf.seek(0)
+        buf.write(k.to_bytes(8, "little") * 512)
+        os.pwrite(fd, buf, 0)
+"""
+
+
+def sequence_numbers(lab, host, paths):
+    out = lab.run(host, "python3 -c 'import sys\nfor p in sys.argv[1:]: print(int.from_bytes(open(p, \"rb\").read(8), \"little\"))' "
+                  + " ".join(paths)).stdout.split()
+    return [int(x) for x in out]
+
+
+def test_mixed_group_is_cut_at_one_instant_over_six_syncs(clean_lab):
+    """Issue 10: a thin and a thick volume, a writer alternating O_DSYNC sequence numbers between them;
+    after every sync the backup's pair (b on thick, a on thin) satisfies b <= a <= b + 1. Also: the
+    dry-run plan is the plan that runs, and status reports seconds per phase and commands per side."""
     lab = clean_lab
     g = group(lab)
     assert g["state"] == "started" and g["sync_point"]["generation"] == 1
     assert [v["full_reason"] for v in g["volumes"]] == ["initial sync"] * 2
+    assert [v["backend"] for v in g["volumes"]] == ["thin", "cow"]
     assert status(lab, "backup")["role"] == "secondary"
     assert_secondaries_equal_sync_point(lab, 1)
-    for rnd in range(3):
-        changed = write_random(lab, 40, seed=rnd)
-        rc(lab, "sync", "g", "--wait")
-        g = status(lab)
-        assert g["sync_point"]["generation"] == rnd + 2
-        for v in g["volumes"]:
-            assert v["full_reason"] == ""
-            assert changed <= v["bytes_sent"] <= 4 * changed, (v["name"], v["bytes_sent"], changed)
-        assert_secondaries_equal_sync_point(lab, rnd + 2)
-        rc(lab, "verify", "g")
+    lab.run("primary", f"cat > /tmp/writer.py <<'EOF'\n{WRITER}\nEOF\n"
+                       "nohup python3 /tmp/writer.py </dev/null >/dev/null 2>&1 & echo $! >/tmp/writer.pid")
+    seen = []
+    try:
+        for rnd in range(6):
+            changed = write_random(lab, 40, seed=rnd)
+            if rnd == 0:
+                dry = rc(lab, "sync", "g", "--dry-run").stdout.strip().splitlines()
+            rc(lab, "sync", "g", "--wait")
+            g = status(lab)
+            assert g["sync_point"]["generation"] == rnd + 2
+            if rnd == 0:
+                assert g["last_sync"]["plan"] == dry, (dry, g["last_sync"]["plan"])
+            report = g["last_sync"]
+            assert set(report["phases"]) == {"begin", "cut", "send", "commit"}
+            assert report["commands"] > 0 and report["peer_commands"] > 0
+            print(f"sync {rnd + 2}: phases {report['phases']} commands {report['commands']} "
+                  f"peer {report['peer_commands']} by tool {report['commands_by_tool']}")
+            for v in g["volumes"]:
+                assert v["full_reason"] == ""
+                assert changed <= v["bytes_sent"] <= 4 * changed + 8192, (v["name"], v["bytes_sent"], changed)
+            a, b = sequence_numbers(lab, "backup", [dev("thinvol"), dev("thickvol")])
+            assert b <= a <= b + 1, f"sync point {rnd + 2}: thin holds {a}, thick holds {b}: not one instant"
+            seen.append(a)
+            assert_secondaries_equal_sync_point(lab, rnd + 2)
+    finally:
+        lab.run("primary", "kill $(cat /tmp/writer.pid)", check=False)
+    assert seen == sorted(seen) and seen[-1] > seen[0] > 0, seen          # the writer ran through the syncs
+    rc(lab, "verify", "g")
+
+
+def test_sigkill_inside_the_cut_leaves_no_origin_suspended(clean_lab):
+    """Issue 10: the primary's rcopy killed between suspend and resume; the next rcopy command resumes
+    the origins, and the next sync completes by delta."""
+    lab = clean_lab
+    group(lab)
+    write_random(lab, 10, seed=3)
+    r = rc(lab, "sync", "g", "--wait", env="RCOPY_FAULT=in-cut", check=False)
+    assert r.returncode == 99, (r.returncode, r.stderr)
+    suspended = lambda: lab.run("primary", "dmsetup info -c --noheadings -o name,suspended").stdout
+    assert f"{VG}-thinvol:Suspended" in suspended() and f"{VG}-thickvol:Suspended" in suspended()
+    rc(lab, "status")                                  # any command: the origins come back
+    assert "Suspended" not in suspended()
+    rc(lab, "sync", "g", "--wait")
+    g = status(lab)
+    assert g["state"] == "started" and g["sync_point"]["generation"] == 2
+    assert [v["full_reason"] for v in g["volumes"]] == ["", ""]
+    assert_secondaries_equal_sync_point(lab, 2)
 
 
 def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
@@ -122,7 +184,7 @@ def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
     rc(lab, "verify", "g")
 
 
-def test_deleted_base_makes_the_next_sync_full_and_status_says_why(clean_lab):
+def test_deleted_or_overflowed_base_makes_the_next_sync_full_and_status_says_why(clean_lab):
     lab = clean_lab
     group(lab)
     lab.run("primary", f"lvremove -qq -f {VG}/rcopy.g.thinvol.P1")
@@ -133,6 +195,12 @@ def test_deleted_base_makes_the_next_sync_full_and_status_says_why(clean_lab):
     assert vols["thickvol"]["full_reason"] == ""
     assert "missing" in rc(lab, "status").stdout
     assert_secondaries_equal_sync_point(lab, 2)
+    # a thick P(n) whose COW store overflowed (more than half the volume rewritten) is no base either
+    run_guest(lab, f"fill_random('/dev/{VG}/thickvol', {MIB}, seed=11)", "primary")
+    rc(lab, "sync", "g", "--wait")
+    vols = {v["name"]: v for v in status(lab)["volumes"]}
+    assert "no longer usable" in vols["thickvol"]["full_reason"] and vols["thinvol"]["full_reason"] == ""
+    assert_secondaries_equal_sync_point(lab, 3)
 
 
 def _refused(r, code):

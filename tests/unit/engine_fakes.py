@@ -1,7 +1,7 @@
 """In-memory fakes of the engine's ports for tests/unit/test_engine*.py (zrepl-style driver tests).
 
 Volumes are bytearrays in a dict keyed by path; the primary and the backup each have one such dict.
-The backup side is the real rcopy.transport.agent.Agent over its own Store, driven in-process through
+The backup side is the real rcopy.app.agent.Agent over its own Store, driven in-process through
 LocalPeer (same JSON round trip and error mapping as the real channel), so the two-phase commit and the
 rollback are exercised for real; only snapshots, extents and the NBD wire are faked.
 """
@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 
+import dataclasses
+
+from rcopy.app.agent import Agent
+from rcopy.backends import Probe
 from rcopy.engine.driver import Driver
-from rcopy.engine.ports import ExportInfo, Snapshot
+from rcopy.ports import ExportInfo, Snapshot
 from rcopy.errors import LinkError
 from rcopy.extent import Extent, coalesce
-from rcopy.transport.agent import Agent
 from rcopy.transport.peer import _error_class
 
 BLOCK = 4096
@@ -47,6 +50,10 @@ class FakeSnapshotter:
     def delete(self, snap):
         self.calls.append(("delete", snap.name))
         self.snaps.pop((snap.origin, snap.name), None)
+
+    def delete_all(self, snaps):
+        for snap in snaps:
+            self.delete(snap)
 
     def rollback(self, snap):
         self.calls.append(("rollback", snap.name))
@@ -175,10 +182,36 @@ class LocalPeer:
             self.agent.hangup()
 
 
-def full_extents_of(snapper: FakeSnapshotter):
-    return lambda snap: coalesce(_blocks(None, snapper.data(snap.path)))
+@dataclasses.dataclass
+class FakeBackend:
+    """The registry's Backend over in-memory disks (kind "fake")."""
+
+    snapshotter: FakeSnapshotter
+    name: str = "fake"
+
+    @property
+    def changes(self):
+        return FakeChanges(self.snapshotter)
+
+    def full(self, snap):
+        return coalesce(_blocks(None, self.snapshotter.data(snap.path)))
+
+
+def ports(snapper: FakeSnapshotter) -> dict:
+    """backend/cut/delete as rcopy.backends hands them to the driver and the agent."""
+    b = FakeBackend(snapper)
+
+    def delete(requests):
+        found = [s for _, o, n in requests if (s := snapper.find(o, n))]
+        snapper.delete_all(found)
+        return len(found)
+    return {"backend": lambda kind: b, "cut": lambda reqs: snapper.cut([(o, n) for _, o, n in reqs]),
+            "delete": delete}
+
+
+def make_agent(store, snapper, exporter) -> Agent:
+    return Agent(store, **ports(snapper), probe=lambda path: Probe("fake", f"fake:{path}"), exporter=exporter)
 
 
 def make_driver(store, peer, snapper, sender) -> Driver:
-    return Driver(store, peer, snapshotter_for=lambda p: snapper, changes_for=lambda s: FakeChanges(snapper),
-                  full_extents=full_extents_of(snapper), sender=sender)
+    return Driver(store, peer, **ports(snapper), sender=sender)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from rcopy.engine.cycle import PeerView
 from rcopy.model import Group, Role, VolumePair, VolumeState
 from rcopy.state import Store
 
@@ -49,7 +50,8 @@ def backup(tmp_path):
     sec.write_bytes(os.urandom(SIZE))
     s = Store(str(tmp_path / "B"))
     s.add_group(Group("g", "primary", role=Role.SECONDARY, generation=1, sync_id="one"))
-    s.add_volume(VolumePair("g", "sec-img", str(sec), "/dev/vg/a", SIZE, state=VolumeState.SYNCED, last_sync=1.0))
+    s.add_volume(VolumePair("g", "sec-img", str(sec), "/dev/vg/a", SIZE, state=VolumeState.SYNCED, last_sync=1.0,
+                            backend="file"))
     s.close()
     return tmp_path, str(sec)
 
@@ -73,6 +75,17 @@ def test_protocol_hello_errors_and_garbage(backup):
     assert wrong_args["error"]["class"] == "UsageError"
     garbage = a.raw("{not json")
     assert garbage["ok"] is False and garbage["error"]["exit_code"] == 2
+    for hostile in ("[1, 2]", '"a string"', "42", "null", '{"op": 5}', '{"op": "status", "args": [1]}',
+                    '{"id": 7, "op": "status", "args": {"group": ["x"]}}', '{"op": "begin", "args": {"group": 1}}'):
+        reply = a.raw(hostile)
+        assert reply["ok"] is False and reply["error"]["class"] in ("UsageError", "Refused", "NotFound"), hostile
+    long = a.raw("x" * (3 << 20))                 # past the 1 MiB line limit: skipped, answered, still serving
+    assert long["ok"] is False and "longer than" in long["error"]["message"]
+    import random
+    rnd = random.Random(7)
+    for _ in range(50):
+        junk = bytes(rnd.randrange(32, 127) for _ in range(rnd.randrange(1, 300))).decode()
+        assert a.raw(junk)["ok"] is False
     st = a.call("status", group="g")["result"]
     assert (st["generation"], st["sync_id"], st["pending_generation"]) == (1, "one", 0)
     a.close()
@@ -89,11 +102,13 @@ def test_group_create_is_idempotent_and_refuses_a_clash(backup):
     a.close()
 
 
-def _begin(a, sec):
-    r = a.call("begin", group="g", generation=2, sync_id="two", base_generation=1, base_id="one",
+def _begin(a, sec, base_id="one"):
+    r = a.call("begin", group="g", generation=2, sync_id="two", base_generation=1, base_id=base_id,
                remotes=[sec], bind="127.0.0.1")
     assert r["ok"], r
-    return r["result"]["volumes"][sec]
+    vol = r["result"]["volumes"][sec]
+    vol["base"] = PeerView.from_dict(r["result"]["view"]).holds(1, base_id, sec)
+    return vol
 
 
 @needs_nbdkit
@@ -119,9 +134,7 @@ def test_begin_proves_the_base_and_eof_rolls_back(backup):
 def test_a_wrong_base_is_refused_per_volume(backup):
     tmp, sec = backup
     a = AgentProc(str(tmp / "B"))
-    r = a.call("begin", group="g", generation=2, sync_id="two", base_generation=1, base_id="not-one",
-               remotes=[sec], bind="127.0.0.1")
-    assert r["result"]["volumes"][sec]["base"] is False
+    assert _begin(a, sec, base_id="not-one")["base"] is False
     a.call("abort", group="g", generation=2, sync_id="two", reason="test")
     a.close()
 
@@ -131,7 +144,7 @@ def test_commit_is_durable_and_drops_the_rollback_snapshot(backup):
     tmp, sec = backup
     a = AgentProc(str(tmp / "B"))
     _begin(a, sec)
-    assert a.call("commit", group="g", generation=2, sync_id="two")["result"] == {"committed": 2}
+    assert a.call("commit", group="g", generation=2, sync_id="two")["result"]["committed"] == 2
     assert a.call("commit", group="g", generation=2, sync_id="two")["ok"]          # a retry is fine
     assert not os.path.exists(tmp / "rcopy.g.sec-img.R1")
     a.close()

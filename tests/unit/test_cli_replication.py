@@ -259,3 +259,26 @@ def test_background_sync_and_status_text(sys2):
     text = s.rcopy("status").stdout
     assert "Group g" in text and "synced" in text and "Target backup" in text
     assert "sync point 2" in text
+
+
+def test_dry_run_prints_the_plan_that_runs_and_status_reports_the_sync(sys2):
+    """Issue 10: the plan is made from the backup's answer, so --dry-run is the truth; status --json
+    reports the last sync's seconds per phase and the external commands run on each side."""
+    s = _started(sys2)
+    first, second = list(s.vols)
+    os.unlink(snap(first, 1))                              # v1's base is gone: full, with the reason
+    s.write_random(second, 5, seed=1)                      # v2: a delta
+    dry = s.rcopy("sync", "g", "--dry-run").stdout.strip().splitlines()
+    assert any("v1-img: full sync" in line and "rcopy.g.v1-img.P1 is missing" in line for line in dry), dry
+    assert any("v2-img: send blocks changed between rcopy.g.v2-img.P1 and rcopy.g.v2-img.P2" in line for line in dry)
+    assert s.status()["groups"][0]["sync_point"]["generation"] == 1          # a dry run changes nothing
+    s.rcopy("sync", "g", "--wait")
+    g = s.status()["groups"][0]
+    rep = g["last_sync"]
+    assert rep["plan"] == dry
+    assert rep["generation"] == 2 and rep["bytes_sent"] == sum(v["bytes_sent"] for v in g["volumes"])
+    assert set(rep["phases"]) == {"begin", "cut", "send", "commit"} and all(t >= 0 for t in rep["phases"].values())
+    # the file back-end copies with cp: two P snapshots here, two R snapshots and nbdkit on the backup
+    assert rep["commands_by_tool"].get("cp") == 2 and rep["commands"] >= 3
+    assert rep["peer_commands"] >= 3
+    assert "v1-img" in rep["volumes"] and "missing" in rep["volumes"]["v1-img"]["full_reason"]

@@ -12,10 +12,10 @@ from rcopy.engine.states import Event, transition
 from rcopy.errors import Busy, Refused, SyncFailed
 from rcopy.model import Group, GroupState, Role, VolumePair, VolumeState
 from rcopy.state import Store
-from rcopy.transport import agent as agent_mod
-from rcopy.transport.agent import Agent
+from rcopy import faults
 
-from tests.unit.engine_fakes import Crash, FakeExport, FakeSender, FakeSnapshotter, LocalPeer, make_driver
+from tests.unit.engine_fakes import (Crash, FakeExport, FakeSender, FakeSnapshotter, LocalPeer, make_agent,
+                                     make_driver)
 
 SIZE = 64 * 4096
 VOLS = {"/p/a": "/b/a", "/p/b": "/b/b"}
@@ -38,14 +38,13 @@ class Rig:
         self.b.add_group(Group("g", "primary", role=Role.SECONDARY))
         for p, s in VOLS.items():
             name = p.rsplit("/", 1)[1]
-            self.a.add_volume(VolumePair("g", name, p, s, SIZE))
-            self.b.add_volume(VolumePair("g", name, s, p, SIZE))
+            self.a.add_volume(VolumePair("g", name, p, s, SIZE, backend="fake"))
+            self.b.add_volume(VolumePair("g", name, s, p, SIZE, backend="fake"))
         self.connect()
 
     def connect(self):
         """A new primary process and a new agent (which first recovers what a dead one left)."""
-        self.agent = Agent(self.b, snapshotter_for=lambda p: self.bsnap,
-                           exporter=lambda vols, bind: FakeExport(vols, bind, self.bdisks))
+        self.agent = make_agent(self.b, self.bsnap, lambda vols, bind: FakeExport(vols, bind, self.bdisks))
         self.agent.recover()
         self.peer = LocalPeer(self.agent, self.log)
         self.driver = make_driver(self.a, self.peer, self.psnap, self.sender)
@@ -134,7 +133,7 @@ def test_backup_not_holding_the_base_refuses_the_delta(rig):
     rig.b.update_group("g", sync_id="someone-else")      # e.g. the backup's state was restored from elsewhere
     rig.write("/p/a", 0, os.urandom(4096))
     rep = rig.sync()
-    assert all("does not hold the base" in why for _, why in rep.volumes.values())
+    assert all("does not hold sync point 1" in why for _, why in rep.volumes.values())
     assert rep.bytes_sent == len(VOLS) * SIZE // 2
     rig.assert_consistent()
 
@@ -145,16 +144,37 @@ def test_forced_full(rig):
     assert all(why.startswith("full sync requested") for _, why in rep.volumes.values())
 
 
-def test_sync_refused_while_one_runs(rig):
-    with rig.a.lock("g"):
-        with pytest.raises(Busy):
-            with rig.a.lock("g"):
-                pass
-    rig.a.begin_sync("g", 1, "x")
-    with pytest.raises(Busy):
-        transition(rig.a.group("g"), Event.SYNC)
-    with pytest.raises(Busy):
-        rig.a.begin_sync("g", 1, "y")
+def test_sync_refused_while_one_runs(rig, monkeypatch):
+    """A second sync of a group while one runs is refused (Busy), by the lock and by the driver itself;
+    the running one is not disturbed and commits."""
+    import threading
+    rig.sync(Event.START)
+    sending, release = threading.Event(), threading.Event()
+    real_send = rig.sender.send
+
+    def held_send(*a, **kw):
+        sending.set()
+        release.wait(10)
+        return real_send(*a, **kw)
+
+    monkeypatch.setattr(rig.sender, "send", held_send)
+    result = {}
+
+    def first():
+        with rig.a.lock("g"):
+            result["report"] = rig.driver.sync("g")
+    t = threading.Thread(target=first)
+    t.start()
+    assert sending.wait(10)
+    with pytest.raises(Busy):                    # a second process: the group lock is held
+        with rig.a.lock("g"):
+            pass
+    with pytest.raises(Busy, match="is syncing sync point 2"):
+        rig.driver.sync("g")                     # the driver itself refuses: sync point 2 is in flight
+    release.set()
+    t.join(10)
+    assert result["report"].generation == 2
+    rig.assert_consistent()
 
 
 def test_backup_refuses_a_second_begin(rig):
@@ -196,12 +216,16 @@ def test_plan_is_data_and_says_full_or_delta():
     g = Group("g", "t", generation=3, sync_id="abc", state=GroupState.STARTED)
     vols = [VolumePair("g", "a", "/p/a", "/b/a", 1, state=VolumeState.SYNCED, last_sync=1.0),
             VolumePair("g", "b", "/p/b", "/b/b", 1, state=VolumeState.NEW)]
-    plan = plan_sync(g, vols, 4, "new", {"a": None, "b": None})
+    view = PeerView(generation=3, sync_id="abc", volumes={"/b/a": "synced", "/b/b": "synced"})
+    plan = plan_sync(g, vols, 4, "new", {"a": None, "b": None}, view)
     assert [a.kind for a in plan] == ["RecordBegin", "PeerBegin", "Cut", "Send", "Send", "PeerCommit",
-                                      "Commit", "DeleteSnapshot", "DeleteSnapshot"]
+                                      "Commit", "DeleteSnapshots"]
     assert plan[3].base == "rcopy.g.a.P3" and plan[3].source == "rcopy.g.a.P4"
     assert plan[4].base is None and "new" in plan[4].reason
     assert "full sync" in P.render(plan)
+    # the backup's facts decide too: a secondary it does not hold at sync point 3 goes full
+    other = plan_sync(g, vols, 4, "new", {"a": None, "b": None}, PeerView(generation=3, sync_id="zzz"))
+    assert other[3].base is None and "does not hold sync point 3" in other[3].reason
 
 
 # -- crash windows: the process dies (no abort, no cleanup), restarts, reconciles, converges -------------
@@ -209,21 +233,21 @@ PRIMARY_POINTS = ["after-record-begin", "after-cut", "after-send", "after-peer-c
 AGENT_POINTS = ["agent-after-begin", "agent-before-commit", "agent-after-commit"]
 
 
-def _crash_at(monkeypatch, module, point):
-    def fault(p):
+def _crash_at(monkeypatch, point):
+    def fault(p, code=99):
         if p == point:
             raise Crash(p)
-    monkeypatch.setattr(module, "_fault", fault)
+    monkeypatch.setattr(faults, "point", fault)
 
 
 @pytest.mark.parametrize("point", PRIMARY_POINTS)
 def test_primary_killed_mid_sync_reconciles(rig, monkeypatch, point):
     rig.sync(Event.START)
     rig.write("/p/a", 8192, os.urandom(4096))
-    _crash_at(monkeypatch, driver_mod, point)
+    _crash_at(monkeypatch, point)
     with pytest.raises(Crash):
         rig.sync()
-    monkeypatch.setattr(driver_mod, "_fault", lambda p: None)
+    monkeypatch.setattr(faults, "point", lambda p, code=99: None)
     rig.peer.close()                     # the primary died: the agent's stdin closes
     rig.connect()                        # primary restarted
     committed = point in ("after-peer-commit", "after-commit")
@@ -242,10 +266,10 @@ def test_primary_killed_mid_sync_reconciles(rig, monkeypatch, point):
 def test_agent_killed_mid_sync_reconciles(rig, monkeypatch, point):
     rig.sync(Event.START)
     rig.write("/p/b", 0, os.urandom(4096))
-    _crash_at(monkeypatch, agent_mod, point)
+    _crash_at(monkeypatch, point)
     with pytest.raises(SyncFailed):
         rig.sync()
-    monkeypatch.setattr(agent_mod, "_fault", lambda p: None)
+    monkeypatch.setattr(faults, "point", lambda p, code=99: None)
     assert rig.a.group("g").state is GroupState.STOPPED
     rig.connect()                        # next run: a new agent recovers, the primary reconciles
     rig.driver.reconcile("g")
@@ -259,9 +283,10 @@ def test_reconcile_rules_are_pure():
     g = Group("g", "t", generation=1, sync_id="one", pending_generation=2, pending_id="two")
     vols = [VolumePair("g", "a", "/p/a", "/b/a", 1)]
     finish = reconcile(g, vols, PeerView(generation=2, sync_id="two"))
-    assert [a.kind for a in finish] == ["Commit", "DeleteSnapshot"] and finish[1].name == "rcopy.g.a.P1"
+    assert [a.kind for a in finish] == ["Commit", "DeleteSnapshots"] and finish[1].requests[0][2] == "rcopy.g.a.P1"
     undo = reconcile(g, vols, PeerView(generation=1, sync_id="one", pending_generation=2, pending_id="two"))
-    assert [a.kind for a in undo] == ["PeerAbort", "DeleteSnapshot", "Abort"] and undo[1].name == "rcopy.g.a.P2"
+    assert [a.kind for a in undo] == ["PeerAbort", "DeleteSnapshots", "Abort"]
+    assert undo[1].requests[0][2] == "rcopy.g.a.P2"
     quiet = reconcile(Group("g", "t", generation=1, sync_id="one"), vols, PeerView(generation=1, sync_id="one"))
     assert quiet == []
     diverged = reconcile(Group("g", "t", generation=1, sync_id="one"), vols, PeerView(generation=0))

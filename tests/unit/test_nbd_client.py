@@ -9,8 +9,9 @@ import pytest
 from rcopy.errors import LinkError
 from rcopy.sys import nbdkit
 from rcopy.transport import nbd_proto as P
-from rcopy.transport.client import (NbdClient, NbdConnectionLost, NbdError, NbdExportNotFound, NbdOutOfRange,
-                                    NbdRefused, NbdTimeout, NbdTlsError)
+from rcopy.transport.client import NbdClient
+from rcopy.transport.nbd_errors import (NbdConnectionLost, NbdError, NbdExportNotFound, NbdOutOfRange, NbdRefused,
+                                        NbdTimeout, NbdTlsError)
 from rcopy.transport.export import Export
 from tests.unit.nbd_servers import MiB, kill_during, serve, server  # noqa: F401  (fixtures)
 

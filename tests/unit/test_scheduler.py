@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from rcopy.daemon import scheduler
-from rcopy.daemon.service import Service
+from rcopy.engine import schedule as scheduler
+from rcopy.app.service import Service
 from rcopy.errors import LinkError
 from rcopy.model import Group, GroupState, Role, Target
 from rcopy.state import Store

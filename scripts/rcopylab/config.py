@@ -10,7 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]   # scripts/rcopylab/config.py -> the checkout
 HOSTS = ("primary", "backup")
 LINK_IPS = {"primary": "169.254.77.1", "backup": "169.254.77.2"}
 

@@ -1,7 +1,8 @@
 """``rcopy daemon``: runs the periodic syncs and auto_recover of every primary group of this system.
 
-Each tick it reads the groups from the store, records which links answer the kernel's routing (links.py),
-and starts, in a thread per group, the syncs that are due (scheduler.py) or that auto_recover may retry
+Each tick it reads the groups from the store, records which links answer the kernel's routing
+(rcopy.sys.netlink), and starts, in a thread per group, the syncs that are due (rcopy.engine.schedule)
+or that auto_recover may retry
 now that a link is back. A sync takes the group lock like the CLI does, so a manual ``rcopy sync`` and
 the daemon never run one group twice. Logs go to stderr (the journal under systemd).
 """
@@ -12,7 +13,8 @@ import threading
 import time
 from typing import Callable
 
-from rcopy.daemon import links, scheduler
+from rcopy.engine import schedule as scheduler
+from rcopy.sys import netlink as links
 from rcopy.engine.states import SENDING_ROLES
 from rcopy.errors import RcopyError
 from rcopy.model import LinkState

@@ -12,8 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lab.config import REPO
-from lab.errors import LabError
+from rcopylab.config import REPO
+from rcopylab.errors import LabError
 from rcopy.sys.run import describe, run
 
 TREE = ("rcopy", "native", "pyproject.toml", "setup.py", "README.md", "LICENSE")

@@ -5,15 +5,17 @@ One request per line ``{"id": N, "op": OP, "args": {...}}``; one reply per line,
 Operations (all idempotent where a retry can happen):
 
 - ``hello {protocol, peer}`` -> ``{system, protocol, version}``
-- ``status {group}`` -> ``{exists, generation, sync_id, pending_generation, pending_id, state, reason}``
+- ``status {group}`` -> ``{exists, generation, sync_id, pending_generation, pending_id, state, reason, role,
+  volumes}`` where ``volumes`` maps each secondary's path to its volume state: the facts a plan needs.
 - ``group_create {group, source}``: the secondary group appears here (role secondary). ``group_remove``.
 - ``check {path, size, force, nosync}``: may this secondary be written? ``admit {group, path, remote,
   size, nosync}``, ``dismiss {group, path}``.
 - ``begin {group, generation, sync_id, base_generation, base_id, remotes, bind}``: record the sync in
-  flight (durable), take R(n) of every synced secondary, export the secondaries on ``bind``; per remote
-  ``{export: ExportInfo, base: bool}`` where ``base`` says this system holds sync point
-  (base_generation, base_id): a delta is only safe when it does (design §4).
-- ``commit {group, generation, sync_id}``: stop the exports, commit durably, delete R(n).
+  flight (durable), take R(n) of every synced secondary (one cut), export the secondaries on ``bind``;
+  answers ``{view, volumes: {remote: {export: ExportInfo}}}`` where ``view`` is the status as it was
+  before this begin: the primary plans delta or full from it (a delta only onto a held base, design §4).
+- ``commit {group, generation, sync_id}``: stop the exports, commit durably, delete R(n); answers the
+  number of external commands this side ran for the sync (``commands``).
 - ``abort {group, generation, sync_id, reason}``: stop the exports, promote R(n) onto every secondary.
 - ``hash {group}`` -> ``{path: sha256}`` for ``rcopy verify``. ``ping`` -> ``{time}`` (heartbeat).
 
@@ -26,22 +28,24 @@ holding a group (its ssh session outlived a cut link) is stopped by the next age
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
-import select
 import signal
+import sqlite3
 import sys
 import time
-from typing import Callable
 
-from rcopy import __version__, backends
+from rcopy import __version__, backends, faults
+from rcopy.app.session import fill_kinds
 from rcopy.engine.names import snapshot_name, volume_name
-from rcopy.engine.ports import Snapshotter
-from rcopy.engine.snapshots import cut_by_backend, delete_named
+from rcopy.engine.states import Event, transition
 from rcopy.errors import Busy, NotFound, RcopyError, Refused, StateError
 from rcopy.model import Group, GroupState, Role, VolumePair, VolumeState, check_name
 from rcopy.state import Store
+from rcopy.sys import lvm, run
+from rcopy.sys.channel import ChannelTimeout, LineReader, LineTooLong
 
 log = logging.getLogger("rcopy.agent")
 PROTOCOL = 1
@@ -49,12 +53,6 @@ TAKEOVER_WAIT = 60.0
 # With a sync in flight, no request for this long means the primary or the link is gone: roll back and
 # exit (3PAR fails a target after 200 s without heartbeat; the primary pings every few seconds).
 IDLE_TIMEOUT = float(os.environ.get("RCOPY_AGENT_TIMEOUT", "200"))
-
-
-def _fault(point: str):
-    if os.environ.get("RCOPY_FAULT") == point:
-        log.warning("RCOPY_FAULT=%s: exiting here on purpose", point)
-        os._exit(98)
 
 
 def export_address(bind: str) -> str:
@@ -78,12 +76,13 @@ def _default_exporter(volumes: dict[str, str], bind: str):
 
 
 class Agent:
-    def __init__(self, store: Store, *, snapshotter_for: Callable[[str], Snapshotter] = backends.snapshotter_for,
-                 exporter=_default_exporter):
+    def __init__(self, store: Store, *, backend=backends.get, cut=backends.cut, delete=backends.delete,
+                 probe=backends.probe, exporter=_default_exporter):
         self.store = store
-        self.snapshotter_for = snapshotter_for
+        self.backend, self.cut, self.delete, self.probe = backend, cut, delete, probe
         self.exporter = exporter
         self.active: dict[str, tuple[int, object, object]] = {}   # group -> (lock fd, export, sync_id)
+        self.books: dict[str, run.Ledger] = {}                     # group -> commands run for its sync
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def recover(self):
@@ -96,12 +95,12 @@ class Agent:
             if fd is None:
                 continue            # a live agent is serving a sync of that group
             try:
+                fill_kinds(self.store, g.name)       # (suspended secondaries were resumed by open_store)
                 if g.pending_generation:
                     self._rollback(g, "the agent serving sync point "
                                       f"{g.pending_generation} died; rolled back to sync point {g.generation}")
                 elif g.generation > 1:
-                    for v in self.store.volumes(g.name):
-                        self._delete(v.local, snapshot_name(g.name, v.name, "R", g.generation - 1))
+                    self._delete_all(g, "R", g.generation - 1)
             finally:
                 os.close(fd)
 
@@ -113,21 +112,29 @@ class Agent:
                                                 f"{g.pending_generation}; rolled back to sync point {g.generation}")
 
     # -- dispatch -----------------------------------------------------------------------------------
-    def handle(self, request: dict) -> dict:
-        rid = request.get("id")
+    def handle(self, request) -> dict:
+        """One reply for one request, whatever it holds: the agent never dies on its input."""
+        rid = request.get("id") if isinstance(request, dict) else None
         try:
+            if not isinstance(request, dict) or not isinstance(request.get("args", {}) or {}, dict):
+                raise TypeError("a request is an object {id, op, args} with args an object")
             op = request.get("op", "")
-            fn = getattr(self, "op_" + op, None)
+            fn = getattr(self, "op_" + op, None) if isinstance(op, str) else None
             if fn is None:
                 raise Refused(f"unknown agent operation {op!r}: the peers run different rcopy versions")
-            return {"id": rid, "ok": True, "result": fn(**(request.get("args") or {}))}
+            args = request.get("args") or {}
+            _check_args(fn, args)
+            book = self.books.get(args.get("group"))
+            with run.ledger(book):
+                return {"id": rid, "ok": True, "result": fn(**args)}
         except RcopyError as e:
             cls = next(c for c in type(e).__mro__ if c.__module__ == "rcopy.errors")
-            return {"id": rid, "ok": False, "error": {"class": cls.__name__, "exit_code": e.exit_code,
-                                                      "message": str(e)}}
-        except (TypeError, ValueError, KeyError) as e:
-            return {"id": rid, "ok": False, "error": {"class": "UsageError", "exit_code": 2,
-                                                      "message": f"bad request: {e}"}}
+            return _error(rid, cls.__name__, e.exit_code, str(e))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            return _error(rid, "UsageError", 2, f"bad request: {e}")
+        except (OSError, sqlite3.Error) as e:
+            log.exception("request %r failed", request.get("op"))
+            return _error(rid, "StateError", 14, f"the agent on {self.store.system().name} failed: {e}")
 
     # -- operations ---------------------------------------------------------------------------------
     def op_hello(self, protocol: int, peer: str = ""):
@@ -145,9 +152,15 @@ class Agent:
         if g.pending_generation and group not in self.active:
             self._take_over(g)
             g = self.store.group(group)
+        return self._view(g)
+
+    def _view(self, g: Group) -> dict:
+        """The group as the primary plans from it (rcopy.engine.cycle.PeerView)."""
+        vols = {v.local: (v.state.value if v.state is not VolumeState.SYNCED or v.last_sync else "new")
+                for v in self.store.volumes(g.name)}
         return {"exists": True, "generation": g.generation, "sync_id": g.sync_id,
                 "pending_generation": g.pending_generation, "pending_id": g.pending_id,
-                "state": g.state.value, "reason": g.reason, "role": g.role.value}
+                "state": g.state.value, "reason": g.reason, "role": g.role.value, "volumes": vols}
 
     def _secondary(self, group: str) -> Group:
         g = self.store.group(group)
@@ -171,24 +184,27 @@ class Agent:
             return {"removed": False}
         g = self._secondary(group)
         with self.store.lock(group, "a sync"):
-            for v in self.store.volumes(group):
-                self._delete(v.local, snapshot_name(group, v.name, "R", g.generation) if g.generation else None)
+            if g.generation:
+                self._delete_all(g, "R", g.generation)
             self.store.remove_group(group)
         return {"removed": True}
 
     def op_check(self, path: str, size: int, force: bool = False, nosync: bool = False):
-        other = self.store.volume_by_local(path)
+        probe = self.probe(path)
+        other = self.store.volume_by_local(path, probe.identity)
         if other:
-            raise Refused(f"{path} is already the secondary of group {other.group} on {self.store.system().name}")
+            raise Refused(f"{path} is already the secondary of group {other.group} on {self.store.system().name}"
+                          + ("" if other.local == path else f" (as {other.local}: the same device)"))
         backends.check_secondary(path, size, force=force, nosync=nosync)
-        return {"size": size}
+        return {"size": size, "backend": probe.kind, "device_id": probe.identity}
 
     def op_admit(self, group: str, path: str, remote: str, size: int, nosync: bool = False, force: bool = False):
         self._secondary(group)
-        self.op_check(path, size, force=force, nosync=nosync)
+        checked = self.op_check(path, size, force=force, nosync=nosync)
         name = volume_name(path)
         state = VolumeState.SYNCED if nosync else VolumeState.NEW
-        self.store.add_volume(VolumePair(group, name, path, remote, size, state=state))
+        self.store.add_volume(VolumePair(group, name, path, remote, size, state=state,
+                                         backend=checked["backend"], device_id=checked["device_id"]))
         return {"name": name}
 
     def op_dismiss(self, group: str, path: str):
@@ -216,21 +232,25 @@ class Agent:
             missing = [r for r in remotes if r not in vols]
             if missing:
                 raise NotFound(f"{missing[0]} is not a secondary of group {group} on {self.store.system().name}")
-            holds = g.generation > 0 and g.generation == base_generation and g.sync_id == base_id
-            self.store.begin_sync(group, generation, sync_id, [vols[r].name for r in remotes])
-            _fault("agent-after-begin")
-            synced = [vols[r] for r in remotes if g.generation and vols[r].state is VolumeState.SYNCED
-                      and vols[r].last_sync]
-            self._cut(g, synced)
-            export = self.exporter({vols[r].name: r for r in remotes}, bind)
+            view = self._view(g)
+            self.books[group] = book = run.Ledger()
+            with run.ledger(book), lvm.reports():
+                self.store.begin_sync(group, generation, sync_id, [vols[r].name for r in remotes])
+                faults.point("agent-after-begin", 98)
+                synced = [vols[r] for r in remotes if g.generation and vols[r].state is VolumeState.SYNCED
+                          and vols[r].last_sync]
+                # An existing complete R(n) is kept (reuse): a leftover of a failed begin, taken when the
+                # secondary already read as sync point n; deleting it could lose the only copy.
+                self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced])
+                export = self.exporter({vols[r].name: r for r in remotes}, bind)
         except Exception:
-            self.store.abort_sync(group, "begin failed", stop=False)
+            self.store.abort_sync(group, "begin failed", state=None)
+            self.books.pop(group, None)
             os.close(fd)
             raise
         self.active[group] = (fd, export, sync_id)
         infos = export.infos
-        return {"volumes": {r: {"export": dataclasses.asdict(infos[vols[r].name]),
-                                "base": holds and vols[r] in synced} for r in remotes}}
+        return {"view": view, "volumes": {r: {"export": dataclasses.asdict(infos[vols[r].name])} for r in remotes}}
 
     def _take_over(self, g: Group):
         """Settle a sync in flight that another agent process still holds.
@@ -265,12 +285,6 @@ class Agent:
         finally:
             os.close(fd)
 
-    def _cut(self, g: Group, vols: list[VolumePair]):
-        # An existing R(n) is kept (cut is idempotent): it is a leftover of a failed begin, taken when
-        # the secondary already read as sync point n; deleting it could lose the only copy.
-        cut_by_backend(self.snapshotter_for,
-                       [(v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in vols])
-
     def op_commit(self, group: str, generation: int, sync_id: str):
         g = self._secondary(group)
         if g.generation == generation and g.sync_id == sync_id:
@@ -280,15 +294,17 @@ class Agent:
                              f"{self.store.system().name}; nothing to commit")
         fd, export, _ = self.active[group]
         export.stop()                                  # nbdkit gone: every write it acknowledged is on disk
-        _fault("agent-before-commit")
-        self.store.commit_sync(group, generation, sync_id)
-        _fault("agent-after-commit")
+        faults.point("agent-before-commit", 98)
+        after = transition(g, Event.SYNC_DONE)
+        self.store.commit_sync(group, generation, sync_id, state=after.state, reason=after.reason)
+        faults.point("agent-after-commit", 98)
         if g.generation:
-            for v in self.store.volumes(group):
-                self._delete(v.local, snapshot_name(group, v.name, "R", g.generation))
+            with lvm.reports():
+                self._delete_all(g, "R", g.generation)
         del self.active[group]
         os.close(fd)
-        return {"committed": generation}
+        book = self.books.pop(group, None)
+        return {"committed": generation, "commands": book.commands if book else None}
 
     def op_abort(self, group: str, generation: int, sync_id: str, reason: str = ""):
         g = self._secondary(group)
@@ -312,6 +328,7 @@ class Agent:
 
     # -- helpers ------------------------------------------------------------------------------------
     def _release(self, group: str, *, rollback_reason: str):
+        self.books.pop(group, None)
         fd, export, _ = self.active.pop(group)
         try:
             export.stop()
@@ -324,32 +341,57 @@ class Agent:
         log.warning("group %s: %s", g.name, reason)
         if g.generation:
             for v in self.store.volumes(g.name):
-                snapper = self.snapshotter_for(v.local)
+                snapper = self.backend(v.backend).snapshotter
                 snap = snapper.find(v.local, snapshot_name(g.name, v.name, "R", g.generation))
                 if snap is not None:
                     snapper.rollback(snap)
-        self.store.abort_sync(g.name, reason)
+        after = transition(g, Event.SYNC_FAILED, reason)
+        self.store.abort_sync(g.name, after.reason, state=after.state)
 
-    def _delete(self, path: str, name: str | None):
-        if name:
-            delete_named(self.snapshotter_for, path, name)
+    def _delete_all(self, g: Group, kind: str, generation: int):
+        self.delete([(v.backend, v.local, snapshot_name(g.name, v.name, kind, generation))
+                     for v in self.store.volumes(g.name)])
+
+
+_TYPES = {"str": str, "int": int, "bool": bool, "float": (int, float), "list[str]": list}
+
+
+def _check_args(fn, args: dict) -> None:
+    """Every argument has the type its operation declares, and a group name is a valid name, before
+    anything reaches the store or a path (a hostile or broken primary gets a UsageError)."""
+    params = inspect.signature(fn).parameters
+    for key, value in args.items():
+        p = params.get(key)
+        if p is None:
+            raise TypeError(f"unexpected argument {key!r}")
+        want = _TYPES.get(str(p.annotation))
+        if want is not None and not isinstance(value, want):
+            raise TypeError(f"argument {key!r} must be {p.annotation}, not {type(value).__name__}")
+        if want is list and not all(isinstance(x, str) for x in value):
+            raise TypeError(f"argument {key!r} must be a list of strings")
+    if "group" in args:
+        check_name("group", args["group"])
+
+
+def _error(rid, cls: str, code: int, message: str) -> dict:
+    return {"id": rid, "ok": False, "error": {"class": cls, "exit_code": code, "message": message}}
 
 
 def _lines(fd: int, agent: Agent):
-    """Lines from fd; while a sync is in flight, stop after IDLE_TIMEOUT seconds without one."""
-    buf = b""
+    """Lines from fd; while a sync is in flight, stop after IDLE_TIMEOUT seconds without one. A line
+    over the limit is skipped and answered with an error."""
+    reader = LineReader(fd)
     while True:
-        while b"\n" not in buf:
-            timeout = IDLE_TIMEOUT if agent.active else None
-            ready, _, _ = select.select([fd], [], [], timeout)
-            if not ready:
-                log.warning("no request for %.0f s with a sync in flight: the primary is gone", IDLE_TIMEOUT)
-                return
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return
-            buf += chunk
-        line, buf = buf.split(b"\n", 1)
+        try:
+            line = reader.readline(IDLE_TIMEOUT if agent.active else None)
+        except ChannelTimeout:
+            log.warning("no request for %.0f s with a sync in flight: the primary is gone", IDLE_TIMEOUT)
+            return
+        except LineTooLong as e:
+            yield e
+            continue
+        if line is None:
+            return
         yield line.decode(errors="replace")
 
 
@@ -368,15 +410,17 @@ def serve(store: Store, stdin=None, stdout=None, agent: Agent | None = None) -> 
     try:
         agent.recover()
         for line in _lines(stdin.fileno(), agent):
-            if not line.strip():
+            if isinstance(line, LineTooLong):
+                reply = _error(None, "UsageError", 2, str(line))
+            elif not line.strip():
                 continue
-            try:
-                request = json.loads(line)
-            except ValueError as e:
-                reply = {"id": None, "ok": False, "error": {"class": "UsageError", "exit_code": 2,
-                                                            "message": f"not JSON: {e}"}}
             else:
-                reply = agent.handle(request)
+                try:
+                    request = json.loads(line)
+                except ValueError as e:
+                    reply = _error(None, "UsageError", 2, f"not JSON: {e}")
+                else:
+                    reply = agent.handle(request)
             stdout.write(json.dumps(reply) + "\n")
             stdout.flush()
     finally:

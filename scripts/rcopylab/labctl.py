@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from lab import image as images
-from lab import push as pusher
-from lab.config import HOSTS, Config, load
-from lab.errors import BootFailed, LabError, LabUsage, NotRunning
-from lab.ssh import Ssh, shell_text
-from lab.vm import Vm
+from rcopylab import image as images
+from rcopylab import push as pusher
+from rcopylab.config import HOSTS, Config, load
+from rcopylab.errors import BootFailed, LabError, LabUsage, NotRunning
+from rcopylab.ssh import Ssh, shell_text
+from rcopylab.vm import Vm
 from rcopy.errors import RcopyError
 
 RESET_SCRIPT = Path(__file__).resolve().parent / "guest" / "reset.sh"

@@ -13,20 +13,21 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout
+sys.path[:0] = [TOP, os.path.join(TOP, "scripts")]   # rcopy, tests.lab; rcopylab
 
-from lab.labctl import Lab  # noqa: E402
+from rcopylab.labctl import Lab  # noqa: E402
 from tests.lab.dm_guest import run_guest  # noqa: E402
 
 SNIPPET = """
 import random, time
-from rcopy.snapshot.select import for_device
-from rcopy.changes.select import change_source_for
+from rcopy.backends import for_device
 from rcopy.changes.refine import full_compare
 KIND, MIB, PERCENT = {kind!r}, {mib}, {percent}
 v = thin_volume("benchthin", MIB, pool_mib=MIB * 5 // 4 + 64) if KIND == "thin" else thick_volume("benchcow", MIB)
 fill_random(v, MIB, seed=11)
-s = for_device(v)
+bk = for_device(v)
+s = bk.snapshotter
 (p1,) = s.cut([(v, f"rcopy.b.{{KIND}}.P1")])
 rnd = random.Random(13)
 n = MIB * 256
@@ -44,8 +45,8 @@ def measure(fn):
     r0, d0, t0 = sectors_read(), dm_sectors_read(devs), time.monotonic()
     ext = list(fn())
     return ext, time.monotonic() - t0, (sectors_read() - r0) * 512, (dm_sectors_read(devs) - d0) * 512
-measure(lambda: change_source_for(s).changed(p1, p2))        # warm-up: imports, tool binaries
-meta_ext, meta_s, meta_b, meta_d = measure(lambda: change_source_for(s).changed(p1, p2))
+measure(lambda: bk.changes.changed(p1, p2))        # warm-up: imports, tool binaries
+meta_ext, meta_s, meta_b, meta_d = measure(lambda: bk.changes.changed(p1, p2))
 full_ext, full_s, full_b, full_d = measure(lambda: full_compare(p1.path, p2.path))
 OUT.update(bench="extents", backend=KIND, volume_mib=MIB, changed_blocks=len(picked),
            same_result=meta_ext == full_ext, changed_bytes=sum(e.length for e in meta_ext),

@@ -9,7 +9,7 @@ import json
 import socket
 from pathlib import Path
 
-from lab.errors import LabError
+from rcopylab.errors import LabError
 
 
 class QmpError(LabError):

@@ -1,7 +1,7 @@
 """The lab's VM image: a Debian bookworm root filesystem, its kernel and initrd, and the lab ssh key.
 
 Built by mmdebstrap (no VM, no mount: ``mke2fs -d`` turns the tree into an ext4 image) and cached under
-``<cache>/<recipe hash>/`` so a rebuild happens only when lab/recipe/ or this builder changes. VMs never
+``<cache>/<recipe hash>/`` so a rebuild happens only when recipe/ or this builder changes. VMs never
 write the image: each boots a qcow2 overlay on it. Measured here: ~80 s cold, 0 s cached.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab.errors import LabError
+from rcopylab.errors import LabError
 from rcopy.sys.run import describe, run
 
 RECIPE = Path(__file__).resolve().parent / "recipe"

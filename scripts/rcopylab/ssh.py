@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lab.errors import GuestCommandFailed, LabError
+from rcopylab.errors import GuestCommandFailed, LabError
 from rcopy.sys.run import Result, run
 
 MASTER_IDLE_S = 600

@@ -1,5 +1,8 @@
 """The interfaces the engine drives; the engine sees nothing else of the system.
 
+They live at the bottom of the package (beside model.py and extent.py), not inside rcopy.engine: the
+back-ends and the transport implement them, and no module imports a layer above its own.
+
 Implementations live outside rcopy.engine (rcopy.snapshot, rcopy.changes, rcopy.transport); unit tests
 hand the engine fakes of these, the lab hands it the real ones (zrepl's driver over Planner/FS/Step).
 Volumes and snapshots are named by block-device path (``/dev/VG/LV``); snapshot names follow the
@@ -24,10 +27,22 @@ class Snapshot:
 
 
 class Snapshotter(Protocol):
-    """Takes, checks, deletes and rolls back snapshots. Every method is idempotent."""
+    """Takes, checks, deletes and rolls back snapshots. Every method is idempotent.
+
+    A group cut across back-ends (rcopy.snapshot.cut) asks each back-end for ``existing`` and
+    ``prepare``; ``cut`` is the same for one back-end alone.
+    """
+
+    backend: str
 
     def cut(self, requests: Sequence[tuple[str, str]]) -> list[Snapshot]:
         """Snapshot every (origin path, snapshot name) at one instant (crash-consistent across all)."""
+
+    def existing(self, requests: Sequence[tuple[str, str]]) -> list[Snapshot] | None:
+        """All of them, when every snapshot asked for exists and is complete; else None."""
+
+    def prepare(self, requests: Sequence[tuple[str, str]]):
+        """This back-end's share of a group cut (a rcopy.snapshot.cut.CutPart), prepared."""
 
     def find(self, origin: str, name: str) -> Snapshot | None:
         """The snapshot of that name on that origin, or None if it does not exist."""
@@ -38,6 +53,9 @@ class Snapshotter(Protocol):
     def delete(self, snap: Snapshot) -> None:
         """Remove the snapshot; a missing one is not an error."""
 
+    def delete_all(self, snaps: Sequence[Snapshot]) -> None:
+        """Remove several at once (one command where the tool allows)."""
+
     def rollback(self, snap: Snapshot) -> None:
         """Make the origin read exactly as the snapshot; the snapshot is consumed."""
 
@@ -45,6 +63,17 @@ class Snapshotter(Protocol):
 class ChangeSource(Protocol):
     def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
         """Sorted, non-overlapping extents of ``new`` that differ from ``old`` (zero runs marked)."""
+
+
+class Backend(Protocol):
+    """One kind of volume (thin, cow, file): how to snapshot it, find its changes, read it whole."""
+
+    name: str
+    snapshotter: Snapshotter
+    changes: ChangeSource
+
+    def full(self, snap: Snapshot) -> Iterator[Extent]:
+        """Every block of the snapshot, lazily (zero runs as zero extents)."""
 
 
 class Sender(Protocol):

@@ -14,10 +14,10 @@ import signal
 import time
 from pathlib import Path
 
-from lab import qmp
-from lab.config import HOSTS, LINK_IPS, Config
-from lab.errors import LabError
-from lab.image import Image
+from rcopylab import qmp
+from rcopylab.config import HOSTS, LINK_IPS, Config
+from rcopylab.errors import LabError
+from rcopylab.image import Image
 from rcopy.sys.run import describe, run
 
 DATA_DISKS = ("vdb", "vdc")

@@ -20,9 +20,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))   # the checkout
 
-from rcopy.engine.ports import ExportInfo  # noqa: E402
+from rcopy.ports import ExportInfo  # noqa: E402
 from rcopy.extent import Extent  # noqa: E402
 from rcopy.sys import nbdkit  # noqa: E402
 from rcopy.sys.run import run  # noqa: E402

@@ -1,0 +1,196 @@
+"""A sync session as the product promises it: the one way the CLI and the daemon run a sync.
+
+Always, in this order: take the group lock (Busy if held: never two syncs of a group), resume any
+origin of the group left suspended (a cut killed by SIGKILL), connect to the target's agent, reconcile
+with it (DESIGN.md, crash windows), run the sync point, record its report (seconds per phase, external
+commands on each side, the executed plan). LVM questions inside a session are answered from one report
+per VG (rcopy.sys.lvm.reports), and every command run is counted (rcopy.sys.run.ledger).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+
+from rcopy import backends
+from rcopy.engine import schedule
+from rcopy.engine.driver import Driver, SyncReport
+from rcopy.engine.states import Event, transition
+from rcopy.errors import Busy, PermissionDenied
+from rcopy.model import Group, LinkState
+from rcopy.state import Store
+from rcopy.sys import dmsetup, lvm, run
+
+log = logging.getLogger("rcopy")
+
+
+def require_root():
+    """rcopy writes block devices and device-mapper tables: root only. RCOPY_ALLOW_NONROOT=1 is for tests."""
+    if os.geteuid() != 0 and os.environ.get("RCOPY_ALLOW_NONROOT") != "1":
+        raise PermissionDenied("rcopy must run as root (it snapshots and writes block devices): use sudo")
+
+
+def open_store() -> Store:
+    """The state of this system, after resuming any origin an interrupted cut left suspended."""
+    require_root()
+    store = Store()
+    resume_idle(store)
+    return store
+
+
+def resume_idle(store: Store) -> None:
+    """Every rcopy start resumes the origins (or secondaries) of groups that nobody is syncing, found
+    suspended: SIGKILL or a crash of rcopy itself mid-cut leaves them so, and suspended volumes hang
+    their applications. A group whose lock is held is mid-cut for real and is left alone."""
+    for g in store.groups():
+        fd = store.try_lock(g.name)
+        if fd is None:
+            continue
+        try:
+            resume_origins(store, g.name)
+        finally:
+            os.close(fd)
+
+
+def unwind_on_signals():
+    """SIGTERM (systemd stop, kill) unwinds like Ctrl-C: a cut in progress resumes its origins in its
+    ``finally`` and the sync in flight is aborted (rolled back on the backup) instead of dying mid-way."""
+    def _interrupt(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def connect(store: Store, target_name: str):
+    """A Peer on the first link that answers; records link states as seen."""
+    from rcopy.transport.peer import Peer, TargetUnreachable
+
+    target = store.target(target_name)
+    try:
+        peer = Peer(target, system=store.system().name)
+    except TargetUnreachable:
+        for link in target.links:
+            store.set_link_state(target.name, link, LinkState.DOWN)
+        raise
+    for link in target.links:
+        if link == peer.link:
+            store.set_link_state(target.name, link, LinkState.UP)
+            break
+        store.set_link_state(target.name, link, LinkState.DOWN)
+    return peer
+
+
+def driver(store: Store, peer, progress=None) -> Driver:
+    from rcopy.transport.sender import NbdSender
+    return Driver(store, peer, backend=backends.get, cut=backends.cut, delete=backends.delete,
+                  sender=NbdSender(), progress=progress)
+
+
+def fill_kinds(store: Store, group: str) -> None:
+    """Volumes admitted before the back-end was stored with them (state schema 1) are probed once."""
+    for v in store.volumes(group):
+        if not v.backend:
+            p = backends.probe(v.local)
+            store.put_volume(dataclasses.replace(v, backend=p.kind, device_id=p.identity))
+
+
+def resume_origins(store: Store, group: str) -> list[str]:
+    """Resume every origin of the group found suspended (no command when none is)."""
+    names = dmsetup.resume_suspended([v.local for v in store.volumes(group)])
+    for n in names:
+        log.warning("group %s: resumed %s, left suspended by an interrupted cut", group, n)
+    return names
+
+
+def check(store: Store, group: str, event: Event) -> Group:
+    """Refuse at once what the group's state does not allow (before forking a background run). A sync
+    in flight is judged by the lock, not by the record: a record without a lock holder is a crashed
+    sync that reconcile settles."""
+    g = store.group(group)
+    transition(dataclasses.replace(g, pending_generation=0), event)
+    return g
+
+
+def plan(store: Store, group: str, *, full: str = ""):
+    """The plan a sync would run now (``rcopy sync --dry-run``): the same facts and function as a sync."""
+    g = store.group(group)
+    with lvm.reports(), connect(store, g.target) as peer:
+        return driver(store, peer).plan(group, full=full)
+
+
+def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str = "", progress=None,
+             lock_held: bool = False) -> SyncReport:
+    g = store.group(group)
+    with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports():
+        fill_kinds(store, group)
+        resume_origins(store, group)
+        with connect(store, g.target) as peer:
+            d = driver(store, peer, progress)
+            d.reconcile(group)
+            report = d.sync(group, event=event, full=full)
+    store.set_report(group, {**report.as_dict(), "commands": book.commands,
+                             "commands_by_tool": dict(book.by_tool)})
+    g = store.group(group)
+    alert = schedule.over_period_alert(g, g.last_sync_start, g.last_sync_end)
+    if alert or g.alert:
+        store.update_group(group, alert=alert)
+        if alert:
+            log.warning("group %s: %s", group, alert)
+    return report
+
+
+def settle(store: Store, group: str) -> None:
+    """Resume suspended origins and reconcile with the backup, without syncing (``group stop``)."""
+    g = store.group(group)
+    with lvm.reports():
+        fill_kinds(store, group)
+        resume_origins(store, group)
+        if g.pending_generation:
+            with connect(store, g.target) as peer:
+                driver(store, peer).reconcile(group)
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def background(store: Store, group: str, fn) -> int:
+    """Run ``fn()`` in a detached child holding the group lock; return at once (3PAR: syncrcopy without -w)."""
+    fd = store.try_lock(group)
+    if fd is None:
+        raise Busy(f"group {group} is busy (a sync or another operation is running): retry when it has finished")
+    # HAZARD: an SQLite connection must not cross a fork: the parent closing it at exit can checkpoint
+    # and remove the WAL under the child's open transaction, losing its commit. Close it first; the
+    # child opens its own.
+    store.close()
+    pid = os.fork()
+    if pid:
+        os.close(fd)
+        return pid
+    try:                                        # the child: detach, keep the lock fd, never return
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for n in (0, 1, 2):
+            os.dup2(null, n)
+        unwind_on_signals()
+        fn()
+        code = 0
+    except BaseException:
+        code = 1
+    os._exit(code)
+
+
+def launch(store: Store, group: str, *, event: Event, full: str = "", progress=None,
+           wait: bool = False) -> SyncReport | int:
+    """Run a sync point now: in the foreground (``wait``: returns the report) or detached (3PAR's
+    default: returns the child's pid)."""
+    check(store, group, event)
+    if wait:
+        return run_sync(store, group, event=event, full=full, progress=progress)
+    directory = store.dir
+    return background(store, group, lambda: run_sync(Store(directory), group, event=event, full=full,
+                                                      lock_held=True))

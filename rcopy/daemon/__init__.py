@@ -1,1 +1,0 @@
-"""The long-running service: scheduler, link and device watch."""
