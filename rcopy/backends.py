@@ -94,16 +94,17 @@ def find(kind: str, origin: str, name: str) -> Snapshot | None:
 
 
 def delete(requests: Iterable[tuple[str, str, str]]) -> int:
-    """Delete every existing (back-end, origin, name) snapshot, batched per back-end; returns how many
-    existed."""
-    per: dict[str, list[Snapshot]] = {}
+    """Delete every existing (back-end, origin, name) snapshot; returns how many existed. Back-ends
+    that remove the same way (thin and cow: one ``lvremove`` of many LVs) are batched together."""
+    per: dict[object, tuple[Snapshotter, list[Snapshot]]] = {}
     for kind, origin, name in requests:
-        snap = get(kind).snapshotter.find(origin, name)
+        snapper = get(kind).snapshotter
+        snap = snapper.find(origin, name)
         if snap is not None:
-            per.setdefault(kind, []).append(snap)
-    for kind, snaps in per.items():
-        get(kind).snapshotter.delete_all(snaps)
-    return sum(len(s) for s in per.values())
+            per.setdefault(type(snapper).delete_all, (snapper, []))[1].append(snap)
+    for snapper, snaps in per.values():
+        snapper.delete_all(snaps)
+    return sum(len(s) for _, s in per.values())
 
 
 def digest(path: str) -> str:

@@ -45,6 +45,11 @@ class LinkState(str, enum.Enum):
 
 
 POLICIES = frozenset({"auto_recover", "over_per_alert"})
+# Why a group stopped, typed for policy: auto_recover restarts only "link" (the target or its links were
+# lost) and "interrupted" (rcopy itself died mid-sync and a reconcile rolled it back); "device", "space",
+# "state" and "failed" wait for the administrator, as 3PAR does; "admin" is an administrator's stop.
+FAULTS = ("admin", "link", "interrupted", "device", "space", "state", "failed")
+RECOVERABLE = frozenset({"link", "interrupted"})
 MODE_PERIODIC = "periodic"
 
 # Group and volume names become part of reserved snapshot names (rcopy.<group>.<volume>.<kind><gen>),
@@ -155,6 +160,7 @@ class Group:
     last_sync_start: float = 0.0
     last_sync_end: float = 0.0
     alert: str = ""                # e.g. the over-period alert
+    fault: str = ""                # why it stopped, as policy sees it: one of FAULTS ("" when running)
 
     @property
     def syncing(self) -> bool:

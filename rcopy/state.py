@@ -22,6 +22,8 @@ pending_generation, pending_id, last_sync_start, last_sync_end, alert)``
 full_reason, backend, device_id, PRIMARY KEY(grp, name))``
     volume pairs; ``local`` is unique across groups (a volume is in one group only). ``backend`` (thin,
     cow, file) and ``device_id`` (``lv:UUID`` or ``file:DEV:INODE``) are decided once at admit (v2).
+``groups.fault`` (v2)
+    why the group stopped, typed for policy (rcopy.model.FAULTS); '' while it runs.
 ``groups.last_report`` (v2)
     JSON of the last sync's report: seconds per phase, external commands on each side, bytes, the
     executed plan (``rcopy status --json`` shows it as ``last_sync``).
@@ -77,7 +79,8 @@ CREATE TABLE sync_points (grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CA
 _SCHEMA_V2 = """
 ALTER TABLE volumes ADD COLUMN backend TEXT NOT NULL DEFAULT '';
 ALTER TABLE volumes ADD COLUMN device_id TEXT NOT NULL DEFAULT '';
-ALTER TABLE groups ADD COLUMN last_report TEXT NOT NULL DEFAULT '{}'
+ALTER TABLE groups ADD COLUMN last_report TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE groups ADD COLUMN fault TEXT NOT NULL DEFAULT ''
 """
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
@@ -118,7 +121,7 @@ def _values(obj, columns: tuple[str, ...]) -> list:
 
 
 _GROUP_COLS = ("name", "target", "role", "mode", "period", "policies", "state", "reason", "generation", "sync_id",
-               "pending_generation", "pending_id", "last_sync_start", "last_sync_end", "alert")
+               "pending_generation", "pending_id", "last_sync_start", "last_sync_end", "alert", "fault")
 _VOLUME_COLS = ("grp", "name", "local", "remote", "size", "state", "bytes_done", "bytes_total", "bytes_sent",
                 "last_sync", "full_reason", "backend", "device_id")
 
@@ -345,7 +348,7 @@ class Store:
         return self.group(group)
 
     def commit_sync(self, group: str, generation: int, sync_id: str, stats: dict[str, tuple[int, str]] | None = None,
-                    *, state: GroupState = GroupState.STARTED, reason: str = "") -> Group:
+                    *, state: GroupState = GroupState.STARTED, reason: str = "", fault: str = "") -> Group:
         """Make ``generation`` the group's sync point: ONE transaction (rcopy/DESIGN.md §4). Idempotent.
 
         ``stats`` maps volume name -> (bytes sent, full-sync reason) for the volumes that were synced;
@@ -362,14 +365,16 @@ class Store:
             db.execute("UPDATE sync_points SET committed=1, ended=? WHERE grp=? AND generation=?", (now, group, generation))
             db.execute("DELETE FROM sync_points WHERE grp=? AND generation<>?", (group, generation))
             db.execute("UPDATE groups SET generation=?, sync_id=?, pending_generation=0, pending_id='', "
-                       "last_sync_end=?, state=?, reason=? WHERE name=?", (generation, sync_id, now, state.value, reason, group))
+                       "last_sync_end=?, state=?, reason=?, fault=? WHERE name=?",
+                       (generation, sync_id, now, state.value, reason, fault, group))
             for name, (sent, why) in (stats or {}).items():
                 db.execute("UPDATE volumes SET state='synced', bytes_sent=?, full_reason=?, last_sync=?, "
                            "bytes_done=bytes_total WHERE grp=? AND name=?", (sent, why, now, group, name))
             db.execute("UPDATE volumes SET state='synced', last_sync=? WHERE grp=? AND state='syncing'", (now, group))
         return self.group(group)
 
-    def abort_sync(self, group: str, reason: str, *, state: GroupState | None = GroupState.STOPPED) -> Group:
+    def abort_sync(self, group: str, reason: str, *, state: GroupState | None = GroupState.STOPPED,
+                   fault: str = "failed") -> Group:
         """Forget the sync point in flight; volumes return to the last committed point (or not-synced).
         ``state`` is the group's afterwards (rcopy.engine.states, event sync-failed); None keeps it."""
         with self.tx() as db:
@@ -379,7 +384,8 @@ class Store:
                            (group, g.pending_generation))
             db.execute("UPDATE groups SET pending_generation=0, pending_id='' WHERE name=?", (group,))
             if state is not None:
-                db.execute("UPDATE groups SET state=?, reason=? WHERE name=?", (state.value, reason, group))
+                db.execute("UPDATE groups SET state=?, reason=?, fault=? WHERE name=?",
+                           (state.value, reason, fault, group))
             db.execute("UPDATE volumes SET state=CASE WHEN last_sync>0 THEN 'synced' ELSE 'not-synced' END, "
                        "bytes_done=0 WHERE grp=? AND state='syncing'", (group,))
         return self.group(group)

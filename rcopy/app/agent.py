@@ -296,7 +296,7 @@ class Agent:
         export.stop()                                  # nbdkit gone: every write it acknowledged is on disk
         faults.point("agent-before-commit", 98)
         after = transition(g, Event.SYNC_DONE)
-        self.store.commit_sync(group, generation, sync_id, state=after.state, reason=after.reason)
+        self.store.commit_sync(group, generation, sync_id, state=after.state, reason=after.reason, fault=after.fault)
         faults.point("agent-after-commit", 98)
         if g.generation:
             with lvm.reports():
@@ -345,8 +345,8 @@ class Agent:
                 snap = snapper.find(v.local, snapshot_name(g.name, v.name, "R", g.generation))
                 if snap is not None:
                     snapper.rollback(snap)
-        after = transition(g, Event.SYNC_FAILED, reason)
-        self.store.abort_sync(g.name, after.reason, state=after.state)
+        after = transition(g, Event.SYNC_FAILED, reason, "interrupted")
+        self.store.abort_sync(g.name, after.reason, state=after.state, fault=after.fault)
 
     def _delete_all(self, g: Group, kind: str, generation: int):
         self.delete([(v.backend, v.local, snapshot_name(g.name, v.name, kind, generation))

@@ -9,6 +9,7 @@ the daemon never run one group twice. Logs go to stderr (the journal under syste
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -23,9 +24,10 @@ log = logging.getLogger("rcopy.daemon")
 
 
 class Service:
-    def __init__(self, store, sync: Callable, *, probe: Callable[[str], bool] = links.route_up,
-                 clock: Callable[[], float] = time.time):
+    def __init__(self, store, sync: Callable, *, settle: Callable | None = None,
+                 probe: Callable[[str], bool] = links.route_up, clock: Callable[[], float] = time.time):
         self.store, self.sync, self.probe, self.clock = store, sync, probe, clock
+        self.settle = settle or (lambda group: None)
         self.running: dict[str, threading.Thread] = {}
         self.recover_attempt: dict[str, float] = {}
 
@@ -49,8 +51,12 @@ class Service:
         for g in self.store.groups():
             if g.role not in SENDING_ROLES or g.name in self.running:
                 continue
-            if scheduler.due(g, now):
-                why = "period"
+            live = self._live(g.name) if g.syncing else False
+            if scheduler.due(g, now, live):
+                why = "reconcile, then sync" if g.syncing else "period"
+            elif scheduler.needs_settle(g, live) and now - self.recover_attempt.get(g.name, 0.0) >= scheduler.RECOVER_RETRY:
+                self.recover_attempt[g.name] = now
+                why = "reconcile"
             elif scheduler.should_recover(g, now, self.recover_attempt.get(g.name, 0.0)) and self.links_up(g.target):
                 self.recover_attempt[g.name] = now
                 why = "auto_recover"
@@ -62,9 +68,20 @@ class Service:
             started.append((g.name, why))
         return started
 
+    def _live(self, group: str) -> bool:
+        """Does a process hold the group's lock (a sync really runs)?"""
+        fd = self.store.try_lock(group)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
     def _run(self, group: str, why: str):
         log.info("group %s: sync (%s)", group, why)
         try:
+            if why == "reconcile":
+                self.settle(group)
+                return
             report = self.sync(group)
             log.info("group %s: sync point %s committed, %s bytes sent in %.1f s", group, report.generation,
                      report.bytes_sent, report.seconds)

@@ -18,7 +18,7 @@ from rcopy.engine import schedule
 from rcopy.engine.driver import Driver, SyncReport
 from rcopy.engine.states import Event, transition
 from rcopy.errors import Busy, PermissionDenied
-from rcopy.model import Group, LinkState
+from rcopy.model import Group, GroupState, LinkState
 from rcopy.state import Store
 from rcopy.sys import dmsetup, lvm, run
 
@@ -80,6 +80,19 @@ def connect(store: Store, target_name: str):
     return peer
 
 
+def connect_or_stop(store: Store, g: Group):
+    """``connect`` for a sync: a target unreachable on every link stops a running group with the
+    reason (fault "link", so auto_recover retries it when a link is back)."""
+    from rcopy.transport.peer import TargetUnreachable
+    try:
+        return connect(store, g.target)
+    except TargetUnreachable as e:
+        g = store.group(g.name)
+        if g.state in (GroupState.STARTED, GroupState.STARTING):
+            store.put_group(transition(g, Event.LINK_DOWN, f"target {g.target} unreachable: {e}"))
+        raise
+
+
 def driver(store: Store, peer, progress=None) -> Driver:
     from rcopy.transport.sender import NbdSender
     return Driver(store, peer, backend=backends.get, cut=backends.cut, delete=backends.delete,
@@ -107,8 +120,19 @@ def check(store: Store, group: str, event: Event) -> Group:
     in flight is judged by the lock, not by the record: a record without a lock holder is a crashed
     sync that reconcile settles."""
     g = store.group(group)
-    transition(dataclasses.replace(g, pending_generation=0), event)
-    return g
+    if g.pending_generation and not _held(store, group):
+        # a crashed sync: reconcile will roll it back (the group then counts as stopped) or finish it
+        g = dataclasses.replace(g, pending_generation=0, state=GroupState.STOPPED)
+    transition(g, event)
+    return store.group(group)
+
+
+def _held(store: Store, group: str) -> bool:
+    fd = store.try_lock(group)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
 
 
 def plan(store: Store, group: str, *, full: str = ""):
@@ -124,7 +148,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
     with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports():
         fill_kinds(store, group)
         resume_origins(store, group)
-        with connect(store, g.target) as peer:
+        with connect_or_stop(store, g) as peer:
             d = driver(store, peer, progress)
             d.reconcile(group)
             report = d.sync(group, event=event, full=full)
@@ -137,6 +161,12 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
         if alert:
             log.warning("group %s: %s", group, alert)
     return report
+
+
+def settle_locked(store: Store, group: str) -> None:
+    """``settle`` under the group's lock (Busy if someone holds it)."""
+    with store.lock(group):
+        settle(store, group)
 
 
 def settle(store: Store, group: str) -> None:

@@ -13,7 +13,6 @@ from rcopy.changes.refine import refine
 from rcopy.ports import Snapshot
 from rcopy.errors import Refused
 from rcopy.extent import Extent
-from rcopy.snapshot.cow import snapshot_status
 from rcopy.sys import cow, lvm
 
 
@@ -27,9 +26,9 @@ def cow_device(lv: lvm.LV) -> str:
 
 def candidates(old: lvm.LV) -> list[Extent]:
     """Byte ranges of the origin written since ``old`` was taken, from its exception table."""
-    if not snapshot_status(old).valid:
+    if old.snapshot_invalid:
         raise _invalid(old)
-    table = cow.read_device(cow_device(old))
+    table = cow.read_device(cow_device(old))    # the kernel clears the header's valid flag on overflow
     if not table.valid:
         raise _invalid(old)
     size = old.volume_size

@@ -27,6 +27,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
+from rcopy.sys.blockio import ReadError, ShortRead, read_exactly
 from rcopy import native
 from rcopy.errors import DeviceError, Refused, UsageError
 from rcopy.extent import Extent, coalesce
@@ -42,12 +43,6 @@ class OpenError(DeviceError):
     """cannot open {path} for reading ({reason}): check the path and permissions"""
 
 
-class ReadError(DeviceError):
-    """read error on {path} at offset {offset} ({reason}): the device is failing or went away"""
-
-
-class ShortRead(DeviceError):
-    """{path} ended early, at offset {offset}: the device shrank or failed"""
 
 
 class SizeMismatch(Refused):
@@ -120,23 +115,9 @@ class _Source:
     def read_into(self, buf: mmap.mmap, offset: int, length: int):
         """Fill buf[:length] from ``offset``; ShortRead/ReadError name the path and the offset."""
         view = memoryview(buf)
-        try:
-            got = 0
-            while got < length:
-                want = length - got
-                direct = self.direct
-                if direct:   # the tail of a file may be unaligned: ask for more, take what comes
-                    want = min(-(-want // _DIRECT_ALIGN) * _DIRECT_ALIGN, len(view) - got)
-                try:
-                    n = os.preadv(self.fd, [view[got:got + want]], offset + got)
-                except OSError as e:
-                    if e.errno == errno.EINVAL and direct:   # idempotent: reads run in several threads
-                        self._buffered()
-                        continue
-                    raise ReadError(path=self.path, offset=offset + got, reason=e.strerror) from None
-                if n == 0:
-                    raise ShortRead(path=self.path, offset=offset + got)
-                got += n
+        try:   # _buffered is idempotent: reads run in several threads
+            read_exactly(self.fd, view, offset, length, path=self.path,
+                         align=_DIRECT_ALIGN if self.direct else 0, on_unaligned=self._buffered)
         finally:
             view.release()
 

@@ -48,14 +48,16 @@ def _pool_lock(vg: str, pool: str):
 @contextlib.contextmanager
 def metadata_snapshot(vg: str, pool: str):
     """Hold the pool's metadata snapshot for the block; released even on error. A snapshot left held
-    by a crashed run (we hold the lock, so nobody else owns it) is released first."""
+    by a crashed run (we hold the lock, so nobody else owns it) makes the reserve fail: it is released
+    and reserved again (one command in the common case, not a status query first)."""
     with _pool_lock(vg, pool):
         dev = pool_device(vg, pool)
-        st = dmsetup.parse_pool_status(dmsetup.status(dev)[0])
-        if st.held_root is not None:
-            log.warning("releasing a stale metadata snapshot of pool %s/%s", vg, pool)
+        try:
+            dmsetup.message(dev, "reserve_metadata_snap")
+        except dmsetup.DmError as e:
+            log.warning("releasing a stale metadata snapshot of pool %s/%s (%s)", vg, pool, e)
             dmsetup.message(dev, "release_metadata_snap")
-        dmsetup.message(dev, "reserve_metadata_snap")
+            dmsetup.message(dev, "reserve_metadata_snap")
         try:
             yield metadata_device(vg, pool)
         finally:

@@ -15,13 +15,14 @@ def register(sub):
 
 def do_daemon(args):
     from rcopy.app.service import Service
-    from rcopy.app.session import open_store, run_sync
+    from rcopy.app.session import open_store, run_sync, settle_locked
     from rcopy.engine.states import Event
     from rcopy.state import Store
 
     logging.getLogger().setLevel(logging.INFO)
     store = open_store()
-    service = Service(store, lambda group: run_sync(Store(store.dir), group, event=Event.SYNC))
+    service = Service(store, lambda group: run_sync(Store(store.dir), group, event=Event.SYNC),
+                      settle=lambda group: settle_locked(Store(store.dir), group))
     if args.once:
         service.tick()
         service.wait()

@@ -2,6 +2,7 @@
 admitrcopyvv, startrcopygroup, stoprcopygroup). A group created here appears on its target by itself."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from rcopy import backends
@@ -11,7 +12,7 @@ from rcopy.cli.common import start_sync
 from rcopy.engine.names import snapshot_name, volume_name
 from rcopy.engine.states import Event, transition
 from rcopy.errors import AlreadyExists, NotFound, Refused, UsageError
-from rcopy.model import Group, VolumePair, VolumeState, check_name, parse_period, parse_policies
+from rcopy.model import Group, GroupState, VolumePair, VolumeState, check_name, parse_period, parse_policies
 
 
 def register(sub):
@@ -154,7 +155,12 @@ def do_start(args):
 def do_stop(args):
     store = open_store()
     with store.lock(args.group, "a sync"):
-        session.settle(store, args.group)
-        g = transition(store.group(args.group), Event.STOP)
+        before = store.group(args.group)
+        session.settle(store, args.group)           # a crashed sync in flight is finished or rolled back first
+        g = store.group(args.group)
+        if g.state is GroupState.STOPPED and before.state is not GroupState.STOPPED:
+            g = dataclasses.replace(g, reason="stopped by the administrator", fault="admin")
+        else:
+            g = transition(g, Event.STOP)
         store.put_group(g)
     print(f"group {g.name} stopped")

@@ -98,11 +98,11 @@ def plan_sync(g: Group, volumes: list[VolumePair], generation: int, sync_id: str
 
 
 def plan_abort(g: Group, volumes: list[VolumePair], generation: int, sync_id: str, reason: str,
-               *, peer: bool = True, link: bool = False) -> list[P.Action]:
+               *, peer: bool = True, fault: str = "failed") -> list[P.Action]:
     """Undo an uncommitted sync: the backup rolls back (R(n) promoted), P(n+1) goes, P(n) stays."""
     plan: list[P.Action] = [P.PeerAbort(g.name, generation, sync_id, reason)] if peer else []
     plan.append(P.DeleteSnapshots(tuple(_snap(g, v, "P", generation) for v in volumes)))
-    plan.append(P.Abort(g.name, reason, link))
+    plan.append(P.Abort(g.name, reason, fault))
     return plan
 
 
@@ -124,7 +124,7 @@ def reconcile(g: Group, volumes: list[VolumePair], peer: PeerView) -> list[P.Act
                 plan.append(P.DeleteSnapshots(tuple(_snap(g, v, "P", g.generation) for v in volumes)))
             return plan
         reason = f"sync point {p} was interrupted (found in flight after a restart); the backup kept sync point {peer.generation}"
-        return plan_abort(g, volumes, p, pid, reason, peer=bool(peer.pending_generation))
+        return plan_abort(g, volumes, p, pid, reason, peer=bool(peer.pending_generation), fault="interrupted")
     if peer.pending_generation:
         plan.append(P.PeerAbort(g.name, peer.pending_generation, peer.pending_id,
                                 "the primary has no sync in flight"))

@@ -27,7 +27,7 @@ from rcopy.engine import plan as P
 from rcopy.engine.names import parse
 from rcopy.ports import Backend, ExportInfo, Sender, Snapshot
 from rcopy.engine.states import Event, transition
-from rcopy.errors import RcopyError, SyncFailed
+from rcopy.errors import DeviceError, RcopyError, StateError, SyncFailed
 from rcopy.extent import Extent
 from rcopy.model import Group, VolumePair
 
@@ -178,7 +178,7 @@ class Driver:
                     run.heartbeat[1].join()
         except (Exception, KeyboardInterrupt) as e:     # not SystemExit & co: a dying process aborts nothing
             reason = _reason(e, generation)
-            self._abort(g, vols, generation, sync_id, reason, link=isinstance(e, RcopyError) and e.kind == "link")
+            self._abort(g, vols, generation, sync_id, reason, fault=fault_of(e))
             if isinstance(e, RcopyError):
                 raise SyncFailed(f"group {name}: {reason}; the backup returns to sync point {g.generation}; "
                                  f"group stopped") from e
@@ -191,15 +191,15 @@ class Driver:
                 # P(n+1), the record in flight) and let the next run's reconcile finish or undo the commit.
                 reason = (f"sync point {generation}: the backup's commit was not confirmed ({e}); "
                           "the next run reconciles with the backup")
-                self.store.put_group(transition(self.store.group(name), Event.SYNC_FAILED, reason))
+                self.store.put_group(transition(self.store.group(name), Event.SYNC_FAILED, reason, fault_of(e)))
                 raise SyncFailed(f"group {name}: {reason}") from e
             self.execute(actions[split + 1:], run)
         return SyncReport(name, generation, run.stats, time.monotonic() - t0, run.phases, run.peer_commands,
                           P.lines(run.done))
 
-    def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str, *, link: bool):
+    def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str, *, fault: str):
         log.info("group %s: aborting sync point %s: %s", g.name, generation, reason)
-        for a in cycle.plan_abort(g, vols, generation, sync_id, reason, link=link):
+        for a in cycle.plan_abort(g, vols, generation, sync_id, reason, fault=fault):
             try:
                 self.execute([a], _Run())
             except RcopyError as e:
@@ -312,15 +312,17 @@ class Driver:
 
     def _do_Commit(self, a: P.Commit, run):
         after = transition(self.store.group(a.group), Event.SYNC_DONE)
-        self.store.commit_sync(a.group, a.generation, a.sync_id, run.stats, state=after.state, reason=after.reason)
+        self.store.commit_sync(a.group, a.generation, a.sync_id, run.stats, state=after.state, reason=after.reason,
+                               fault=after.fault)
         faults.point("after-commit")
 
     def _do_PeerAbort(self, a: P.PeerAbort, run):
         self.peer.abort(a.group, a.generation, a.sync_id, a.reason)
 
     def _do_Abort(self, a: P.Abort, run):
-        after = transition(self.store.group(a.group), Event.LINK_DOWN if a.link else Event.SYNC_FAILED, a.reason)
-        self.store.abort_sync(a.group, after.reason, state=after.state)
+        after = transition(self.store.group(a.group), Event.LINK_DOWN if a.fault == "link" else Event.SYNC_FAILED,
+                           a.reason, a.fault)
+        self.store.abort_sync(a.group, after.reason, state=after.state, fault=after.fault)
 
     def _do_DeleteSnapshots(self, a: P.DeleteSnapshots, run):
         self.delete(a.requests)
@@ -344,6 +346,20 @@ class _Position:
         e = next(self._it)
         self.position = e.offset + e.length
         return e
+
+
+def fault_of(e: BaseException) -> str:
+    """The policy type of what stopped a sync (rcopy.model.FAULTS)."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, RcopyError):
+        if e.kind == "link":
+            return "link"
+        if isinstance(e, DeviceError):
+            return "device"
+        if isinstance(e, StateError):
+            return "state"
+    return "failed"
 
 
 def _reason(e: BaseException, generation: int) -> str:

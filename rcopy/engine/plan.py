@@ -110,7 +110,7 @@ class PeerAbort(Action):
 class Abort(Action):
     group: str
     reason: str
-    link: bool = False          # the cause was the link (auto_recover may retry), not the data
+    fault: str = "failed"       # typed cause for policy (rcopy.model.FAULTS): auto_recover retries link
 
     def describe(self):
         return f"forget the sync in flight of {self.group}, stop it: {self.reason}"

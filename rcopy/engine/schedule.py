@@ -6,7 +6,7 @@ as it ends (never two at once), and with the ``over_per_alert`` policy an alert 
 """
 from __future__ import annotations
 
-from rcopy.model import Group, GroupState, format_period
+from rcopy.model import RECOVERABLE, Group, GroupState, format_period
 
 RECOVER_RETRY = 30.0      # seconds between auto_recover attempts while the target stays unreachable
 
@@ -30,15 +30,27 @@ def over_period_alert(g: Group, start: float, end: float) -> str:
             f"{format_period(g.period)}: the recovery point is older than planned")
 
 
-def due(g: Group, now: float) -> bool:
-    """Should the daemon start a periodic sync of this (primary, started, idle) group now?"""
-    if g.state is not GroupState.STARTED or g.syncing or not g.generation:
+def due(g: Group, now: float, live: bool = False) -> bool:
+    """Should the daemon start a periodic sync of this (primary, started) group now? ``live``: a process
+    holds the group's lock (a sync really runs). A sync recorded in flight that nobody runs is a crash
+    left behind: a started group syncs at once (the run reconciles it first, then goes on)."""
+    if g.state is not GroupState.STARTED or not g.generation:
         return False
+    if g.syncing:
+        return not live
     when = next_start(g.period, g.last_sync_start, g.last_sync_end)
     return when is not None and now >= when
 
 
+def needs_settle(g: Group, live: bool) -> bool:
+    """A group that is not started but has a sync recorded in flight that nobody runs: reconcile it
+    (finish or roll back) without syncing."""
+    return g.syncing and not live and g.state is not GroupState.STARTED
+
+
 def should_recover(g: Group, now: float, last_attempt: float) -> bool:
-    """auto_recover: a group stopped by a failure (not by the administrator) is retried when links are back."""
+    """auto_recover: a group stopped because its target or links were lost, or because rcopy died
+    mid-sync, is retried when links are back; device, space and state faults and an administrator's
+    stop wait for the administrator (3PAR restarts only after link recovery)."""
     return ("auto_recover" in g.policies and g.state is GroupState.STOPPED and g.generation > 0
-            and not g.reason.startswith("stopped by the administrator") and now - last_attempt >= RECOVER_RETRY)
+            and g.fault in RECOVERABLE and now - last_attempt >= RECOVER_RETRY)

@@ -32,8 +32,9 @@ def _refuse_role(g: Group, event: Event):
         raise Refused(f"group {g.name} is {g.role.value} here: run '{event.value}' on the system where it is primary")
 
 
-def transition(g: Group, event: Event, reason: str = "") -> Group:
-    """The group after ``event``; raises Refused/Busy when the event is not allowed now."""
+def transition(g: Group, event: Event, reason: str = "", fault: str = "failed") -> Group:
+    """The group after ``event``; raises Refused/Busy when the event is not allowed now. ``fault``
+    types a SYNC_FAILED for policy (rcopy.model.FAULTS); LINK_DOWN is always "link", STOP "admin"."""
     _refuse_role(g, event)
     s = g.state
     if event in (Event.START, Event.SYNC):
@@ -45,15 +46,18 @@ def transition(g: Group, event: Event, reason: str = "") -> Group:
             raise Refused(f"group {g.name} is already started: use 'rcopy sync {g.name}' to resync now")
         return dataclasses.replace(g, state=GroupState.STARTING if g.generation == 0 else g.state)
     if event is Event.SYNC_DONE:
-        return dataclasses.replace(g, state=GroupState.STARTED, reason="")
-    if event in (Event.SYNC_FAILED, Event.LINK_DOWN):
-        return dataclasses.replace(g, state=GroupState.STOPPED, reason=reason or event.value)
+        return dataclasses.replace(g, state=GroupState.STARTED, reason="", fault="")
+    if event is Event.LINK_DOWN:
+        return dataclasses.replace(g, state=GroupState.STOPPED, reason=reason or event.value, fault="link")
+    if event is Event.SYNC_FAILED:
+        return dataclasses.replace(g, state=GroupState.STOPPED, reason=reason or event.value, fault=fault)
     if event is Event.STOP:
         if g.syncing:
             raise Busy(f"group {g.name} is syncing: wait for the sync to finish, then stop it")
         if s in (GroupState.STOPPED, GroupState.NEW):
             raise Refused(f"group {g.name} is already {s.value}")
-        return dataclasses.replace(g, state=GroupState.STOPPED, reason=reason or "stopped by the administrator")
+        return dataclasses.replace(g, state=GroupState.STOPPED, reason=reason or "stopped by the administrator",
+                                   fault="admin")
     if event in (Event.ADMIT, Event.REMOVE):
         if s in (GroupState.STARTED, GroupState.STARTING) or g.syncing:
             raise Refused(f"group {g.name} is {s.value}: stop it first ('rcopy group stop {g.name}')")

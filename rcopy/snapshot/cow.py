@@ -13,7 +13,7 @@ from rcopy.ports import Snapshot
 from rcopy.errors import UsageError
 from rcopy.snapshot.cut import CutPart
 from rcopy.snapshot.lvmbase import LvmSnapshotter
-from rcopy.sys import dmsetup, lvm
+from rcopy.sys import lvm
 
 DEFAULT_COW_RATIO = 0.5
 
@@ -56,15 +56,8 @@ class CowSnapshotter(LvmSnapshotter):
                 lvm.wait_merged(lv.vg, lv.name)
 
     def valid(self, snap: Snapshot) -> bool:
-        """Valid while the LV exists, is active, and its dm status is not Invalid/Overflow."""
+        """Valid while the LV exists, is active, and LVM does not report it invalid (LVM reads the
+        snapshot target's status for ``lv_snapshot_invalid``: an Invalid or Overflow snapshot is 'I')."""
         lv = lvm.get(lvm.by_path(snap.origin).vg, snap.name)
-        if lv is None or not lv.is_cow_snapshot or lv.snapshot_invalid or not lv.active:
-            return False
-        return snapshot_status(lv).valid
+        return lv is not None and lv.is_cow_snapshot and not lv.snapshot_invalid and lv.active
 
-
-def snapshot_status(lv: lvm.LV) -> dmsetup.SnapshotStatus:
-    lines = dmsetup.status(lv.dm_name)
-    if len(lines) != 1:
-        raise dmsetup.DmError(f"{lv.dm_name}: expected one snapshot table line, got {len(lines)}")
-    return dmsetup.parse_snapshot_status(lines[0])

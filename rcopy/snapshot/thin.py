@@ -24,6 +24,7 @@ pool metadata (rcopy.changes.thin).
 """
 from __future__ import annotations
 
+import os
 import signal
 
 from rcopy.ports import Snapshot
@@ -35,9 +36,10 @@ _HELD = {signal.SIGTERM, signal.SIGINT}
 
 
 def pool_device(vg: str, pool: str) -> str:
-    """The dm device that takes pool messages: VG-POOL-tpool (or VG-POOL for a pool alone)."""
+    """The dm device that takes pool messages: VG-POOL-tpool (or VG-POOL for a pool alone). Its node
+    in /dev/mapper says which exists, without running dmsetup."""
     tpool = lvm.dm_name(vg, pool, "tpool")
-    return tpool if dmsetup.exists(tpool) else lvm.dm_name(vg, pool)
+    return tpool if os.path.exists("/dev/mapper/" + tpool) else lvm.dm_name(vg, pool)
 
 
 class ThinSnapshotter(LvmSnapshotter):

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, NamedTuple
 from rcopy.ports import ExportInfo
 from rcopy.errors import DeviceError, RcopyError, StateError
 from rcopy.extent import Extent, coalesce
+from rcopy.sys.blockio import ReadError, ShortRead, read_exactly
 from rcopy.transport.client import DEFAULT_FLUSH_TIMEOUT, DEFAULT_TIMEOUT, NbdClient
 from rcopy.transport.handshake import Geometry
 from rcopy.transport.nbd_errors import PayloadSourceError
@@ -230,12 +231,7 @@ def _pread(fd: int, length: int, offset: int, path: str) -> bytes:
 
 
 def _preadv(fd: int, buf: memoryview, offset: int, path: str) -> None:
-    pos = 0
-    while pos < buf.nbytes:
-        try:
-            n = os.preadv(fd, [buf[pos:]], offset + pos)
-        except OSError as e:
-            raise SourceReadError(e.strerror, path=path, offset=offset + pos) from None
-        if n == 0:
-            raise SourceReadError("unexpected end of file", path=path, offset=offset + pos)
-        pos += n
+    try:
+        read_exactly(fd, buf, offset, buf.nbytes, path=path)
+    except (ReadError, ShortRead) as e:
+        raise SourceReadError(e.kw.get("reason", "unexpected end of file"), path=path, offset=e.kw["offset"]) from None

@@ -282,3 +282,73 @@ def test_dry_run_prints_the_plan_that_runs_and_status_reports_the_sync(sys2):
     assert rep["commands_by_tool"].get("cp") == 2 and rep["commands"] >= 3
     assert rep["peer_commands"] >= 3
     assert "v1-img" in rep["volumes"] and "missing" in rep["volumes"]["v1-img"]["full_reason"]
+
+
+def test_a_crashed_primary_sync_is_never_stuck(sys2):
+    """Issue 11 #1: after the primary died mid-sync (RCOPY_FAULT=after-send) the group is not stuck:
+    the daemon's next tick reconciles it and syncs on, and stop and start work without an admin's sync."""
+    s = _started(sys2)
+    for p in s.vols:
+        s.write_random(p, 5, seed=21)
+    r = s.rcopy("sync", "g", "--wait", env={"RCOPY_FAULT": "after-send"}, check=False)
+    assert r.returncode == 99
+    s.wait_backup_idle()
+    st = s.status()["groups"][0]
+    assert st["state"] == "started" and st["syncing_generation"] == 2 and not st["syncing"]
+    s.rcopy("daemon", "--once")                              # the next tick: reconcile, then sync
+    st = s.status()["groups"][0]
+    # sync point 2 was rolled back and taken again: committed as 2 (ids differ)
+    assert (st["state"], st["sync_point"]["generation"], st["syncing_generation"]) == ("started", 2, 0), st
+    s.rcopy("verify", "g")
+    # the same crash, then the administrator stops and starts the group: both just work
+    for p in s.vols:
+        s.write_random(p, 5, seed=22)
+    assert s.rcopy("sync", "g", "--wait", env={"RCOPY_FAULT": "after-send"}, check=False).returncode == 99
+    s.wait_backup_idle()
+    s.rcopy("group", "stop", "g")
+    st = s.status()["groups"][0]
+    assert st["state"] == "stopped" and st["syncing_generation"] == 0 and st["sync_point"]["generation"] == 2
+    s.rcopy("group", "start", "g", "--wait")
+    st = s.status()["groups"][0]
+    assert st["state"] == "started" and st["sync_point"]["generation"] == 3
+    assert all(v["full_reason"] == "" for v in st["volumes"])
+    s.rcopy("verify", "g")
+
+
+def test_an_unreachable_target_stops_the_group_with_the_reason(sys2):
+    """Issue 11 #2: the target unreachable at sync time stops the group, says why, and types the fault
+    as a link fault (auto_recover retries it when a link answers again)."""
+    s = _started(sys2)
+    s.rcopy("target", "create", "gone", "--link", "127.0.0.1", "--agent", "/nonexistent/agent")
+    db = os.path.join(s.A, "rcopy.db")
+    import sqlite3
+    with sqlite3.connect(db) as c:                            # point g at a target that cannot answer
+        c.execute("UPDATE groups SET target='gone' WHERE name='g'")
+    r = s.rcopy("sync", "g", "--wait", check=False)
+    _one_line_error(r, 10)
+    st = s.status()["groups"][0]
+    assert st["state"] == "stopped" and "unreachable" in st["reason"], st
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT fault FROM groups WHERE name='g'").fetchone()[0] == "link"
+        c.execute("UPDATE groups SET target='backup' WHERE name='g'")
+    s.rcopy("sync", "g", "--wait")                            # the link is back: the next sync is a delta
+    st = s.status()["groups"][0]
+    assert st["state"] == "started" and all(v["full_reason"] == "" for v in st["volumes"])
+
+
+def test_the_same_device_is_not_admitted_twice_through_an_alias(sys2, tmp_path):
+    """Issue 11 #8: volumes are identified by their device, not by the path string."""
+    s = sys2
+    v1, sec1 = next(iter(s.vols.items()))
+    alias = str(tmp_path / "alias.img")
+    os.symlink(v1, alias)
+    s.rcopy("group", "create", "h", "--target", "backup")
+    other, other_sec = s.volume("other")
+    r = s.rcopy("group", "admit", "h", alias, f"backup:{other_sec}", check=False)
+    _one_line_error(r, 4)
+    assert "the same device" in r.stderr
+    sec_alias = str(tmp_path / "sec-alias.img")
+    os.symlink(sec1, sec_alias)
+    r = s.rcopy("group", "admit", "h", other, f"backup:{sec_alias}", check=False)
+    _one_line_error(r, 5)
+    assert "already the secondary" in r.stderr

@@ -1,5 +1,6 @@
 """The periodic schedule: next = max(previous start + period, previous end), the over-period alert,
 auto_recover, and the daemon's tick with a fake sync."""
+import dataclasses
 import threading
 
 import pytest
@@ -35,14 +36,29 @@ def test_due_only_for_started_idle_groups_with_a_period():
     assert not scheduler.due(Group("g", "t", period=60, state=GroupState.STOPPED, generation=1), 10 ** 9)
 
 
-def test_auto_recover_retries_failures_not_admin_stops():
-    failed = Group("g", "t", state=GroupState.STOPPED, reason="sync point 3 link lost: x", generation=2,
-                   policies=frozenset({"auto_recover"}))
-    assert scheduler.should_recover(failed, 100, 0)
-    assert not scheduler.should_recover(failed, 100, 90)                    # retried 10 s ago
-    admin = Group("g", "t", state=GroupState.STOPPED, reason="stopped by the administrator", generation=2,
-                  policies=frozenset({"auto_recover"}))
-    assert not scheduler.should_recover(admin, 100, 0)
+def test_auto_recover_retries_link_and_interrupted_faults_only():
+    def stopped(fault):
+        return Group("g", "t", state=GroupState.STOPPED, reason="x", generation=2, fault=fault,
+                     policies=frozenset({"auto_recover"}))
+    assert scheduler.should_recover(stopped("link"), 100, 0)
+    assert scheduler.should_recover(stopped("interrupted"), 100, 0)
+    assert not scheduler.should_recover(stopped("link"), 100, 90)                 # retried 10 s ago
+    for fault in ("admin", "device", "space", "state", "failed"):                 # wait for the admin (3PAR)
+        assert not scheduler.should_recover(stopped(fault), 100, 0), fault
+    no_policy = Group("g", "t", state=GroupState.STOPPED, generation=2, fault="link")
+    assert not scheduler.should_recover(no_policy, 100, 0)
+
+
+def test_a_crashed_sync_is_never_stuck():
+    """Issue 11 #1: a sync recorded in flight that nobody runs (the primary died) is due at once for a
+    started group (the run reconciles first) and settled for any other; a live one is left alone."""
+    crashed = Group("g", "t", period=3600, state=GroupState.STARTED, generation=3, pending_generation=4,
+                    pending_id="x", last_sync_start=100, last_sync_end=110)
+    assert scheduler.due(crashed, 120, live=False) and not scheduler.due(crashed, 120, live=True)
+    assert not scheduler.needs_settle(crashed, live=False)
+    stopped = dataclasses.replace(crashed, state=GroupState.STOPPED)
+    assert not scheduler.due(stopped, 120) and scheduler.needs_settle(stopped, live=False)
+    assert not scheduler.needs_settle(stopped, live=True)
 
 
 class _Report:
@@ -55,8 +71,10 @@ def test_service_tick_starts_due_syncs_and_recovers_when_links_return(tmp_path):
     store.add_group(Group("due", "t", period=60, state=GroupState.STARTED, generation=1, last_sync_start=0,
                           last_sync_end=5))
     store.add_group(Group("idle", "t", period=60, state=GroupState.STARTED, generation=1, last_sync_start=990))
-    store.add_group(Group("down", "t", state=GroupState.STOPPED, reason="link lost", generation=1,
+    store.add_group(Group("down", "t", state=GroupState.STOPPED, reason="link lost", generation=1, fault="link",
                           policies=frozenset({"auto_recover"})))
+    store.add_group(Group("crashed", "t", state=GroupState.STOPPED, generation=1, pending_generation=2,
+                          pending_id="x"))
     store.add_group(Group("sec", "p", role=Role.SECONDARY, period=60, state=GroupState.STARTED, generation=1))
     calls, lock = [], threading.Lock()
 
@@ -68,13 +86,18 @@ def test_service_tick_starts_due_syncs_and_recovers_when_links_return(tmp_path):
         return _Report()
 
     up = {"v": False}
-    svc = Service(store, sync, probe=lambda link: up["v"], clock=lambda: 1000.0)
-    assert svc.tick() == [("due", "period")]
+    settled = []
+
+    def settle(group):                   # as session.settle: reconcile rolls the crashed sync back
+        settled.append(group)
+        store.abort_sync(group, "interrupted", fault="interrupted")
+    svc = Service(store, sync, settle=settle, probe=lambda link: up["v"], clock=lambda: 1000.0)
+    assert sorted(svc.tick()) == [("crashed", "reconcile"), ("due", "period")]
     svc.wait()
     up["v"] = True
     svc.recover_attempt.clear()
     assert ("down", "auto_recover") in svc.tick()
     svc.wait()
-    assert sorted(calls) == ["down", "due", "due"]
+    assert sorted(calls) == ["down", "due", "due"] and settled == ["crashed"]
     assert [l.state.value for l in store.links("t")] == ["up"]
     store.close()
