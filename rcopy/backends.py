@@ -107,6 +107,38 @@ def delete(requests: Iterable[tuple[str, str, str]]) -> int:
     return sum(len(s) for _, s in per.values())
 
 
+LVM_KINDS = ("thin", "cow")
+
+
+def mark_of(group: str, generation: int, sync_id: str) -> str:
+    """The tag a secondary carries for the sync point it holds: the base's identity lives with the
+    data, so a backup whose state was lost, or a secondary replaced by hand, is noticed."""
+    return f"rcopy:{group}:{generation}:{sync_id}"
+
+
+def marks(volumes: Sequence[tuple[str, str]], group: str) -> dict[str, str | None]:
+    """path -> the group's mark on that secondary ('' when it has none), None where the kind keeps
+    no marks (files)."""
+    from rcopy.sys import lvm
+    out: dict[str, str | None] = {}
+    for kind, path in volumes:
+        if kind not in LVM_KINDS:
+            out[path] = None
+            continue
+        lv = lvm.by_path(path)
+        out[path] = next((t for t in lv.tags if t.startswith(f"rcopy:{group}:")), "")
+    return out
+
+
+def protect(volumes: Sequence[tuple[str, str]], *, writable: bool, group: str = "", mark: str = "") -> None:
+    """Secondaries are read-only to everyone but rcopy's own sync (LVM permission r, rw only while a
+    sync writes them); ``mark`` replaces the group's previous mark. One lvchange for all of them."""
+    from rcopy.sys import lvm
+    lvs = [lvm.by_path(path) for kind, path in volumes if kind in LVM_KINDS]
+    drop = tuple(t for lv in lvs for t in lv.tags if t.startswith(f"rcopy:{group}:") and t != mark) if mark else ()
+    lvm.set_access(lvs, writable=writable, drop_tags=drop, add_tag=mark)
+
+
 def digest(path: str) -> str:
     """sha256 of a whole volume or snapshot (``rcopy verify``)."""
     h = hashlib.sha256()

@@ -118,3 +118,9 @@ class SyncFailed(RcopyError):
     """{msg}"""
 
     exit_code = 15
+
+
+class NoSpace(RcopyError):
+    """{msg}"""
+
+    exit_code = 16

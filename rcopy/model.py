@@ -68,6 +68,25 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def check_link(address: str) -> str:
+    """A link is a host name or an IP literal, nothing else: it goes into the agent's command line
+    (``ssh root@{link}``), where a leading '-' or a space would become an option (ProxyCommand...)."""
+    import ipaddress
+    a = address or ""
+    try:
+        ipaddress.ip_address(a)
+        return a
+    except ValueError:
+        pass
+    if len(a) <= 253 and all(_HOST_LABEL.match(label) for label in a.rstrip(".").split(".")):
+        return a
+    raise UsageError(f"bad link address {address!r}: give a host name (letters, digits, '-', '.') or an "
+                     "IPv4/IPv6 address")
+
+
 def parse_period(text: str) -> int:
     """'15s', '5m', '2h', '1d' (or plain seconds) -> seconds, within 15 s .. 1 year."""
     m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text or "")
@@ -123,8 +142,12 @@ class Target:
     DEFAULT_AGENT = ("ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 "
                      "-o ServerAliveCountMax=5 root@{link} rcopy agent")
 
+    @property
+    def agent_template(self) -> str:
+        return self.agent or self.DEFAULT_AGENT
+
     def agent_command(self, link: str) -> str:
-        return (self.agent or self.DEFAULT_AGENT).replace("{link}", link)
+        return (self.agent or self.DEFAULT_AGENT).replace("{link}", check_link(link))
 
 
 @dataclasses.dataclass(frozen=True)

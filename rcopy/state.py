@@ -49,7 +49,8 @@ import time
 from typing import Iterator
 
 from rcopy.errors import AlreadyExists, Busy, NotFound, PermissionDenied, Refused, StateError
-from rcopy.model import Group, GroupState, Link, LinkState, Role, SyncPoint, System, Target, VolumePair, VolumeState
+from rcopy.model import (Group, GroupState, Link, LinkState, Role, SyncPoint, System, Target, VolumePair, VolumeState,
+                         check_name)
 
 DEFAULT_DIR = "/var/lib/rcopy"
 SCHEMA_VERSION = 2
@@ -260,6 +261,7 @@ class Store:
                        _values(g, _GROUP_COLS))
 
     def group(self, name: str) -> Group:
+        check_name("group", name)                 # a bad name is a usage error, not "not found"
         row = self._q("SELECT * FROM groups WHERE name=?", (name,))
         if not row:
             raise NotFound(f"no group {name} on {self.system().name}: see 'rcopy status groups'")
@@ -374,7 +376,7 @@ class Store:
         return self.group(group)
 
     def abort_sync(self, group: str, reason: str, *, state: GroupState | None = GroupState.STOPPED,
-                   fault: str = "failed") -> Group:
+                   fault: str = "failed", marks: dict[str, VolumeState] | None = None) -> Group:
         """Forget the sync point in flight; volumes return to the last committed point (or not-synced).
         ``state`` is the group's afterwards (rcopy.engine.states, event sync-failed); None keeps it."""
         with self.tx() as db:
@@ -388,6 +390,8 @@ class Store:
                            (state.value, reason, fault, group))
             db.execute("UPDATE volumes SET state=CASE WHEN last_sync>0 THEN 'synced' ELSE 'not-synced' END, "
                        "bytes_done=0 WHERE grp=? AND state='syncing'", (group,))
+            for name, vstate in (marks or {}).items():
+                db.execute("UPDATE volumes SET state=? WHERE grp=? AND name=?", (vstate.value, group, name))
         return self.group(group)
 
     # -- locks --------------------------------------------------------------------------------------
@@ -403,7 +407,9 @@ class Store:
             os.close(fd)
 
     def try_lock(self, group: str) -> int | None:
-        """The open, flock'ed lock file descriptor, or None when another process holds it."""
+        """The open, flock'ed lock file descriptor, or None when another process holds it. The name
+        is checked before it becomes a path (``../x`` must never create a file outside the state)."""
+        check_name("group", group)
         path = os.path.join(self.dir, "locks", f"{group}.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

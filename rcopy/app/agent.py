@@ -39,7 +39,7 @@ import time
 
 from rcopy import __version__, backends, faults
 from rcopy.app.session import fill_kinds
-from rcopy.engine.names import snapshot_name, volume_name
+from rcopy.names import snapshot_name, volume_name
 from rcopy.engine.states import Event, transition
 from rcopy.errors import Busy, NotFound, RcopyError, Refused, StateError
 from rcopy.model import Group, GroupState, Role, VolumePair, VolumeState, check_name
@@ -125,7 +125,7 @@ class Agent:
             args = request.get("args") or {}
             _check_args(fn, args)
             book = self.books.get(args.get("group"))
-            with run.ledger(book):
+            with run.ledger(book), lvm.reports():       # one LVM report per VG answers a request's questions
                 return {"id": rid, "ok": True, "result": fn(**args)}
         except RcopyError as e:
             cls = next(c for c in type(e).__mro__ if c.__module__ == "rcopy.errors")
@@ -155,9 +155,18 @@ class Agent:
         return self._view(g)
 
     def _view(self, g: Group) -> dict:
-        """The group as the primary plans from it (rcopy.engine.cycle.PeerView)."""
-        vols = {v.local: (v.state.value if v.state is not VolumeState.SYNCED or v.last_sync else "new")
-                for v in self.store.volumes(g.name)}
+        """The group as the primary plans from it (rcopy.engine.cycle.PeerView). A secondary counts as
+        synced at the group's sync point only if it carries that point's mark too: a state directory
+        restored from elsewhere, or a secondary replaced by hand, then makes it go full."""
+        volumes = self.store.volumes(g.name)
+        want = backends.mark_of(g.name, g.generation, g.sync_id)
+        marks = backends.marks([(v.backend, v.local) for v in volumes], g.name) if g.generation else {}
+        vols = {}
+        for v in volumes:
+            state = v.state.value if v.state is not VolumeState.SYNCED or v.last_sync else "new"
+            if state == VolumeState.SYNCED.value and marks.get(v.local) not in (None, want):
+                state = f"unmarked (carries {marks[v.local] or 'no mark'}, not sync point {g.generation})"
+            vols[v.local] = state
         return {"exists": True, "generation": g.generation, "sync_id": g.sync_id,
                 "pending_generation": g.pending_generation, "pending_id": g.pending_id,
                 "state": g.state.value, "reason": g.reason, "role": g.role.value, "volumes": vols}
@@ -186,6 +195,7 @@ class Agent:
         with self.store.lock(group, "a sync"):
             if g.generation:
                 self._delete_all(g, "R", g.generation)
+            backends.protect([(v.backend, v.local) for v in self.store.volumes(group)], writable=True, group=group)
             self.store.remove_group(group)
         return {"removed": True}
 
@@ -205,11 +215,13 @@ class Agent:
         state = VolumeState.SYNCED if nosync else VolumeState.NEW
         self.store.add_volume(VolumePair(group, name, path, remote, size, state=state,
                                          backend=checked["backend"], device_id=checked["device_id"]))
+        backends.protect([(checked["backend"], path)], writable=False)      # nobody but a sync writes it
         return {"name": name}
 
     def op_dismiss(self, group: str, path: str):
         v = self.store.volume_by_local(path)
         if v and v.group == group:
+            backends.protect([(v.backend, v.local)], writable=True, group=group)   # the admin's again
             self.store.remove_volume(group, v.name)
         return {"dismissed": bool(v)}
 
@@ -242,6 +254,7 @@ class Agent:
                 # An existing complete R(n) is kept (reuse): a leftover of a failed begin, taken when the
                 # secondary already read as sync point n; deleting it could lose the only copy.
                 self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced])
+                backends.protect([(vols[r].backend, r) for r in remotes], writable=True)
                 export = self.exporter({vols[r].name: r for r in remotes}, bind)
         except Exception:
             self.store.abort_sync(group, "begin failed", state=None)
@@ -298,8 +311,12 @@ class Agent:
         after = transition(g, Event.SYNC_DONE)
         self.store.commit_sync(group, generation, sync_id, state=after.state, reason=after.reason, fault=after.fault)
         faults.point("agent-after-commit", 98)
-        if g.generation:
-            with lvm.reports():
+        with run.ledger(self.books.get(group)), lvm.reports():
+            # read-only again, marked with the sync point they now hold (a crash before this line
+            # leaves the old mark: the next begin reports the secondary as not held, and it goes full)
+            backends.protect([(v.backend, v.local) for v in self.store.volumes(group)], writable=False,
+                             group=group, mark=backends.mark_of(group, generation, sync_id))
+            if g.generation:
                 self._delete_all(g, "R", g.generation)
         del self.active[group]
         os.close(fd)
@@ -337,16 +354,33 @@ class Agent:
             os.close(fd)
 
     def _rollback(self, g: Group, reason: str):
-        """Promote R(n) back onto every secondary that has one, then forget the sync in flight."""
+        """Promote R(n) back onto every secondary that has one, then forget the sync in flight.
+
+        A rollback that fails (e.g. an overflowed R(n) that LVM refuses to merge) never blocks the
+        agent or the other volumes and groups: that secondary is marked failed with the reason (it is
+        not at any sync point; its next sync is full) and the others are rolled back.
+        """
         log.warning("group %s: %s", g.name, reason)
+        broken: dict[str, VolumeState] = {}
+        volumes = self.store.volumes(g.name)
         if g.generation:
-            for v in self.store.volumes(g.name):
+            for v in volumes:
                 snapper = self.backend(v.backend).snapshotter
-                snap = snapper.find(v.local, snapshot_name(g.name, v.name, "R", g.generation))
-                if snap is not None:
-                    snapper.rollback(snap)
+                try:
+                    snap = snapper.find(v.local, snapshot_name(g.name, v.name, "R", g.generation))
+                    if snap is not None:
+                        snapper.rollback(snap)
+                except RcopyError as e:
+                    log.error("group %s: cannot roll %s back to sync point %s: %s", g.name, v.local,
+                              g.generation, e)
+                    broken[v.name] = VolumeState.FAILED
+                    reason += f"; {v.local} could not be rolled back ({e}): marked failed, its next sync is full"
+        try:
+            backends.protect([(v.backend, v.local) for v in volumes], writable=False)
+        except RcopyError as e:
+            log.error("group %s: cannot make the secondaries read-only again: %s", g.name, e)
         after = transition(g, Event.SYNC_FAILED, reason, "interrupted")
-        self.store.abort_sync(g.name, after.reason, state=after.state, fault=after.fault)
+        self.store.abort_sync(g.name, after.reason, state=after.state, fault=after.fault, marks=broken)
 
     def _delete_all(self, g: Group, kind: str, generation: int):
         self.delete([(v.backend, v.local, snapshot_name(g.name, v.name, kind, generation))

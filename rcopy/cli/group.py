@@ -9,7 +9,7 @@ from rcopy import backends
 from rcopy.app import session
 from rcopy.app.session import connect, open_store
 from rcopy.cli.common import start_sync
-from rcopy.engine.names import snapshot_name, volume_name
+from rcopy.names import snapshot_name, volume_name
 from rcopy.engine.states import Event, transition
 from rcopy.errors import AlreadyExists, NotFound, Refused, UsageError
 from rcopy.model import Group, GroupState, VolumePair, VolumeState, check_name, parse_period, parse_policies

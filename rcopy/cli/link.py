@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rcopy.app.session import open_store
+from rcopy.model import check_link
 
 
 def register(sub):
@@ -16,7 +17,7 @@ def register(sub):
 
 
 def do_add(args):
-    open_store().add_link(args.target, args.address)
+    open_store().add_link(args.target, check_link(args.address))
     print(f"link {args.address} added to target {args.target}")
 
 

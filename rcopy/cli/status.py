@@ -75,7 +75,7 @@ def _next(g) -> float | None:
 
 
 def target_dict(store, t) -> dict:
-    return {"name": t.name, "agent": t.agent_command("{link}"),
+    return {"name": t.name, "agent": t.agent_template,
             "links": [{"address": l.address, "state": l.state.value} for l in store.links(t.name)]}
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from rcopy.app.session import open_store
 from rcopy.cli.common import print_json
-from rcopy.model import Target, check_name
+from rcopy.model import Target, check_link, check_name
 
 
 def register(sub):
@@ -27,7 +27,8 @@ def register(sub):
 
 def do_create(args):
     store = open_store()
-    store.add_target(Target(check_name("target", args.name), tuple(dict.fromkeys(args.link)), args.agent))
+    links = tuple(dict.fromkeys(check_link(a) for a in args.link))
+    store.add_target(Target(check_name("target", args.name), links, args.agent))
     print(f"target {args.name} created with link(s) {', '.join(args.link)}")
 
 
@@ -39,7 +40,7 @@ def do_remove(args):
 def do_list(args):
     targets = open_store().targets()
     if args.json:
-        print_json([{"name": t.name, "links": list(t.links), "agent": t.agent_command("{link}")} for t in targets])
+        print_json([{"name": t.name, "links": list(t.links), "agent": t.agent_template} for t in targets])
         return
     for t in targets:
-        print(f"{t.name}\t{','.join(t.links)}\t{t.agent_command('{link}')}")
+        print(f"{t.name}\t{','.join(t.links)}\t{t.agent_template}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rcopy import backends
 from rcopy.app.session import connect, open_store
 from rcopy.cli.common import print_json
-from rcopy.engine.names import snapshot_name
+from rcopy.names import snapshot_name
 from rcopy.errors import NotFound, Refused, SyncFailed
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import secrets
 
 from rcopy.engine import plan as P
-from rcopy.engine.names import snapshot_name
+from rcopy.names import snapshot_name
 from rcopy.model import Group, VolumePair, VolumeState
 
 
@@ -98,11 +98,12 @@ def plan_sync(g: Group, volumes: list[VolumePair], generation: int, sync_id: str
 
 
 def plan_abort(g: Group, volumes: list[VolumePair], generation: int, sync_id: str, reason: str,
-               *, peer: bool = True, fault: str = "failed") -> list[P.Action]:
-    """Undo an uncommitted sync: the backup rolls back (R(n) promoted), P(n+1) goes, P(n) stays."""
+               *, peer: bool = True, fault: str = "failed", marks: dict | None = None) -> list[P.Action]:
+    """Undo an uncommitted sync: the backup rolls back (R(n) promoted), P(n+1) goes, P(n) stays.
+    ``marks``: volume -> state it ends in (a read error: stale or not-synced) instead of its last one."""
     plan: list[P.Action] = [P.PeerAbort(g.name, generation, sync_id, reason)] if peer else []
     plan.append(P.DeleteSnapshots(tuple(_snap(g, v, "P", generation) for v in volumes)))
-    plan.append(P.Abort(g.name, reason, fault))
+    plan.append(P.Abort(g.name, reason, fault, tuple(sorted((v, s.value) for v, s in (marks or {}).items()))))
     return plan
 
 

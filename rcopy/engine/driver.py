@@ -24,12 +24,12 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 from rcopy import faults
 from rcopy.engine import cycle
 from rcopy.engine import plan as P
-from rcopy.engine.names import parse
+from rcopy.names import parse
 from rcopy.ports import Backend, ExportInfo, Sender, Snapshot
 from rcopy.engine.states import Event, transition
-from rcopy.errors import DeviceError, RcopyError, StateError, SyncFailed
+from rcopy.errors import DeviceError, NoSpace, RcopyError, StateError, SyncFailed
 from rcopy.extent import Extent
-from rcopy.model import Group, VolumePair
+from rcopy.model import Group, VolumePair, VolumeState
 
 log = logging.getLogger("rcopy.engine")
 
@@ -97,6 +97,7 @@ class _Run:
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     done: list[P.Action] = dataclasses.field(default_factory=list)
     peer_commands: int | None = None
+    marks: dict[str, VolumeState] = dataclasses.field(default_factory=dict)    # volume -> state after an abort
     heartbeat: tuple[threading.Event, threading.Thread] | None = None
 
     @contextlib.contextmanager
@@ -178,7 +179,9 @@ class Driver:
                     run.heartbeat[1].join()
         except (Exception, KeyboardInterrupt) as e:     # not SystemExit & co: a dying process aborts nothing
             reason = _reason(e, generation)
-            self._abort(g, vols, generation, sync_id, reason, fault=fault_of(e))
+            if run.marks:
+                reason += "; " + ", ".join(f"{v} marked {s.value}" for v, s in sorted(run.marks.items()))
+            self._abort(g, vols, generation, sync_id, reason, fault=fault_of(e), marks=run.marks)
             if isinstance(e, RcopyError):
                 raise SyncFailed(f"group {name}: {reason}; the backup returns to sync point {g.generation}; "
                                  f"group stopped") from e
@@ -197,9 +200,10 @@ class Driver:
         return SyncReport(name, generation, run.stats, time.monotonic() - t0, run.phases, run.peer_commands,
                           P.lines(run.done))
 
-    def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str, *, fault: str):
+    def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str, *, fault: str,
+               marks: dict[str, VolumeState] | None = None):
         log.info("group %s: aborting sync point %s: %s", g.name, generation, reason)
-        for a in cycle.plan_abort(g, vols, generation, sync_id, reason, fault=fault):
+        for a in cycle.plan_abort(g, vols, generation, sync_id, reason, fault=fault, marks=marks):
             try:
                 self.execute([a], _Run())
             except RcopyError as e:
@@ -249,12 +253,17 @@ class Driver:
     def _send_all(self, sends: list[P.Send], run: _Run):
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="rcopy-send") as pool:
             # each worker runs in a copy of this context: the caller's command ledger counts its commands
-            futures = [pool.submit(contextvars.copy_context().run, self._send_one, a, run) for a in sends]
+            futures = {pool.submit(contextvars.copy_context().run, self._send_one, a, run): a for a in sends}
             concurrent.futures.wait(futures)
-            errors = [f.exception() for f in futures if f.exception()]
-        if errors:
-            errors.sort(key=lambda e: not (isinstance(e, RcopyError) and e.kind == "link"))
-            raise errors[0]
+        failed = [(a, f.exception()) for f, a in futures.items() if f.exception()]
+        for a, e in failed:
+            if isinstance(e, DeviceError):
+                # 3PAR: a read error marks the volume stale (a delta: its secondary is rolled back to a
+                # point older than the group's next); a full sync leaves it not-synced
+                run.marks[a.volume] = VolumeState.STALE if a.base else VolumeState.NOT_SYNCED
+        if failed:
+            failed.sort(key=lambda ae: not (isinstance(ae[1], RcopyError) and ae[1].kind == "link"))
+            raise failed[0][1]
 
     def _heartbeat(self, stop: threading.Event):
         """Ping the agent from its begin until our commit or abort: it rolls back after a silence, and
@@ -322,7 +331,8 @@ class Driver:
     def _do_Abort(self, a: P.Abort, run):
         after = transition(self.store.group(a.group), Event.LINK_DOWN if a.fault == "link" else Event.SYNC_FAILED,
                            a.reason, a.fault)
-        self.store.abort_sync(a.group, after.reason, state=after.state, fault=after.fault)
+        self.store.abort_sync(a.group, after.reason, state=after.state, fault=after.fault,
+                              marks={v: VolumeState(s) for v, s in a.marks})
 
     def _do_DeleteSnapshots(self, a: P.DeleteSnapshots, run):
         self.delete(a.requests)
@@ -357,6 +367,8 @@ def fault_of(e: BaseException) -> str:
             return "link"
         if isinstance(e, DeviceError):
             return "device"
+        if isinstance(e, NoSpace):
+            return "space"
         if isinstance(e, StateError):
             return "state"
     return "failed"

@@ -111,6 +111,7 @@ class Abort(Action):
     group: str
     reason: str
     fault: str = "failed"       # typed cause for policy (rcopy.model.FAULTS): auto_recover retries link
+    marks: tuple[tuple[str, str], ...] = ()   # (volume, state) a read error left it in: stale, not-synced
 
     def describe(self):
         return f"forget the sync in flight of {self.group}, stop it: {self.reason}"

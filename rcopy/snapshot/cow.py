@@ -10,12 +10,15 @@ merged view at once, and a new snapshot of that origin waits until the merge has
 from __future__ import annotations
 
 from rcopy.ports import Snapshot
-from rcopy.errors import UsageError
+from rcopy.errors import NoSpace, UsageError
+from rcopy.names import parse
 from rcopy.snapshot.cut import CutPart
 from rcopy.snapshot.lvmbase import LvmSnapshotter
 from rcopy.sys import lvm
 
 DEFAULT_COW_RATIO = 0.5
+COW_CHUNK = 4096          # lvcreate's default snapshot chunk size
+MIB = 1 << 20
 
 
 class CowSnapshotter(LvmSnapshotter):
@@ -35,10 +38,31 @@ class CowSnapshotter(LvmSnapshotter):
     def _is_ours(self, lv: lvm.LV) -> bool:
         return lv.is_cow_snapshot
 
-    def cow_size(self, origin: lvm.LV) -> int:
+    def cow_size(self, origin: lvm.LV, name: str = "") -> int:
+        """Bytes of COW store for snapshot ``name`` of ``origin``. A rollback snapshot R(n) must survive
+        the whole resync it protects, a full one included: it covers the entire volume plus the
+        exception table (16 bytes per 4 KiB chunk, 256 per metadata chunk) and the header. A resync
+        snapshot P(n) holds one period's writes (``cow_ratio`` of the volume); if it overflows, the
+        next sync is full (design §2.4), nothing is lost."""
         ext = origin.extent_size or 4 << 20
-        want = int(origin.size * self.cow_ratio)
+        snap = parse(name)
+        if snap is not None and snap.kind == "R":
+            chunks = -(-origin.size // COW_CHUNK)
+            want = origin.size + (-(-chunks // 256) + 2) * COW_CHUNK
+        else:
+            want = int(origin.size * self.cow_ratio)
         return max(ext, -(-want // ext) * ext)
+
+    def _check_space(self, origins: list[lvm.LV], names: list[str]) -> None:
+        need: dict[str, int] = {}
+        free: dict[str, int] = {}
+        for o, n in zip(origins, names):
+            need[o.vg] = need.get(o.vg, 0) + self.cow_size(o, n)
+            free[o.vg] = o.vg_free
+        for vg, bytes_ in need.items():
+            if bytes_ > free[vg]:
+                raise NoSpace(f"VG {vg} has {free[vg] // MIB} MiB free but its snapshots for this sync need "
+                              f"{bytes_ // MIB} MiB: extend the VG (vgextend) or free space, then retry")
 
     def _part(self, origins: list[lvm.LV], names: list[str]) -> CutPart:
         """lvcreate inside the group's suspension: it finds the origin already suspended, loads the
@@ -46,7 +70,7 @@ class CowSnapshotter(LvmSnapshotter):
         made: list[lvm.LV] = []
 
         def take():
-            made.extend(lvm.create_cow_snapshot(o.vg, o.name, n, self.cow_size(o)) for o, n in zip(origins, names))
+            made.extend(lvm.create_cow_snapshot(o.vg, o.name, n, self.cow_size(o, n)) for o, n in zip(origins, names))
         return CutPart([o.dm_name for o in origins], take, lambda: self._finished(origins, made))
 
     def _before_cut(self, origin: lvm.LV) -> None:

@@ -40,6 +40,9 @@ class LvmSnapshotter:
     def _before_cut(self, origin: lvm.LV) -> None:
         """Hook: wait for anything that forbids a new snapshot of ``origin``."""
 
+    def _check_space(self, origins: list[lvm.LV], names: list[str]) -> None:
+        """Hook: raise NoSpace, with the numbers, when the snapshots cannot be held."""
+
     # -- Snapshotter -------------------------------------------------------------------------------
     def origin(self, path: str) -> lvm.LV:
         lv = lvm.by_path(path)
@@ -87,6 +90,7 @@ class LvmSnapshotter:
             log.warning("removing %s: left by an interrupted cut, not consistent with the new one", lv.full_name)
             stale.append((lv.vg, lv.name))
         lvm.remove_all(stale)
+        self._check_space(origins, names)
         for o in origins:
             self._before_cut(o)
         return self._part(origins, names)

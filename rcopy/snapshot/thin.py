@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import signal
 
+from rcopy.errors import NoSpace
 from rcopy.ports import Snapshot
 from rcopy.snapshot.cut import CutPart
 from rcopy.snapshot.lvmbase import LvmSnapshotter
@@ -56,6 +57,20 @@ class ThinSnapshotter(LvmSnapshotter):
 
     def _complete(self, lv: lvm.LV) -> bool:
         return not lv.skip_activation
+
+    def _check_space(self, origins: list[lvm.LV], names: list[str]) -> None:
+        """A thin snapshot takes no space when made, but keeps the old blocks of every later write: a
+        pool already past the limit (RCOPY_POOL_LIMIT, default 80 %) of its data or metadata would
+        fill, and a full pool fails the application's writes. Refuse the sync instead."""
+        limit = float(os.environ.get("RCOPY_POOL_LIMIT", "80"))
+        for vg, pool in dict.fromkeys((o.vg, o.pool) for o in origins):
+            p = lvm.get(vg, pool)
+            if p is None:
+                continue
+            if p.data_percent >= limit or p.metadata_percent >= limit:
+                raise NoSpace(f"thin pool {vg}/{pool} is {p.data_percent:.0f}% full (data) and "
+                              f"{p.metadata_percent:.0f}% (metadata), over the {limit:.0f}% limit for rcopy's "
+                              f"snapshots: extend the pool (lvextend) or free space, then retry")
 
     def _part(self, origins: list[lvm.LV], names: list[str]) -> CutPart:
         made = [lvm.deactivate(lvm.create_thin_snapshot(o.vg, o.name, n, active=False))

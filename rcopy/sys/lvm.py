@@ -25,7 +25,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
 FIELDS = ("vg_name", "lv_name", "lv_path", "lv_dm_path", "lv_attr", "lv_size", "segtype", "origin",
           "pool_lv", "thin_id", "chunk_size", "lv_active", "lv_skip_activation", "lv_snapshot_invalid",
           "lv_merging", "lv_merge_failed", "lv_device_open", "lv_suspended", "snap_percent",
-          "vg_extent_size", "origin_size", "lv_uuid")
+          "vg_extent_size", "origin_size", "lv_uuid", "lv_tags", "vg_free", "data_percent", "metadata_percent")
 TIMEOUT = 120.0
 
 
@@ -62,6 +62,10 @@ class LV:
     extent_size: int
     origin_size: int = 0     # for a snapshot: the size of its origin (``size`` is then the COW store's)
     uuid: str = ""           # LVM's stable identity of the LV (survives renames)
+    tags: tuple[str, ...] = ()
+    vg_free: int = 0         # bytes free in the LV's VG
+    data_percent: float = 0.0       # thin pool (or thin LV): data space used
+    metadata_percent: float = 0.0   # thin pool: metadata space used
 
     @property
     def volume_size(self) -> int:
@@ -110,6 +114,13 @@ def _int(v, default=0) -> int:
     return int(v) if v and v.lstrip("-").isdigit() else default
 
 
+def _float(v) -> float:
+    try:
+        return float(str(v).strip() or 0)
+    except ValueError:
+        return 0.0
+
+
 def parse_lvs_json(text: str) -> list[LV]:
     """Parse ``lvs --reportformat json --units b --nosuffix --binary -o FIELDS`` output."""
     try:
@@ -129,7 +140,9 @@ def parse_lvs_json(text: str) -> list[LV]:
             snapshot_invalid=_flag(r.get("lv_snapshot_invalid", "")), merging=_flag(r.get("lv_merging", "")),
             merge_failed=_flag(r.get("lv_merge_failed", "")), open=_flag(r.get("lv_device_open", "")),
             suspended=_flag(r.get("lv_suspended", "")), extent_size=_int(r.get("vg_extent_size")),
-            origin_size=_int(r.get("origin_size")), uuid=r.get("lv_uuid", "")))
+            origin_size=_int(r.get("origin_size")), uuid=r.get("lv_uuid", ""),
+            tags=tuple(t for t in str(r.get("lv_tags", "")).split(",") if t), vg_free=_int(r.get("vg_free")),
+            data_percent=_float(r.get("data_percent")), metadata_percent=_float(r.get("metadata_percent"))))
     return out
 
 
@@ -325,6 +338,32 @@ def remove_all(lvs_: list[tuple[str, str]]) -> int:
         if left:
             raise LvmError(describe(res))
     return len(present)
+
+
+def set_access(lvs_: list[LV], *, writable: bool, drop_tags: tuple[str, ...] = (), add_tag: str = "") -> int:
+    """Permission (and optionally a tag swap) of several LVs, with ONE lvchange for those whose
+    permission changes (and one for those needing only the tags); LVs already so are skipped.
+    Returns the number of commands run."""
+    want = "w" if writable else "r"
+    perm, tags_only = [], []
+    for lv in lvs_:
+        retag = bool(add_tag and add_tag not in lv.tags) or any(t in lv.tags for t in drop_tags)
+        if ("w" if lv.attr[1:2] == "w" else "r") != want:
+            perm.append(lv)
+        elif retag:
+            tags_only.append(lv)
+    runs = 0
+    for batch, flags in ((perm, ["-p", "rw" if writable else "r"]), (tags_only, [])):
+        if not batch:
+            continue
+        argv = ["lvchange", "-qq", *flags]
+        for t in sorted({t for lv in batch for t in lv.tags if t in drop_tags}):
+            argv += ["--deltag", t]
+        if add_tag:
+            argv += ["--addtag", add_tag]
+        _lvm(*argv, *[lv.full_name for lv in batch])
+        runs += 1
+    return runs
 
 
 def rename(vg: str, old: str, new: str) -> None:

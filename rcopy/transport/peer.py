@@ -44,7 +44,7 @@ def _error_class(name: str, code: int) -> type[E.RcopyError]:
     if isinstance(cls, type) and issubclass(cls, E.RcopyError):
         return cls
     for c in (E.UsageError, E.NotFound, E.AlreadyExists, E.DeviceUnsafe, E.Refused, E.PermissionDenied,
-              E.Busy, E.LinkError, E.ToolError, E.DeviceError, E.StateError, E.SyncFailed):
+              E.Busy, E.LinkError, E.ToolError, E.DeviceError, E.StateError, E.SyncFailed, E.NoSpace):
         if c.exit_code == code:
             return c
     return E.PeerError

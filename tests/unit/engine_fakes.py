@@ -16,7 +16,7 @@ from rcopy.app.agent import Agent
 from rcopy.backends import Probe
 from rcopy.engine.driver import Driver
 from rcopy.ports import ExportInfo, Snapshot
-from rcopy.errors import LinkError
+from rcopy.errors import DeviceError, LinkError
 from rcopy.extent import Extent, coalesce
 from rcopy.transport.peer import _error_class
 
@@ -91,6 +91,7 @@ class FakeSender:
     def __init__(self, primary: FakeSnapshotter, backup_disks: dict, log: list):
         self.primary, self.backup, self.log = primary, backup_disks, log
         self.fail_on: str | None = None
+        self.read_error_on: str | None = None          # a volume whose source read fails (EIO)
         self.payload = 0
 
     def send(self, source_path, extents, export, progress=None):
@@ -98,6 +99,8 @@ class FakeSender:
         dest = self.backup[export.name]
         sent = 0
         for e in extents:
+            if self.read_error_on and self.read_error_on in export.name:
+                raise DeviceError(f"read error on {source_path} at offset {e.offset} (Input/output error)")
             if self.fail_on and self.fail_on in export.name:
                 dest[e.offset:e.offset + 1] = b"\xee"      # a torn write before the link dies
                 raise LinkError(f"connection to {export.host} lost")

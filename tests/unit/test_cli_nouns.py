@@ -2,7 +2,10 @@
 sync --dry-run (the plan printed, nothing changed)."""
 import json
 import os
+import subprocess
 import sys
+
+import pytest
 
 from tests.unit.test_cli_replication import Systems, needs_nbdkit_mark
 
@@ -88,3 +91,27 @@ def test_daemon_runs_the_due_periodic_sync(tmp_path):
     g = s.status()["groups"][0]
     assert g["sync_point"]["generation"] == 2 and g["volumes"][0]["full_reason"] == ""
     s.rcopy("verify", "g")
+
+
+@pytest.mark.parametrize("args", [
+    ("target", "create", "t", "--link", "x -oProxyCommand=touch /tmp/pwned"),
+    ("target", "create", "t", "--link=-oProxyCommand=touch /tmp/pwned"),
+    ("target", "create", "t", "--link", "a b"),
+    ("target", "create", "t", "--link", "host;reboot"),
+    ("group", "stop", "../../x"),
+    ("group", "start", "../x", "--wait"),
+    ("sync", "../../x", "--wait"),
+])
+def test_hostile_names_and_addresses_are_refused_and_create_nothing(tmp_path, args):
+    """Issue 13: a link goes into ssh's command line and a group name into a path: both are checked
+    where they enter, with exit 2 and nothing created anywhere."""
+    state = tmp_path / "state" / "A"
+    before = set(p for p in tmp_path.rglob("*"))
+    r = subprocess.run([sys.executable, "-m", "rcopy", "--state-dir", str(state), *args], capture_output=True,
+                       text=True, env={**os.environ, "RCOPY_ALLOW_NONROOT": "1"}, cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("rcopy: error: bad")
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert not [p for p in created if not str(p).startswith(str(state.parent))], created   # nothing outside
+    assert not [p for p in created if p.name.endswith(".lock") or p.name == "x"], created
+    assert not os.path.exists("/tmp/pwned")

@@ -307,3 +307,59 @@ def test_primary_pings_the_agent_from_begin_until_commit(rig, monkeypatch):
     ops = [e[1] for e in rig.log if e[0] == "peer"]
     assert "ping" in ops[ops.index("begin"):ops.index("commit")]
     assert "ping" not in ops[ops.index("commit"):]
+
+
+def test_read_error_marks_the_volume_stale_rolls_back_and_waits_for_the_admin(rig):
+    """Issue 11 #6: a read error during a delta rolls the group back, marks that volume stale (3PAR) and
+    stops the group with a device fault (auto_recover does not retry it); the next sync sends that
+    volume whole and clears the mark. During a full sync the volume ends not-synced."""
+    rig.sync(Event.START)
+    before = {s: bytes(d) for s, d in rig.bdisks.items()}
+    rig.write("/p/a", 0, os.urandom(4096))
+    rig.write("/p/b", 0, os.urandom(4096))
+    rig.sender.read_error_on = "/b/b"
+    with pytest.raises(SyncFailed, match="b marked stale"):
+        rig.sync()
+    assert {s: bytes(d) for s, d in rig.bdisks.items()} == before
+    g = rig.a.group("g")
+    assert (g.state, g.fault) == (GroupState.STOPPED, "device") and "read error" in g.reason
+    assert {v.name: v.state for v in rig.a.volumes("g")} == {"a": VolumeState.SYNCED, "b": VolumeState.STALE}
+    rig.sender.read_error_on = None
+    rep = rig.sync()
+    assert rep.volumes["a"][1] == "" and "was stale" in rep.volumes["b"][1]
+    assert [v.state for v in rig.a.volumes("g")] == [VolumeState.SYNCED] * 2
+    rig.assert_consistent()
+    rig.sender.read_error_on = "/b/a"
+    with pytest.raises(SyncFailed, match="a marked not-synced"):
+        rig.sync(full="full sync requested by the administrator")
+    assert {v.name: v.state for v in rig.a.volumes("g")}["a"] is VolumeState.NOT_SYNCED
+
+
+def test_a_failed_rollback_marks_that_secondary_and_blocks_nothing(rig, monkeypatch):
+    """Issue 11 #4: a rollback that fails (an invalid R(n) LVM refuses to merge) does not stop the agent:
+    the other secondaries roll back, that one is marked failed with the reason, and its next sync is full."""
+    from rcopy.errors import DeviceError
+    rig.sync(Event.START)
+    before = bytes(rig.bdisks["/b/a"])
+    rig.write("/p/a", 0, os.urandom(4096))
+    rig.write("/p/b", 0, os.urandom(4096))
+    real = rig.bsnap.rollback
+
+    def rollback(snap):
+        if snap.origin == "/b/b":
+            raise DeviceError("Unable to merge invalidated snapshot")
+        return real(snap)
+    monkeypatch.setattr(rig.bsnap, "rollback", rollback)
+    rig.sender.fail_on = "/b/b"
+    with pytest.raises(SyncFailed, match="link lost"):
+        rig.sync()
+    assert bytes(rig.bdisks["/b/a"]) == before                       # the other secondary rolled back
+    vb = {v.name: v for v in rig.b.volumes("g")}
+    assert vb["b"].state is VolumeState.FAILED and vb["a"].state is VolumeState.SYNCED
+    assert "could not be rolled back" in rig.b.group("g").reason
+    monkeypatch.setattr(rig.bsnap, "rollback", real)
+    rig.sender.fail_on = None
+    rig.bsnap.snaps.clear()                                           # the broken R(1) went with its merge
+    rep = rig.sync()                                                  # the agent still serves
+    assert rep.volumes["a"][1] == "" and "does not hold sync point 1" in rep.volumes["b"][1]
+    rig.assert_consistent()

@@ -72,3 +72,40 @@ def test_real_cow_reports():
     assert not lvs["thick"].is_cow_snapshot
     (bad,) = lvm.parse_lvs_json((DATA / "lvs_cow_invalid.json").read_text())
     assert bad.snapshot_invalid and bad.attr[4] == "I" and bad.is_cow_snapshot
+
+
+def test_tags_free_space_and_pool_usage_are_parsed():
+    (lv,) = lvm.parse_lvs_json(_report(lv_tags="rcopy:g:3:abc,other", vg_free="1048576", data_percent="81.50",
+                                       metadata_percent="4.00"))
+    assert lv.tags == ("rcopy:g:3:abc", "other") and lv.vg_free == 1 << 20
+    assert (lv.data_percent, lv.metadata_percent) == (81.5, 4.0)
+
+
+def test_rollback_snapshots_cover_the_whole_volume_and_space_is_checked_first():
+    """Issue 11 #4/#5: R(n) of a thick secondary must survive a full resync (the whole volume plus its
+    exception table); P(n) holds one period (half the volume); a VG short of space refuses the sync
+    with the numbers, before anything is created."""
+    from rcopy.errors import NoSpace
+    from rcopy.snapshot.cow import CowSnapshotter
+    (o,) = lvm.parse_lvs_json(_report(lv_attr="-wi-a-----", segtype="linear", pool_lv="", thin_id="",
+                                      lv_size=str(48 << 20), vg_extent_size=str(1 << 20), vg_free=str(60 << 20)))
+    s = CowSnapshotter()
+    r = s.cow_size(o, "rcopy.g.data.R3")
+    assert r >= (48 << 20) + (48 << 20) // 256 and r % (1 << 20) == 0 and r <= (50 << 20)
+    assert s.cow_size(o, "rcopy.g.data.P3") == 24 << 20
+    s._check_space([o], ["rcopy.g.data.R3"])                      # 49 MiB of 60 MiB free: fine
+    with pytest.raises(NoSpace, match=r"VG vg0 has 60 MiB free but its snapshots for this sync need 98 MiB"):
+        s._check_space([o, o], ["rcopy.g.data.R3", "rcopy.g.other.R3"])
+
+
+def test_a_thin_pool_past_the_limit_refuses_new_snapshots(monkeypatch):
+    from rcopy.errors import NoSpace
+    from rcopy.snapshot.thin import ThinSnapshotter
+    (o,) = lvm.parse_lvs_json(_report())
+    (pool,) = lvm.parse_lvs_json(_report(lv_name="pool", segtype="thin-pool", data_percent="85.00",
+                                         metadata_percent="10.00"))
+    monkeypatch.setattr(lvm, "get", lambda vg, name: pool)
+    with pytest.raises(NoSpace, match=r"thin pool vg0/pool is 85% full \(data\)"):
+        ThinSnapshotter()._check_space([o], ["rcopy.g.data.P2"])
+    monkeypatch.setenv("RCOPY_POOL_LIMIT", "90")
+    ThinSnapshotter()._check_space([o], ["rcopy.g.data.P2"])
