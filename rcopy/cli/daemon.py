@@ -10,10 +10,43 @@ def register(sub):
     p = sub.add_parser("daemon", help="run periodic syncs and auto_recover (systemd runs this)")
     p.add_argument("--tick", type=float, default=1.0, help="seconds between schedule checks")
     p.add_argument("--once", action="store_true", help="start what is due, wait for it, exit")
+    p.add_argument("--install-unit", action="store_true",
+                   help="install the systemd unit that runs this rcopy as the daemon, then exit")
+    p.add_argument("--unit-dir", default="/etc/systemd/system", help="where --install-unit writes rcopy.service")
     p.set_defaults(func=do_daemon)
 
 
+def install_unit(unit_dir: str) -> str:
+    """Write rcopy.service (the packaged unit, ExecStart pointing at this rcopy) atomically; its path."""
+    import os
+    import shutil
+    import sys
+    from importlib import resources
+
+    exe = shutil.which("rcopy") or os.path.join(os.path.dirname(sys.executable), "rcopy")
+    text = resources.files("rcopy").joinpath("data/rcopy.service").read_text()
+    text = text.replace("ExecStart=/usr/bin/env rcopy daemon", f"ExecStart={os.path.realpath(exe)} daemon")
+    os.makedirs(unit_dir, exist_ok=True)
+    path = os.path.join(unit_dir, "rcopy.service")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, path)
+    return path
+
+
 def do_daemon(args):
+    if args.install_unit:
+        try:
+            path = install_unit(args.unit_dir)
+        except OSError as e:
+            from rcopy.errors import PermissionDenied
+            raise PermissionDenied(f"cannot write the unit into {args.unit_dir}: {e.strerror}: run as root") from None
+        print(f"installed {path}; start it with: systemctl daemon-reload && systemctl enable --now rcopy")
+        return 0
     from rcopy.app.service import Service
     from rcopy.app.session import open_store, run_sync, settle_locked
     from rcopy.engine.states import Event

@@ -2,7 +2,8 @@
 
 ``--json`` output (stable; new keys may be added, none renamed or removed):
 ``{"system": NAME, "groups": [GROUP...], "targets": [TARGET...]}`` where
-GROUP = ``{name, target, role, mode, period (seconds or null), policies [..], state, reason, alert,
+GROUP = ``{name, target, role, mode, period (seconds or null), policies [..], state, reason, fault (why
+it stopped, for policy: admin, link, interrupted, device, space, state, failed; "" while running), alert,
 sync_point {generation, id} (generation 0: never synced), syncing (bool), syncing_generation,
 last_sync_start, last_sync_end (Unix seconds, 0: never), next_sync (Unix seconds of the next
 periodic sync, null: on demand only), last_sync REPORT ({} before the first), volumes [VOLUME...]}``,
@@ -60,7 +61,8 @@ def group_dict(store, g) -> dict:
         reason = (reason + "; " if reason else "") + \
             f"sync point {g.pending_generation} was interrupted: the next run reconciles it"
     return {"name": g.name, "target": g.target, "role": g.role.value, "mode": g.mode, "period": g.period,
-            "policies": sorted(g.policies), "state": g.state.value, "reason": reason, "alert": g.alert,
+            "policies": sorted(g.policies), "state": g.state.value, "reason": reason, "fault": g.fault,
+            "alert": g.alert,
             "sync_point": {"generation": g.generation, "id": g.sync_id}, "syncing": live,
             "syncing_generation": g.pending_generation, "last_sync_start": g.last_sync_start,
             "last_sync_end": g.last_sync_end, "next_sync": _next(g), "last_sync": store.report(g.name),

@@ -20,5 +20,9 @@ class NotRunning(LabError):
     """lab: {host} is not running: run 'scripts/lab up' (or 'scripts/lab start {host}' after a crash)"""
 
 
+class GuestHung(LabError):
+    """lab: '{cmd}' in {host} gave no answer within {timeout} s: the guest looks hung, not rcopy (console: {console})"""
+
+
 class GuestCommandFailed(LabError):
     """lab: '{cmd}' failed in {host} (exit {rc}): {last}"""

@@ -17,7 +17,8 @@ from pathlib import Path
 from rcopylab import image as images
 from rcopylab import push as pusher
 from rcopylab.config import HOSTS, Config, load
-from rcopylab.errors import BootFailed, LabError, LabUsage, NotRunning
+from rcopylab.errors import BootFailed, GuestHung, LabError, LabUsage, NotRunning
+from rcopy.sys.run import CommandTimeout
 from rcopylab.ssh import Ssh, shell_text
 from rcopylab.vm import Vm
 from rcopy.errors import RcopyError
@@ -122,7 +123,11 @@ class Lab:
     def run(self, host: str, cmd, *, check: bool = True, input=None, timeout: float = 300.0) -> GuestResult:
         """Run cmd as root in host (a string goes to the shell as is, a list is quoted word by word)."""
         self._require([host])
-        res = self.ssh(host).run(cmd, input=input, timeout=timeout, check=check)
+        try:
+            res = self.ssh(host).run(cmd, input=input, timeout=timeout, check=check)
+        except CommandTimeout:
+            raise GuestHung(host=host, cmd=shell_text(cmd)[:200], timeout=timeout,
+                            console=self.vm(host).hung_report()) from None
         return GuestResult(host, shell_text(cmd), res.rc, res.stdout, res.stderr)
 
     def stream(self, host: str, cmd) -> int:

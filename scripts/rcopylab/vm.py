@@ -130,6 +130,16 @@ class Vm:
         """Carrier of the replication NIC; while down the guest sees NO-CARRIER and every frame is dropped."""
         qmp.command(self.qmp, "set_link", name="repl", up=up)
 
+    def hung_report(self, lines: int = 8) -> str:
+        """What the console says about a hang: the kernel's hung-task reports ("blocked for more than
+        120 seconds", seen once in a TCG lab with I/O stuck in flight), else the last lines."""
+        try:
+            text = self.console.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no console log)"
+        hung = [l for l in text if "blocked for more than" in l or "hung_task" in l]
+        return " | ".join((hung or text)[-lines:]) or "(empty console)"
+
     def console_tail(self, lines: int = 5) -> str:
         try:
             text = self.console.read_text(errors="replace").strip().splitlines()

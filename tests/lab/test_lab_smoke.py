@@ -103,3 +103,12 @@ def test_vagrantfile_describes_the_same_two_vms(tmp_path):
     assert ["..", "/rcopy"] in [e["args"] for e in events if e["call"] == "synced_folder"]
     assert "recipe=/rcopy/scripts/rcopylab/recipe" in (REPO / "vagrant/provision.sh").read_text()
     assert (tmp_path / "id_lab").exists() and (tmp_path / "id_lab.pub").exists()
+
+
+def test_a_command_that_never_answers_is_reported_as_a_hung_guest(lab):
+    """A hung guest (I/O stuck in flight, seen once under TCG) must fail a run at once with the console's
+    words, counted apart from rcopy's own failures: a GuestHung, not a test timeout."""
+    from rcopylab.errors import GuestHung
+    with pytest.raises(GuestHung) as e:
+        lab.run("primary", "sleep 60", timeout=3)
+    assert "looks hung" in str(e.value) and "console:" in str(e.value)

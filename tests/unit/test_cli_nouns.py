@@ -2,6 +2,7 @@
 sync --dry-run (the plan printed, nothing changed)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -115,3 +116,16 @@ def test_hostile_names_and_addresses_are_refused_and_create_nothing(tmp_path, ar
     assert not [p for p in created if not str(p).startswith(str(state.parent))], created   # nothing outside
     assert not [p for p in created if p.name.endswith(".lock") or p.name == "x"], created
     assert not os.path.exists("/tmp/pwned")
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze missing (Debian: systemd)")
+def test_daemon_install_unit_writes_a_unit_that_systemd_accepts(tmp_path):
+    """Issue 14: the unit is installed by one documented command and passes systemd-analyze verify."""
+    r = subprocess.run([sys.executable, "-m", "rcopy", "daemon", "--install-unit", "--unit-dir", str(tmp_path)],
+                       capture_output=True, text=True, env={**os.environ, "RCOPY_ALLOW_NONROOT": "1"})
+    assert r.returncode == 0 and "systemctl enable --now rcopy" in r.stdout, r.stderr
+    unit = (tmp_path / "rcopy.service").read_text()
+    exec_line = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert os.path.isabs(exec_line.split("=", 1)[1].split()[0]) and exec_line.endswith(" daemon")
+    v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "rcopy.service")], capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
