@@ -76,12 +76,14 @@ def test_a_full_resync_cut_by_the_link_rolls_the_thick_secondary_back_exactly(cl
 
 ERROR_DISK = """
 import subprocess
+OFF = 2048                                  # start 1 MiB into vdc: LVM must not see the PV label twice
 def table(error):
-    size = int(sh("blockdev", "--getsz", "/dev/vdc"))
+    size = int(sh("blockdev", "--getsz", "/dev/vdc")) - OFF
     if not error:
-        return f"0 {size} linear /dev/vdc 0"
+        return f"0 {size} linear /dev/vdc {OFF}"
     a, b = 16 * 2048, 24 * 2048             # sectors 16-24 MiB of the PV: inside the volume's data
-    return f"0 {a} linear /dev/vdc 0\\n{a} {b - a} error\\n{b} {size - b} linear /dev/vdc {b}"
+    return (f"0 {a} linear /dev/vdc {OFF}\\n{a} {b - a} error\\n"
+            f"{b} {size - b} linear /dev/vdc {OFF + b}")
 """
 
 
