@@ -254,7 +254,11 @@ class Driver:
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="rcopy-send") as pool:
             # each worker runs in a copy of this context: the caller's command ledger counts its commands
             futures = {pool.submit(contextvars.copy_context().run, self._send_one, a, run): a for a in sends}
-            concurrent.futures.wait(futures)
+            for f in concurrent.futures.as_completed(futures):
+                e = f.exception()
+                if isinstance(e, RcopyError) and e.kind == "link":
+                    # one volume lost the link: the others would only wait out their own timeouts
+                    self._cancel_sends(f"another volume lost the link: {e}")
         failed = [(a, f.exception()) for f, a in futures.items() if f.exception()]
         for a, e in failed:
             if isinstance(e, DeviceError):
@@ -265,6 +269,11 @@ class Driver:
             failed.sort(key=lambda ae: not (isinstance(ae[1], RcopyError) and ae[1].kind == "link"))
             raise failed[0][1]
 
+    def _cancel_sends(self, reason: str) -> None:
+        cancel = getattr(self.sender, "cancel", None)
+        if cancel is not None:
+            cancel(reason)
+
     def _heartbeat(self, stop: threading.Event):
         """Ping the agent from its begin until our commit or abort: it rolls back after a silence, and
         the cut and the sends (data goes over NBD, not the channel) can take long. The main thread makes
@@ -272,8 +281,11 @@ class Driver:
         while not stop.wait(HEARTBEAT):
             try:
                 self.peer.ping()
-            except RcopyError as e:              # the sends will fail on their own if the link is gone
+            except RcopyError as e:
+                # the control channel is the link's heartbeat (ssh notices a silent link within 25 s):
+                # fail the sends now rather than after their own timeouts (a FLUSH may wait minutes)
                 log.info("heartbeat to the backup failed: %s", e)
+                self._cancel_sends(f"the backup stopped answering its heartbeat: {e}")
                 return
 
     def _send_one(self, a: P.Send, run: _Run):

@@ -258,6 +258,13 @@ class NbdClient:
             finally:
                 self._quiet_until = 0.0
 
+    def abort(self, reason: str) -> None:
+        """Fail every call waiting on this connection now, flush included: the link is known to be
+        dead (the control channel's heartbeat failed, or another volume's connection dropped), so
+        waiting out a timeout (a FLUSH may be silent for flush_timeout) would only delay the rollback."""
+        self._die(NbdConnectionLost(reason, where=self.where))
+        self._stream.close()        # shutdown wakes the reader blocked in recv
+
     def close(self) -> None:
         """Disconnect politely (NBD_CMD_DISC) when the link is alive; always release the socket."""
         if self._dead is None and not self._closing:

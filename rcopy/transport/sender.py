@@ -131,10 +131,22 @@ class NbdSender:
     gap: int = 0
     flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
 
+    _live: set = dataclasses.field(default_factory=set, repr=False, compare=False)
+    _live_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def cancel(self, reason: str) -> None:
+        """Fail every send in progress now (the link is known to be down): no one waits out a timeout."""
+        with self._live_lock:
+            live = list(self._live)
+        for c in live:
+            c.abort(reason)
+
     def _open(self, export: ExportInfo) -> NbdClient:
-        return NbdClient(export.host, export.port, export.name, tls_cert_pem=export.tls_cert_pem,
-                         timeout=self.timeout, max_in_flight=self.max_in_flight,
-                         flush_timeout=self.flush_timeout)
+        c = NbdClient(export.host, export.port, export.name, tls_cert_pem=export.tls_cert_pem,
+                      timeout=self.timeout, max_in_flight=self.max_in_flight, flush_timeout=self.flush_timeout)
+        with self._live_lock:
+            self._live.add(c)
+        return c
 
     def send(self, source_path: str, extents: Iterable[Extent], export: ExportInfo, progress=None) -> int:
         """Write the extents, flush, and return the payload bytes sent. ``progress(n)`` is called with
@@ -164,6 +176,8 @@ class NbdSender:
         finally:
             for c in clients:
                 c.close()
+                with self._live_lock:
+                    self._live.discard(c)
 
     def _run(self, clients, fd, path, pieces, progress) -> None:
         dealer = _Dealer(pieces)

@@ -53,7 +53,7 @@ def test_internal_error_is_reported_as_a_bug_in_rcopy():
 def test_excerpt_is_json():
     import json
     g = {"state": "started", "reason": "", "sync_point": {"generation": 2, "id": "ab"}, "syncing": False,
-         "syncing_generation": 0, "last_sync_start": 1.0,
+         "syncing_generation": 0, "last_sync_start": 1.0, "role": "primary",
          "volumes": [{"name": "thinvol", "backend": "thin", "state": "synced", "bytes_sent": 4096,
                       "full_reason": "", "size": 1}],
          "last_sync": {"generation": 2, "seconds": 1.5, "phases": {"begin": 1.0}, "commands": 3,

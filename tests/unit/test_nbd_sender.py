@@ -321,3 +321,24 @@ def test_nothing_to_send_still_flushes_and_returns_zero(serve, tmp_path):
     seen = []
     assert NbdSender().send(str(tmp_path / "src"), [], ExportInfo(s.host, s.port, "", MiB), seen.append) == 0
     assert seen[-1] == 0
+
+
+def test_cancel_fails_a_send_stuck_in_its_flush_at_once(serve, tmp_path):
+    """The demo found it: a link cut while a volume flushes made the sync wait the whole flush timeout
+    (300 s) before failing. When the link is known to be down (the heartbeat failed, another volume's
+    connection dropped), cancel() fails every send at once with a link error."""
+    import threading
+    import time
+    from rcopy.transport.nbd_errors import NbdLinkError
+    size = MiB
+    (tmp_path / "src").write_bytes(os.urandom(size))
+    # nbdkit's delay filter cannot slow FLUSH alone; a write that the server holds for 100 s blocks the
+    # same wait (the reader owes a reply; silence below the timeout is legitimate)
+    s = serve("nbdkit-memory", size=size, filters=("delay",), params=("wdelay=100",))
+    sender = NbdSender(timeout=90)
+    threading.Timer(2.0, sender.cancel, args=("the backup stopped answering its heartbeat",)).start()
+    t0 = time.monotonic()
+    with pytest.raises(NbdLinkError, match="heartbeat"):
+        sender.send(str(tmp_path / "src"), [Extent(0, size)], ExportInfo(s.host, s.port, "", size))
+    assert time.monotonic() - t0 < 30, "cancel did not interrupt the wait"
+    assert not sender._live
