@@ -94,6 +94,9 @@ class ExportInfo:
     name: str
     size: int
     # PEM of the throw-away self-signed certificate the backup's export made for this session, handed
-    # over by the control channel; the client pins exactly it. None for plain NBD. (Python's ssl module
-    # has no TLS-PSK, hence X.509 with pinning instead of a pre-shared key.)
+    # over by the control channel; the client pins exactly it. None for plain NBD (loopback only).
+    # (Python's ssl module has no TLS-PSK, hence X.509 with pinning instead of a pre-shared key.)
     tls_cert_pem: str | None = None
+    # (certificate file, key file) of the primary's own throw-away certificate for this session, sent to
+    # the backup in ``begin``: nbdkit admits only the client that presents it (--tls-verify-peer).
+    client_cert: tuple[str, str] | None = None

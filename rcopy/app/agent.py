@@ -10,7 +10,7 @@ Operations (all idempotent where a retry can happen):
 - ``group_create {group, source}``: the secondary group appears here (role secondary). ``group_remove``.
 - ``check {path, size, force, nosync}``: may this secondary be written? ``admit {group, path, remote,
   size, nosync}``, ``dismiss {group, path}``.
-- ``begin {group, generation, sync_id, base_generation, base_id, remotes, bind}``: record the sync in
+- ``begin {group, generation, sync_id, base_generation, base_id, remotes, bind, client_cert}``: record the sync in
   flight (durable), take R(n) of every synced secondary (one cut), export the secondaries on ``bind``;
   answers ``{view, volumes: {remote: {export: ExportInfo}}}`` where ``view`` is the status as it was
   before this begin: the primary plans delta or full from it (a delta only onto a held base, design §4).
@@ -65,12 +65,15 @@ def export_address(bind: str) -> str:
     return parts[2] if len(parts) == 4 else bind
 
 
-def _default_exporter(volumes: dict[str, str], bind: str):
+def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = ""):
     from rcopy.transport.export import Export
     host = export_address(bind)
-    # TLS with a throw-away certificate pinned by the primary, except on loopback (host tests).
+    # TLS with a throw-away certificate pinned by the primary, admitting only the primary's own
+    # per-session certificate, except on loopback (host tests).
     tls = not (host.startswith("127.") or host in ("::1", "localhost"))
-    ex = Export(volumes, host=host, tls=tls)
+    if tls and not client_cert:
+        raise Refused("the primary sent no client certificate for the export: install the same rcopy on both")
+    ex = Export(volumes, host=host, tls=tls, client_cert_pem=client_cert or None)
     ex.start()
     return ex
 
@@ -226,7 +229,7 @@ class Agent:
         return {"dismissed": bool(v)}
 
     def op_begin(self, group: str, generation: int, sync_id: str, base_generation: int, base_id: str,
-                 remotes: list[str], bind: str):
+                 remotes: list[str], bind: str, client_cert: str = ""):
         g = self._secondary(group)
         if group in self.active:
             raise Busy(f"group {group} already has a sync in flight on {self.store.system().name}")
@@ -255,7 +258,7 @@ class Agent:
                 # secondary already read as sync point n; deleting it could lose the only copy.
                 self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced])
                 backends.protect([(vols[r].backend, r) for r in remotes], writable=True)
-                export = self.exporter({vols[r].name: r for r in remotes}, bind)
+                export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert)
         except Exception:
             self.store.abort_sync(group, "begin failed", state=None)
             self.books.pop(group, None)

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
+import tempfile
 
 from rcopy import backends
 from rcopy.engine import schedule
@@ -20,7 +21,7 @@ from rcopy.engine.states import Event, transition
 from rcopy.errors import Busy, PermissionDenied
 from rcopy.model import Group, GroupState, LinkState
 from rcopy.state import Store
-from rcopy.sys import dmsetup, lvm, run
+from rcopy.sys import dmsetup, lvm, nbdkit, run
 
 log = logging.getLogger("rcopy")
 
@@ -93,6 +94,13 @@ def connect_or_stop(store: Store, g: Group):
         raise
 
 
+def client_certificate(directory: str) -> tuple[str, str, str]:
+    """This sync's throw-away client certificate (file, key file, PEM): the backup's export admits only
+    its holder. Made per session and removed with it, like the export's own."""
+    cert, key = os.path.join(directory, "client-cert.pem"), os.path.join(directory, "client-key.pem")
+    return cert, key, nbdkit.make_certificate(cert, key, "rcopy-primary")
+
+
 def driver(store: Store, peer, progress=None) -> Driver:
     from rcopy.transport.sender import NbdSender
     return Driver(store, peer, backend=backends.get, cut=backends.cut, delete=backends.delete,
@@ -145,10 +153,12 @@ def plan(store: Store, group: str, *, full: str = ""):
 def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str = "", progress=None,
              lock_held: bool = False) -> SyncReport:
     g = store.group(group)
-    with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports():
+    with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports(), \
+            tempfile.TemporaryDirectory(prefix="rcopy-client-") as certs:
         fill_kinds(store, group)
         resume_origins(store, group)
         with connect_or_stop(store, g) as peer:
+            peer.client_cert = client_certificate(certs)
             d = driver(store, peer, progress)
             d.reconcile(group)
             report = d.sync(group, event=event, full=full)

@@ -67,7 +67,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | None = None,
-          readonly: bool = False, tls_dir: str | None = None, filters: tuple[str, ...] = (),
+          readonly: bool = False, tls_dir: str | None = None, verify_peer: bool = False,
+          filters: tuple[str, ...] = (),
           extra: tuple[str, ...] = (), ready_timeout: float = 15.0) -> NbdkitServer:
     """Start ``nbdkit PLUGIN ARGS`` listening on host:port (a free port when None) and wait until it
     accepts connections."""
@@ -82,6 +83,8 @@ def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | N
             argv.append("--readonly")
         if tls_dir:
             argv += ["--tls=require", f"--tls-certificates={tls_dir}"]
+            if verify_peer:
+                argv.append("--tls-verify-peer")
         argv += [f"--filter={f}" for f in filters]
         argv += [*extra, plugin, *plugin_args]
         srv = NbdkitServer(spawn(argv, stderr_path=logfile), host, p, workdir)
@@ -108,16 +111,25 @@ def _tail(path: str) -> str:
     return lines[-1] if lines else ""
 
 
-def make_tls_dir(directory: str, common_name: str = "rcopy") -> str:
-    """Write a fresh self-signed certificate and key into directory as nbdkit expects them
-    (ca-cert.pem, server-cert.pem, server-key.pem); return the certificate PEM for the client to pin."""
-    key, cert = os.path.join(directory, "server-key.pem"), os.path.join(directory, "server-cert.pem")
+def make_certificate(cert: str, key: str, common_name: str) -> str:
+    """A fresh self-signed EC certificate and its key (mode 0600) at those paths; returns the PEM."""
     run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
          "-keyout", key, "-out", cert, "-days", "7", "-subj", f"/CN={common_name}"],
         check=True, timeout=30, error=NbdkitError)
     os.chmod(key, 0o600)
     with open(cert) as f:
-        pem = f.read()
+        return f.read()
+
+
+def make_tls_dir(directory: str, common_name: str = "rcopy", client_cert_pem: str | None = None) -> str:
+    """Write a fresh self-signed certificate and key into directory as nbdkit expects them
+    (ca-cert.pem, server-cert.pem, server-key.pem); return the certificate PEM for the client to pin.
+
+    With ``client_cert_pem`` the CA file holds exactly the client's self-signed certificate: started
+    with ``verify_peer``, nbdkit then admits only a client presenting it (GnuTLS accepts a certificate
+    that is itself in the trust list; checked on nbdkit 1.32.5)."""
+    pem = make_certificate(os.path.join(directory, "server-cert.pem"), os.path.join(directory, "server-key.pem"),
+                           common_name)
     with open(os.path.join(directory, _TLS_FILES[0]), "w") as f:
-        f.write(pem)
+        f.write(client_cert_pem or pem)
     return pem

@@ -62,7 +62,8 @@ class NbdClient:
 
     def __init__(self, host: str, port: int, export: str = "", *, tls_cert_pem: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, max_in_flight: int = DEFAULT_IN_FLIGHT,
-                 structured: bool = True, flush_timeout: float = DEFAULT_FLUSH_TIMEOUT):
+                 structured: bool = True, flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
+                 client_cert: tuple[str, str] | None = None):
         self.host, self.port, self.export = host, port, export
         self.where = f"{host}:{port}"
         self.timeout = timeout
@@ -84,7 +85,8 @@ class NbdClient:
         self.acked_bytes = 0          # bytes of writes/zeroes the server acknowledged
         self.sent_payload = 0         # payload bytes written to the socket
         self.geometry, self._stream = open_export(host, port, export, timeout=timeout,
-                                                  tls_cert_pem=tls_cert_pem, structured=structured)
+                                                  tls_cert_pem=tls_cert_pem, structured=structured,
+                                                  client_cert=client_cert)
         self._rx = RecvBuffer(self._stream)
         self._rx.on_idle = self._publish
         self._reader = threading.Thread(target=self._read_loop, name=f"nbd-rx-{self.where}", daemon=True)

@@ -3,7 +3,9 @@
 One nbdkit (file plugin, ``dir=`` mode) serves every volume of the session as a named export: the
 directory holds one symlink per volume (name -> device), and nbdkit follows them (checked on nbdkit
 1.32 with a symlink to a file; block devices are served the same way). Optionally TLS with a certificate
-made for this session, which the control channel hands to the primary to pin. nbdkit dies with its
+made for this session, which the control channel hands to the primary to pin, and with the primary's own
+per-session certificate as the only client admitted (``--tls-verify-peer``): nobody else on the link or
+on the backup can read or write the secondaries during a sync. The export names are never listed. nbdkit dies with its
 parent (``--exit-with-parent``), so a crashed agent leaves no writable export behind.
 """
 from __future__ import annotations
@@ -45,12 +47,13 @@ class Export:
     """Context manager: ``with Export({"data": "/dev/vg/data"}, host=addr, tls=True) as ex: ex.infos``."""
 
     def __init__(self, volumes: Mapping[str, str], *, host: str = "127.0.0.1", port: int | None = None,
-                 tls: bool = False, readonly: bool = False):
+                 tls: bool = False, readonly: bool = False, client_cert_pem: str | None = None):
         for name in volumes:
             if not _NAME.match(name):
                 raise BadExportName(name=name)
         self.volumes = dict(volumes)
         self.host, self.port, self.tls, self.readonly = host, port, tls, readonly
+        self.client_cert_pem = client_cert_pem
         self.server: nbdkit.NbdkitServer | None = None
         self.infos: dict[str, ExportInfo] = {}
         self._dir: str | None = None
@@ -67,9 +70,11 @@ class Export:
             if self.tls:
                 tls_dir = os.path.join(self._dir, "tls")
                 os.mkdir(tls_dir, 0o700)
-                pem = nbdkit.make_tls_dir(tls_dir)
-            self.server = nbdkit.start("file", f"dir={vols}", host=self.host, port=self.port,
-                                       readonly=self.readonly, tls_dir=tls_dir)
+                pem = nbdkit.make_tls_dir(tls_dir, client_cert_pem=self.client_cert_pem)
+            # exportname-list=error: the export names are not listed to anyone who connects
+            self.server = nbdkit.start("file", f"dir={vols}", "exportname-list=error", host=self.host,
+                                       port=self.port, readonly=self.readonly, tls_dir=tls_dir,
+                                       verify_peer=bool(self.client_cert_pem), filters=("exportname",))
         except BaseException:
             self.stop()
             raise

@@ -59,7 +59,8 @@ class Geometry:
 
 
 def open_export(host: str, port: int, export: str, *, timeout: float, tls_cert_pem: str | None = None,
-                structured: bool = True) -> tuple[Geometry, PlainStream | TlsStream]:
+                structured: bool = True, client_cert: tuple[str, str] | None = None,
+                ) -> tuple[Geometry, PlainStream | TlsStream]:
     """Connect and negotiate until requests may be sent; return the export's geometry and the stream."""
     where = f"{host}:{port}"
     try:
@@ -68,7 +69,7 @@ def open_export(host: str, port: int, export: str, *, timeout: float, tls_cert_p
         raise link_error(e, where, timeout) from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        return _Negotiation(where, export, PlainStream(sock)).run(tls_cert_pem, structured)
+        return _Negotiation(where, export, PlainStream(sock)).run(tls_cert_pem, structured, client_cert)
     except (OSError, EOFError) as e:
         close_socket(sock)
         if isinstance(e, ssl.SSLError):
@@ -94,7 +95,8 @@ class _Negotiation:
         recv_exactly(self.stream, memoryview(buf), eof="server closed the connection during the handshake")
         return bytes(buf)
 
-    def run(self, tls_cert_pem: str | None, structured: bool) -> tuple[Geometry, PlainStream | TlsStream]:
+    def run(self, tls_cert_pem: str | None, structured: bool, client_cert: tuple[str, str] | None = None,
+            ) -> tuple[Geometry, PlainStream | TlsStream]:
         greet = P.SERVER_GREETING.unpack(self._recv(P.SERVER_GREETING.size))
         if greet.magic != P.NBDMAGIC or greet.ihaveopt != P.IHAVEOPT:
             raise NbdProtocolError("not a newstyle NBD server (oldstyle or not NBD at all)", where=self.where)
@@ -108,7 +110,7 @@ class _Negotiation:
             rtype, body = self._option(P.OPT_STARTTLS)
             if rtype != P.REP_ACK:
                 raise NbdTlsError(f"server refused STARTTLS: {_rep_name(rtype, body)}", where=self.where)
-            self.stream = TlsStream(self.stream.sock, tls_context(tls_cert_pem))
+            self.stream = TlsStream(self.stream.sock, tls_context(tls_cert_pem, client_cert))
             if self.stream.peer_der() != ssl.PEM_cert_to_DER_cert(tls_cert_pem):
                 raise NbdTlsError("peer certificate differs from the pinned one", where=self.where)
             tls = True

@@ -58,6 +58,7 @@ class Peer:
         self._ids = itertools.count(1)
         self.channel: Channel | None = None
         self.link = ""
+        self.client_cert: tuple[str, str, str] | None = None
         failures = []
         for link in target.links:
             try:
@@ -110,8 +111,15 @@ class Peer:
         return self.call("status", group=group)
 
     def begin(self, group, generation, sync_id, base_generation, base_id, remotes, bind) -> dict:
-        return self.call("begin", group=group, generation=generation, sync_id=sync_id,
-                         base_generation=base_generation, base_id=base_id, remotes=remotes, bind=bind)
+        """``client_cert`` (set by the session: certificate file, key file, PEM) goes to the backup, which
+        admits only its holder to the export; the files are what the NBD client presents."""
+        cert = self.client_cert
+        res = self.call("begin", group=group, generation=generation, sync_id=sync_id, base_generation=base_generation,
+                        base_id=base_id, remotes=remotes, bind=bind, client_cert=cert[2] if cert else "")
+        for v in res.get("volumes", {}).values():
+            if cert:
+                v["export"]["client_cert"] = [cert[0], cert[1]]
+        return res
 
     def commit(self, group, generation, sync_id) -> dict:
         return self.call("commit", group=group, generation=generation, sync_id=sync_id)

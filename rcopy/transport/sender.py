@@ -21,7 +21,7 @@ import threading
 from typing import Iterable, Iterator, NamedTuple
 
 from rcopy.ports import ExportInfo
-from rcopy.errors import DeviceError, RcopyError, StateError
+from rcopy.errors import DeviceError, RcopyError, Refused, StateError
 from rcopy.extent import Extent, coalesce
 from rcopy.sys.blockio import ReadError, ShortRead, read_exactly
 from rcopy.transport.client import DEFAULT_FLUSH_TIMEOUT, DEFAULT_TIMEOUT, NbdClient
@@ -35,6 +35,14 @@ _DEAL = 32 << 20                # about the bytes of large requests a connection
 
 class SourceReadError(DeviceError):
     """reading {path} at offset {offset} failed: {msg}; the snapshot is unreadable, mark the volume stale"""
+
+
+class PlaintextRefused(Refused):
+    """the backup offered a plaintext NBD export on {host}: refusing to send data unencrypted off loopback"""
+
+
+def _loopback(host: str) -> bool:
+    return host.startswith("127.") or host in ("::1", "localhost")
 
 
 class BadExtentList(RcopyError):
@@ -142,8 +150,11 @@ class NbdSender:
             c.abort(reason)
 
     def _open(self, export: ExportInfo) -> NbdClient:
+        if export.tls_cert_pem is None and not _loopback(export.host):
+            raise PlaintextRefused(host=export.host)
         c = NbdClient(export.host, export.port, export.name, tls_cert_pem=export.tls_cert_pem,
-                      timeout=self.timeout, max_in_flight=self.max_in_flight, flush_timeout=self.flush_timeout)
+                      timeout=self.timeout, max_in_flight=self.max_in_flight, flush_timeout=self.flush_timeout,
+                      client_cert=tuple(export.client_cert) if export.client_cert else None)
         with self._live_lock:
             self._live.add(c)
         return c

@@ -127,12 +127,15 @@ def close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-def tls_context(cert_pem: str) -> ssl.SSLContext:
-    """A client context trusting exactly the session's self-signed certificate (no names checked)."""
+def tls_context(cert_pem: str, client_cert: tuple[str, str] | None = None) -> ssl.SSLContext:
+    """A client context trusting exactly the session's self-signed certificate (no names checked),
+    presenting ``client_cert`` (certificate file, key file) when the server verifies its peer."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=cert_pem)
+    if client_cert:
+        ctx.load_cert_chain(*client_cert)
     return ctx
 
 

@@ -342,3 +342,40 @@ def test_cancel_fails_a_send_stuck_in_its_flush_at_once(serve, tmp_path):
         sender.send(str(tmp_path / "src"), [Extent(0, size)], ExportInfo(s.host, s.port, "", size))
     assert time.monotonic() - t0 < 30, "cancel did not interrupt the wait"
     assert not sender._live
+
+
+def test_the_export_admits_only_the_primary_of_this_session(tmp_path):
+    """Issue 13: the export verifies its client. The holder of this session's client certificate
+    writes; a client without a certificate, or with another one, is refused and writes nothing; the
+    export names are not listed to anyone."""
+    import dataclasses
+    import subprocess
+    from rcopy.errors import LinkError, PeerError
+    from rcopy.sys import nbdkit
+    size = MiB
+    (tmp_path / "src").write_bytes(os.urandom(size))
+    dev = tmp_path / "dev"
+    dev.write_bytes(bytes(size))
+    mine = (str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    pem = nbdkit.make_certificate(*mine, "rcopy-primary")
+    other = (str(tmp_path / "c2.pem"), str(tmp_path / "k2.pem"))
+    nbdkit.make_certificate(*other, "intruder")
+    with Export({"vol": str(dev)}, tls=True, client_cert_pem=pem) as ex:
+        info = ex.infos["vol"]
+        for cert in (None, other):
+            with pytest.raises((LinkError, PeerError)):
+                NbdSender(timeout=5).send(str(tmp_path / "src"), [Extent(0, size)],
+                                          dataclasses.replace(info, client_cert=cert))
+        assert dev.read_bytes() == bytes(size)                      # nothing landed
+        listing = subprocess.run(["nbdinfo", "--list", f"nbd://{info.host}:{info.port}"], capture_output=True,
+                                 text=True, timeout=30)
+        assert "vol" not in listing.stdout
+        NbdSender().send(str(tmp_path / "src"), [Extent(0, size)], dataclasses.replace(info, client_cert=mine))
+    assert dev.read_bytes() == (tmp_path / "src").read_bytes()
+
+
+def test_a_plaintext_export_off_loopback_is_refused_before_connecting(tmp_path):
+    from rcopy.transport.sender import PlaintextRefused
+    (tmp_path / "src").write_bytes(bytes(BLK))
+    with pytest.raises(PlaintextRefused, match="169.254.9.9"):
+        NbdSender().send(str(tmp_path / "src"), [Extent(0, BLK)], ExportInfo("169.254.9.9", 10809, "vol", BLK))
