@@ -1,6 +1,8 @@
 """``rcopy target create|remove|list``: the peer systems this one replicates to (3PAR creatercopytarget)."""
 from __future__ import annotations
 
+import os
+
 from rcopy.app.session import open_store
 from rcopy.cli.common import print_json
 from rcopy.model import Target, check_link, check_name
@@ -30,6 +32,17 @@ def do_create(args):
     links = tuple(dict.fromkeys(check_link(a) for a in args.link))
     store.add_target(Target(check_name("target", args.name), links, args.agent))
     print(f"target {args.name} created with link(s) {', '.join(args.link)}")
+    if not args.agent:
+        print(authorized_keys_hint(args.name))
+
+
+def authorized_keys_hint(target: str) -> str:
+    """The line that lets this system's root key run rcopy's agent on the target and nothing else."""
+    import glob
+    keys = sorted(glob.glob(os.path.expanduser("~/.ssh/id_*.pub")))
+    key = open(keys[0]).read().strip() if keys else "<this system's root public key, e.g. ~/.ssh/id_ed25519.pub>"
+    return (f"to let this system reach {target}'s agent and nothing else, add to /root/.ssh/authorized_keys "
+            f"on {target}:\n  restrict,command=\"rcopy agent\" {key}")
 
 
 def do_remove(args):

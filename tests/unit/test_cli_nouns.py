@@ -129,3 +129,18 @@ def test_daemon_install_unit_writes_a_unit_that_systemd_accepts(tmp_path):
     assert os.path.isabs(exec_line.split("=", 1)[1].split()[0]) and exec_line.endswith(" daemon")
     v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "rcopy.service")], capture_output=True, text=True)
     assert v.returncode == 0, v.stderr
+
+
+def test_target_create_prints_the_restricted_authorized_keys_line(tmp_path):
+    """Issue 13: the agent can be reached with a key that may run nothing but ``rcopy agent``."""
+    r = subprocess.run([sys.executable, "-m", "rcopy", "--state-dir", str(tmp_path / "A"), "target", "create", "b",
+                        "--link", "169.254.77.2"], capture_output=True, text=True,
+                       env={**os.environ, "RCOPY_ALLOW_NONROOT": "1", "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert 'restrict,command="rcopy agent" <this system' in r.stdout
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3Nza root@primary\n")
+    r = subprocess.run([sys.executable, "-m", "rcopy", "--state-dir", str(tmp_path / "A"), "target", "create", "c",
+                        "--link", "backup"], capture_output=True, text=True,
+                       env={**os.environ, "RCOPY_ALLOW_NONROOT": "1", "HOME": str(tmp_path)})
+    assert 'restrict,command="rcopy agent" ssh-ed25519 AAAAC3Nza root@primary' in r.stdout
