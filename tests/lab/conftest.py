@@ -4,7 +4,9 @@
               installs the working tree's rcopy in both VMs, and stops the VMs at the end unless
               RCOPY_LAB_KEEP=1. If the lab cannot start, every lab test ERRORS (never skips).
 ``clean_lab`` per test: crashed VMs started again, link up, empty data disks, no rcopy state.
-The instance is $RCOPY_LAB_DIR (default <repo>/.lab).
+The instance is $RCOPY_LAB_DIR (default <repo>/.lab). Under pytest-xdist each worker has its own instance,
+<base>-<worker id> (.lab-gw0, .lab-gw1: tests/conftest.py's lab_instance_dir), and points RCOPY_LAB_DIR
+at it, so `scripts/lab` run by a test drives the same VMs.
 """
 import os
 import sys
@@ -13,6 +15,7 @@ import pytest
 
 from rcopy.errors import RcopyError
 from rcopylab.labctl import Lab
+from tests.conftest import forget_foreign_pidfiles, lab_instance_dir
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -30,7 +33,11 @@ def _log(msg):
 
 @pytest.fixture(scope="session")
 def lab():
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:   # before Lab(): load() and any `scripts/lab` a test runs read the instance from the environment
+        os.environ["RCOPY_LAB_DIR"] = str(lab_instance_dir(worker))
     lab = Lab(log=_log)
+    forget_foreign_pidfiles(lab.cfg)
     try:
         lab.ensure_up()
     except RcopyError as e:
