@@ -108,15 +108,19 @@ def pytest_report_header(config):
 # and they leave the other worker to the lab); every lab test is a work unit of its own (they share
 # nothing but the session's lab, and each worker has its own), handed out longest first so that the
 # last ones to start are short: a worker queues up to two tests ahead, which must not be long ones.
-LAB_LONGEST_FIRST = (   # longest lab tests first (a serial run, 2-core TCG host); the rest follow in file order
-    "tests/lab/test_replication.py::test_mixed_group_is_cut_at_one_instant_over_six_syncs",      # ~10 min
-    "tests/lab/test_replication.py::test_link_cut_mid_sync_rolls_back_then_delta_after_link_up",  # ~5 min
-    "tests/lab/test_replication.py::test_deleted_or_overflowed_base_makes_the_next_sync_full_and_status_says_why",
+LAB_LONGEST_FIRST = (   # longest lab tests first (measured on a 2-core TCG host); the rest follow in file order
+    "tests/lab/test_replication.py::test_mixed_group_is_cut_at_one_instant_over_six_syncs",      # 10-16 min
+    "tests/lab/test_replication.py::test_link_cut_mid_sync_rolls_back_then_delta_after_link_up",  # 5-10 min
+    "tests/lab/test_integrity.py::test_a_full_resync_cut_by_the_link_rolls_the_thick_secondary_back_exactly",
     "tests/lab/test_replication.py::test_sigkill_inside_the_cut_leaves_no_origin_suspended",
-    "tests/lab/test_changes.py::test_group_cut_is_crash_consistent",                             # ~1.5-2 min each
-    "tests/lab/test_lab_smoke.py::test_crash_and_start_keep_the_backups_lvs_and_their_data",
+    "tests/lab/test_replication.py::test_deleted_or_overflowed_base_makes_the_next_sync_full_and_status_says_why",
+    "tests/lab/test_integrity.py::test_a_read_error_marks_the_volume_stale_and_rolls_back",
+    "tests/lab/test_security.py",                                                                 # ~3-4 min
+    "tests/lab/test_integrity.py",
     "tests/lab/test_replication.py",
+    "tests/lab/test_changes.py::test_group_cut_is_crash_consistent",                             # ~1.5-2 min each
     "tests/lab/test_snapshots.py::test_backend_cut_find_delete_are_idempotent",
+    "tests/lab/test_lab_smoke.py::test_crash_and_start_keep_the_backups_lvs_and_their_data",
     "tests/lab/test_changes.py",
 )
 

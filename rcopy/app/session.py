@@ -43,8 +43,14 @@ def open_store() -> Store:
 def resume_idle(store: Store) -> None:
     """Every rcopy start resumes the origins (or secondaries) of groups that nobody is syncing, found
     suspended: SIGKILL or a crash of rcopy itself mid-cut leaves them so, and suspended volumes hang
-    their applications. A group whose lock is held is mid-cut for real and is left alone."""
+    their applications. A group whose lock is held is mid-cut for real and is left alone.
+
+    HAZARD: the lock is taken only when sysfs shows a suspended volume (no command, no lock otherwise):
+    a status that took every group's lock for a moment would make a sync starting at that instant
+    fail with Busy (seen in the lab: a test polling status while its sync started)."""
     for g in store.groups():
+        if not any(dmsetup.suspended_name(v.local) for v in store.volumes(g.name)):
+            continue
         fd = store.try_lock(g.name)
         if fd is None:
             continue
