@@ -59,6 +59,8 @@ def test_a_full_resync_cut_by_the_link_rolls_the_thick_secondary_back_exactly(cl
             break
         if not g["syncing"] and g["sync_point"]["generation"] == 2:
             pytest.fail("the sync finished before the link could be cut: grow the volume")
+        if not g["syncing"] and lab.run("primary", "kill -0 $(cat /tmp/sync.pid)", check=False).returncode:
+            pytest.fail("the sync ended before it began: " + lab.run("primary", "cat /tmp/sync.out").stdout)
         time.sleep(0.2)
     lab.link(False)
     lab.run("primary", "while kill -0 $(cat /tmp/sync.pid) 2>/dev/null; do sleep 1; done", timeout=600)

@@ -26,6 +26,8 @@ def test_only_the_primary_of_the_session_reaches_the_export(clean_lab):
         if m:
             port = int(m.group(1))
             break
+        if lab.run("primary", "kill -0 $(cat /tmp/sync.pid)", check=False).returncode:
+            pytest.fail("the sync ended before its export appeared: " + lab.run("primary", "cat /tmp/sync.out").stdout)
         time.sleep(0.2)
     assert port, "no export appeared on the backup's link address"
     listening = set(re.findall(r"LISTEN\s+\d+\s+\d+\s+(\S+):\d+", out))
