@@ -421,6 +421,16 @@ class Store:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
+    def held(self, group: str) -> bool:
+        """Does some process hold the group's lock right now (a sync or an operation really runs)? A
+        sync recorded in flight with no holder is a crash left behind. Takes the lock for an instant
+        when it is free: never call it in a loop beside a starting sync."""
+        fd = self.try_lock(group)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
     def lock_holder(self, group: str) -> int | None:
         """The pid written by the process that holds (or last held) the group's lock."""
         try:

@@ -9,7 +9,6 @@ the daemon never run one group twice. Logs go to stderr (the journal under syste
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Callable
@@ -51,7 +50,7 @@ class Service:
         for g in self.store.groups():
             if g.role not in SENDING_ROLES or g.name in self.running:
                 continue
-            live = self._live(g.name) if g.syncing else False
+            live = self.store.held(g.name) if g.syncing else False
             if scheduler.due(g, now, live):
                 why = "reconcile, then sync" if g.syncing else "period"
             elif scheduler.needs_settle(g, live) and now - self.recover_attempt.get(g.name, 0.0) >= scheduler.RECOVER_RETRY:
@@ -67,14 +66,6 @@ class Service:
             t.start()
             started.append((g.name, why))
         return started
-
-    def _live(self, group: str) -> bool:
-        """Does a process hold the group's lock (a sync really runs)?"""
-        fd = self.store.try_lock(group)
-        if fd is None:
-            return True
-        os.close(fd)
-        return False
 
     def _run(self, group: str, why: str):
         log.info("group %s: sync (%s)", group, why)

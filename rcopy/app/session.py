@@ -134,19 +134,11 @@ def check(store: Store, group: str, event: Event) -> Group:
     in flight is judged by the lock, not by the record: a record without a lock holder is a crashed
     sync that reconcile settles."""
     g = store.group(group)
-    if g.pending_generation and not _held(store, group):
+    if g.pending_generation and not store.held(group):
         # a crashed sync: reconcile will roll it back (the group then counts as stopped) or finish it
         g = dataclasses.replace(g, pending_generation=0, state=GroupState.STOPPED)
     transition(g, event)
     return store.group(group)
-
-
-def _held(store: Store, group: str) -> bool:
-    fd = store.try_lock(group)
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
 
 
 def plan(store: Store, group: str, *, full: str = ""):

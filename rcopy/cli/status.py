@@ -17,7 +17,6 @@ TARGET = ``{name, agent, links [{address, state}]}``. ``status links`` prints on
 """
 from __future__ import annotations
 
-import os
 import time
 
 from rcopy.app.session import open_store
@@ -36,13 +35,7 @@ def register(sub):
 
 def _live(store, g) -> bool:
     """Is someone really syncing this group? (A crashed sync leaves pending state but no lock holder.)"""
-    if not g.pending_generation:
-        return False
-    fd = store.try_lock(g.name)
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
+    return bool(g.pending_generation) and store.held(g.name)
 
 
 def group_dict(store, g) -> dict:
