@@ -166,3 +166,28 @@ def check_secondary(path: str, size: int, *, force: bool = False, nosync: bool =
     if filesnap.is_file_volume(path) and not (force or nosync) and filesnap.has_data(path):
         raise DeviceUnsafe(f"refusing to overwrite {path}: it holds data (non-zero bytes); "
                            "use --force to overwrite it, or --nosync if it already equals the primary")
+
+
+def kept(volumes: Sequence[tuple[str, str]], group: str, kinds: str = "FK") -> dict[str, list[str]]:
+    """path -> the group's snapshots of ``kinds`` on that volume (F: failover bases, K: the writes a
+    demoted primary took after its last sync point, kept for the administrator), oldest first."""
+    from rcopy.names import parse
+    out: dict[str, list[str]] = {}
+    for kind, path in volumes:
+        if kind in LVM_KINDS:
+            from rcopy.sys import lvm
+            o = lvm.by_path(path)
+            names = [lv.name for lv in lvm.lvs(o.vg) if lv.origin == o.name]
+        else:
+            names = filesnap.snapshots_of(path)
+        mine = [parse(n) for n in names]
+        out[path] = [str(s) for s in sorted((s for s in mine if s and s.group == group and s.kind in kinds),
+                                            key=lambda s: (s.generation, s.kind))]
+    return out
+
+
+def busy(paths: Iterable[str]) -> list[str]:
+    """'PATH: why' for each device in use (mounted, held, open): what a rollback or a final sync must
+    not run under."""
+    from rcopy.safety import in_use
+    return [f"{p}: {why}" for p in paths if (why := in_use(p))]

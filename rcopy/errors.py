@@ -124,3 +124,30 @@ class NoSpace(RcopyError):
     """{msg}"""
 
     exit_code = 16
+
+
+class WrongRole(Refused):
+    """{msg}
+
+    The operation belongs to the other side, or to another role (failover on a primary...).
+    """
+
+    exit_code = 17
+
+
+class NotReady(Refused):
+    """{msg}
+
+    The group's state does not allow it yet (restore before recover has synced...).
+    """
+
+    exit_code = 18
+
+
+class Declined(UsageError):
+    """{msg}
+
+    The administrator answered no at a confirmation prompt.
+    """
+
+    exit_code = 19

@@ -47,8 +47,9 @@ class LinkState(str, enum.Enum):
 POLICIES = frozenset({"auto_recover", "over_per_alert"})
 # Why a group stopped, typed for policy: auto_recover restarts only "link" (the target or its links were
 # lost) and "interrupted" (rcopy itself died mid-sync and a reconcile rolled it back); "device", "space",
-# "state" and "failed" wait for the administrator, as 3PAR does; "admin" is an administrator's stop.
-FAULTS = ("admin", "link", "interrupted", "device", "space", "state", "failed")
+# "state" and "failed" wait for the administrator, as 3PAR does; "admin" is an administrator's stop;
+# "failover" fences a natural primary whose backup took over (only recover, run there, lifts it).
+FAULTS = ("admin", "link", "interrupted", "device", "space", "state", "failed", "failover")
 RECOVERABLE = frozenset({"link", "interrupted"})
 MODE_PERIODIC = "periodic"
 
@@ -184,6 +185,13 @@ class Group:
     last_sync_end: float = 0.0
     alert: str = ""                # e.g. the over-period alert
     fault: str = ""                # why it stopped, as policy sees it: one of FAULTS ("" when running)
+    failover_point: int = 0        # the sync point this side failed over at: its F snapshots are the
+                                   # base of the next sync (rcopy.engine.roles), 0: none
+
+    @property
+    def sends(self) -> bool:
+        """This side is the source of the data (primary or primary-rev)."""
+        return self.role in (Role.PRIMARY, Role.PRIMARY_REV)
 
     @property
     def syncing(self) -> bool:

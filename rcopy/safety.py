@@ -105,6 +105,25 @@ def _check_file(path: str, expected_size: int | None, force: bool) -> Checked:
     return Checked(path, size, 512)
 
 
+def in_use(path: str, dev=None) -> str:
+    """Why the block device at ``path`` is in use (mounted, held, open by a process), "" when it is
+    not. Files (the host simulator) are never in use."""
+    if not udev.is_block_device(path):
+        return ""
+    dev = dev or udev.device(path)
+    mounts = mounts_of(dev.devno)
+    if mounts:
+        return f"mounted on {mounts[0]}"
+    if dev.holders:
+        return f"in use by {', '.join(dev.holders)} (holders)"
+    if exclusive_busy(path):
+        return "open exclusively by another user (mounted, or claimed by the kernel)"
+    pids = openers_of(os.stat(path).st_rdev)
+    if pids:
+        return f"open by process {', '.join(map(str, pids[:5]))}"
+    return ""
+
+
 def check_writable(path: str, *, expected_size: int | None = None, force: bool = False) -> Checked:
     """Raise NotFound, TooSmall or DeviceUnsafe unless ``path`` may be overwritten; return what was seen."""
     if not os.path.exists(path):
@@ -115,16 +134,9 @@ def check_writable(path: str, *, expected_size: int | None = None, force: bool =
     _check_size(path, dev.size, expected_size, force)
     if force:
         return Checked(path, dev.size, dev.logical_block_size)
-    mounts = mounts_of(dev.devno)
-    if mounts:
-        raise _unsafe(path, f"mounted on {mounts[0]}")
-    if dev.holders:
-        raise _unsafe(path, f"in use by {', '.join(dev.holders)} (holders)")
-    if exclusive_busy(path):
-        raise _unsafe(path, "open exclusively by another user (mounted, or claimed by the kernel)")
-    pids = openers_of(os.stat(path).st_rdev)
-    if pids:
-        raise _unsafe(path, f"open by process {', '.join(map(str, pids[:5]))}")
+    busy = in_use(path, dev)
+    if busy:
+        raise _unsafe(path, busy)
     sig = blkid.probe(path)
     if sig is not None:
         raise _unsafe(path, f"holds a {sig.describe()} signature")

@@ -6,7 +6,7 @@ committed transaction survives a host crash and a killed writer leaves the previ
 Each sync-point commit is ONE transaction (group generation, sync-point row, volume states together),
 which is what makes the two-phase commit of rcopy/DESIGN.md §4 recoverable (rcopy/engine/DESIGN.md).
 
-Schema (version 2, in ``meta.schema_version``; ``_MIGRATIONS[n]`` upgrades n-1 -> n):
+Schema (version 3, in ``meta.schema_version``; ``_MIGRATIONS[n]`` upgrades n-1 -> n):
 
 ``meta(key PRIMARY KEY, value)``
     ``schema_version``, ``system`` (this system's name; default the host name or $RCOPY_SYSTEM_NAME).
@@ -27,6 +27,8 @@ full_reason, backend, device_id, PRIMARY KEY(grp, name))``
 ``groups.last_report`` (v2)
     JSON of the last sync's report: seconds per phase, external commands on each side, bytes, the
     executed plan (``rcopy status --json`` shows it as ``last_sync``).
+``groups.failover_point`` (v3)
+    the sync point at which this side failed over (its F snapshots are the next sync's base), 0: none.
 ``sync_points(grp, generation, sync_id, committed, started, ended, PRIMARY KEY(grp, generation))``
     the committed sync point of each group and the one in flight, with their identities.
 
@@ -53,7 +55,7 @@ from rcopy.model import (Group, GroupState, Link, LinkState, Role, SyncPoint, Sy
                          check_name)
 
 DEFAULT_DIR = "/var/lib/rcopy"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -83,7 +85,10 @@ ALTER TABLE volumes ADD COLUMN device_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE groups ADD COLUMN last_report TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE groups ADD COLUMN fault TEXT NOT NULL DEFAULT ''
 """
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+_SCHEMA_V3 = """
+ALTER TABLE groups ADD COLUMN failover_point INTEGER NOT NULL DEFAULT 0
+"""
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 def state_dir(explicit: str | None = None) -> str:
@@ -122,7 +127,8 @@ def _values(obj, columns: tuple[str, ...]) -> list:
 
 
 _GROUP_COLS = ("name", "target", "role", "mode", "period", "policies", "state", "reason", "generation", "sync_id",
-               "pending_generation", "pending_id", "last_sync_start", "last_sync_end", "alert", "fault")
+               "pending_generation", "pending_id", "last_sync_start", "last_sync_end", "alert", "fault",
+               "failover_point")
 _VOLUME_COLS = ("grp", "name", "local", "remote", "size", "state", "bytes_done", "bytes_total", "bytes_sent",
                 "last_sync", "full_reason", "backend", "device_id")
 

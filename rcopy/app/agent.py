@@ -152,8 +152,8 @@ class Agent:
         if not self.store.has_group(group):
             return {"exists": False}
         g = self.store.group(group)
-        if g.pending_generation and group not in self.active:
-            self._take_over(g)
+        if g.pending_generation and group not in self.active and not g.sends:
+            self.settle_abandoned(g)
             g = self.store.group(group)
         return self._view(g)
 
@@ -234,7 +234,7 @@ class Agent:
         if group in self.active:
             raise Busy(f"group {group} already has a sync in flight on {self.store.system().name}")
         if g.pending_generation:
-            self._take_over(g)
+            self.settle_abandoned(g)
             g = self.store.group(group)
         fd = self.store.try_lock(group)
         if fd is None:
@@ -268,7 +268,7 @@ class Agent:
         infos = export.infos
         return {"view": view, "volumes": {r: {"export": dataclasses.asdict(infos[vols[r].name])} for r in remotes}}
 
-    def _take_over(self, g: Group):
+    def settle_abandoned(self, g: Group):
         """Settle a sync in flight that another agent process still holds.
 
         The primary asks (status, before anything) only while it holds its own group lock, so an agent
@@ -340,6 +340,33 @@ class Agent:
                 self._rollback(g, why)
         return {"rolled_back": True}
 
+    # -- disaster recovery (rcopy.app.dr): the peer that failed over, recovers or restores asks -------
+    def op_fence(self, group: str, by: str):
+        from rcopy.app import dr
+        return {"fault": dr.fence(self.store, group, by).fault}
+
+    def op_step_down(self, group: str, role: str, generation: int, sync_id: str, force: bool = False):
+        from rcopy.app import dr
+        return dr.step_down(self.store, group, role=_receiving_role(role), generation=generation,
+                            sync_id=sync_id, force=force)
+
+    def op_take_over(self, group: str, role: str, generation: int, sync_id: str, kind: str, state: str):
+        from rcopy.app import dr
+        g = self.store.group(group)
+        if not g.sends and (g.generation, g.sync_id) != (generation, sync_id):
+            raise StateError(f"group {group} holds sync point {g.generation} on {self.store.system().name}, "
+                             f"not {generation}: sync first")
+        if kind not in ("F", "P") or role not in (Role.PRIMARY.value, Role.PRIMARY_REV.value):
+            raise Refused(f"cannot take over as {role} with a {kind} base")
+        after = dr.take_over(self.store, group, role=Role(role), kind=kind, state=GroupState(state),
+                             reason="" if state == GroupState.STARTED.value else
+                             f"reversed: this system sends to {g.target}")
+        return {"role": after.role.value, "generation": after.generation}
+
+    def op_relabel(self, group: str):
+        from rcopy.app import dr
+        return {"role": dr.relabel(self.store, group).role.value}
+
     def op_hash(self, group: str):
         g = self._secondary(group)
         if g.pending_generation:
@@ -388,6 +415,12 @@ class Agent:
     def _delete_all(self, g: Group, kind: str, generation: int):
         self.delete([(v.backend, v.local, snapshot_name(g.name, v.name, kind, generation))
                      for v in self.store.volumes(g.name)])
+
+
+def _receiving_role(role: str) -> Role:
+    if role not in (Role.SECONDARY.value, Role.SECONDARY_REV.value):
+        raise Refused(f"a side steps down to secondary or secondary-rev, not {role!r}")
+    return Role(role)
 
 
 _TYPES = {"str": str, "int": int, "bool": bool, "float": (int, float), "list[str]": list}

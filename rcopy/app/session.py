@@ -133,12 +133,17 @@ def check(store: Store, group: str, event: Event) -> Group:
     """Refuse at once what the group's state does not allow (before forking a background run). A sync
     in flight is judged by the lock, not by the record: a record without a lock holder is a crashed
     sync that reconcile settles."""
+    transition(as_judged(store, group), event)
+    return store.group(group)
+
+
+def as_judged(store: Store, group: str) -> Group:
+    """The group as a request is judged: a sync recorded in flight that no process holds is a crash
+    that reconcile settles (rolled back: the group then counts as stopped, or finished)."""
     g = store.group(group)
     if g.pending_generation and not store.held(group):
-        # a crashed sync: reconcile will roll it back (the group then counts as stopped) or finish it
-        g = dataclasses.replace(g, pending_generation=0, state=GroupState.STOPPED)
-    transition(g, event)
-    return store.group(group)
+        g = dataclasses.replace(g, pending_generation=0, pending_id="", state=GroupState.STOPPED)
+    return g
 
 
 def plan(store: Store, group: str, *, full: str = ""):

@@ -9,7 +9,8 @@ from rcopy import backends
 from rcopy.app import session
 from rcopy.app.session import connect, open_store
 from rcopy.cli.common import start_sync
-from rcopy.names import snapshot_name, volume_name
+from rcopy.engine.cycle import bases
+from rcopy.names import volume_name
 from rcopy.engine.states import Event, transition
 from rcopy.errors import AlreadyExists, NotFound, Refused, UsageError
 from rcopy.model import Group, GroupState, VolumePair, VolumeState, check_name, parse_period, parse_policies
@@ -54,6 +55,8 @@ def register(sub):
         if verb == "start":
             x.add_argument("--wait", action="store_true", help="wait for the sync, showing progress")
         x.set_defaults(func=fn)
+    from rcopy.cli import disaster
+    disaster.register(s)
 
 
 def do_create(args):
@@ -97,7 +100,7 @@ def do_remove(args):
 
 
 def _delete_base(g: Group, vols):
-    backends.delete([(v.backend, v.local, snapshot_name(g.name, v.name, "P", g.generation)) for v in vols])
+    backends.delete(bases(g, vols, g.generation))
 
 
 def do_admit(args):

@@ -6,7 +6,11 @@ GROUP = ``{name, target, role, mode, period (seconds or null), policies [..], st
 it stopped, for policy: admin, link, interrupted, device, space, state, failed; "" while running), alert,
 sync_point {generation, id} (generation 0: never synced), syncing (bool), syncing_generation,
 last_sync_start, last_sync_end (Unix seconds, 0: never), next_sync (Unix seconds of the next
-periodic sync, null: on demand only), last_sync REPORT ({} before the first), volumes [VOLUME...]}``,
+periodic sync, null: on demand only), last_sync REPORT ({} before the first), failover_point (the sync
+point this system took over at, 0: none), kept {volume path: [snapshot names]} (F: failover bases, K:
+a demoted primary's writes after its last sync point, kept until the administrator removes them),
+volumes [VOLUME...]}``, role one of primary, secondary, primary-rev, secondary-rev, and fault also
+"failover" (fenced: the backup took over),
 REPORT = ``{generation, seconds, bytes_sent, phases {begin, cut, send, commit} (seconds; send includes
 change detection), commands (external commands this system ran), commands_by_tool {tool: n},
 peer_commands (the backup's), volumes {name: {bytes_sent, full_reason}}, plan [executed actions]}``,
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import time
 
+from rcopy.app import dr
 from rcopy.app.session import open_store
+from rcopy.sys import lvm
 from rcopy.cli.common import print_json
 from rcopy.engine.schedule import next_start
 from rcopy.model import format_period
@@ -59,7 +65,7 @@ def group_dict(store, g) -> dict:
             "sync_point": {"generation": g.generation, "id": g.sync_id}, "syncing": live,
             "syncing_generation": g.pending_generation, "last_sync_start": g.last_sync_start,
             "last_sync_end": g.last_sync_end, "next_sync": _next(g), "last_sync": store.report(g.name),
-            "volumes": vols}
+            "failover_point": g.failover_point, "kept": dr.kept(store, g), "volumes": vols}
 
 
 def _next(g) -> float | None:
@@ -85,7 +91,8 @@ def do_status(args):
     targets = [store.target(args.name)] if args.name and what in ("targets", "links") else store.targets()
     out = {"system": store.system().name}
     if what in (None, "groups"):
-        out["groups"] = [group_dict(store, g) for g in groups]
+        with lvm.reports():                   # kept snapshots: one LVM report per VG
+            out["groups"] = [group_dict(store, g) for g in groups]
     if what in (None, "targets", "links"):
         out["targets"] = [target_dict(store, t) for t in targets]
     if args.json:
@@ -108,6 +115,10 @@ def do_status(args):
                   f"on {g['target']} {rep.get('peer_commands', '-')}")
         if g["alert"]:
             print(f"  ALERT: {g['alert']}")
+        if g["failover_point"]:
+            print(f"  failed over here at sync point {g['failover_point']}")
+        for path, names in g["kept"].items():
+            print(f"  kept snapshots of {path}: {', '.join(names)} (rcopy never deletes K; lvremove when done)")
         print(f"  {'volume':<16} {'local':<28} {'remote':<28} {'state':<12} {'last sync':<19} {'sent':>12}  note")
         for v in g["volumes"]:
             state = f"{v['state']} {v['percent']}%" if v["state"] == "syncing" else v["state"]

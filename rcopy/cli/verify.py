@@ -5,8 +5,8 @@ from __future__ import annotations
 from rcopy import backends
 from rcopy.app.session import connect, open_store
 from rcopy.cli.common import print_json
-from rcopy.names import snapshot_name
-from rcopy.errors import NotFound, Refused, SyncFailed
+from rcopy.engine.cycle import base_snap
+from rcopy.errors import NotFound, Refused, SyncFailed, WrongRole
 
 
 def register(sub):
@@ -19,6 +19,9 @@ def register(sub):
 def do_verify(args):
     store = open_store()
     g = store.group(args.group)
+    if not g.sends:
+        raise WrongRole(f"group {g.name} is {g.role.value} here: run verify on the system that sends (primary "
+                        "or primary-rev)")
     if not g.generation:
         raise Refused(f"group {g.name} has no sync point yet: start it first")
     results = []
@@ -26,7 +29,7 @@ def do_verify(args):
         remote = peer.call("hash", group=g.name)
         for v in store.volumes(g.name):
             snapper = backends.get(v.backend).snapshotter
-            name = snapshot_name(g.name, v.name, "P", g.generation)
+            name = base_snap(g, v, g.generation)[2]
             snap = snapper.find(v.local, name)
             if snap is None:
                 raise NotFound(f"snapshot {name} of the last sync point is missing: cannot verify {v.name}; "

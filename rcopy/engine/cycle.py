@@ -13,6 +13,7 @@ import dataclasses
 import secrets
 
 from rcopy.engine import plan as P
+from rcopy.engine.roles import base_kind
 from rcopy.names import snapshot_name
 from rcopy.model import Group, VolumePair, VolumeState
 
@@ -30,6 +31,7 @@ class PeerView:
     pending_generation: int = 0
     pending_id: str = ""
     exists: bool = True
+    role: str = "secondary"
     volumes: dict = dataclasses.field(default_factory=dict)   # secondary path -> its volume state
 
     @classmethod
@@ -45,6 +47,15 @@ class PeerView:
 
 def _snap(g: Group, v: VolumePair, kind: str, generation: int) -> tuple[str, str, str]:
     return (v.backend, v.local, snapshot_name(g.name, v.name, kind, generation))
+
+
+def base_snap(g: Group, v: VolumePair, generation: int) -> tuple[str, str, str]:
+    """This side's base of sync point ``generation``: P(n), or F(n) where it took over at n."""
+    return _snap(g, v, base_kind(g, generation), generation)
+
+
+def bases(g: Group, volumes: list[VolumePair], generation: int) -> tuple[tuple[str, str, str], ...]:
+    return tuple(base_snap(g, v, generation) for v in volumes)
 
 
 def base_problem(g: Group, v: VolumePair, base_state: str | None, peer: PeerView, *, full: str = "") -> str:
@@ -89,11 +100,11 @@ def plan_sync(g: Group, volumes: list[VolumePair], generation: int, sync_id: str
                                "admitted with --nosync", skip=True))
             continue
         why = base_problem(g, v, base_states.get(v.name), peer, full=full)
-        base = None if why else snapshot_name(g.name, v.name, "P", n)
+        base = None if why else base_snap(g, v, n)[2]
         plan.append(P.Send(v.name, v.local, v.remote, v.backend, v.size, source, base, why))
     plan += [P.PeerCommit(g.name, generation, sync_id), P.Commit(g.name, generation, sync_id)]
     if n:
-        plan.append(P.DeleteSnapshots(tuple(_snap(g, v, "P", n) for v in volumes)))
+        plan.append(P.DeleteSnapshots(bases(g, volumes, n)))
     return plan
 
 
@@ -122,7 +133,7 @@ def reconcile(g: Group, volumes: list[VolumePair], peer: PeerView) -> list[P.Act
         if peer.generation == p and peer.sync_id == pid:
             plan.append(P.Commit(g.name, p, pid))
             if g.generation:
-                plan.append(P.DeleteSnapshots(tuple(_snap(g, v, "P", g.generation) for v in volumes)))
+                plan.append(P.DeleteSnapshots(bases(g, volumes, g.generation)))
             return plan
         reason = f"sync point {p} was interrupted (found in flight after a restart); the backup kept sync point {peer.generation}"
         return plan_abort(g, volumes, p, pid, reason, peer=bool(peer.pending_generation), fault="interrupted")
@@ -130,7 +141,7 @@ def reconcile(g: Group, volumes: list[VolumePair], peer: PeerView) -> list[P.Act
         plan.append(P.PeerAbort(g.name, peer.pending_generation, peer.pending_id,
                                 "the primary has no sync in flight"))
     if g.generation > 1:
-        plan.append(P.DeleteSnapshots(tuple(_snap(g, v, "P", g.generation - 1) for v in volumes)))
+        plan.append(P.DeleteSnapshots(bases(g, volumes, g.generation - 1)))
     if g.generation and (peer.generation, peer.sync_id) != (g.generation, g.sync_id):
         plan.append(P.Note(f"the backup holds sync point {peer.generation} ({peer.sync_id or '-'}), not "
                            f"{g.generation} ({g.sync_id}): the next sync will be full"))

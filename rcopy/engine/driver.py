@@ -24,10 +24,11 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 from rcopy import faults
 from rcopy.engine import cycle
 from rcopy.engine import plan as P
+from rcopy.engine import roles
 from rcopy.names import parse
 from rcopy.ports import Backend, ExportInfo, Sender, Snapshot
 from rcopy.engine.states import Event, transition
-from rcopy.errors import DeviceError, NoSpace, RcopyError, StateError, SyncFailed
+from rcopy.errors import DeviceError, NoSpace, RcopyError, StateError, SyncFailed, WrongRole
 from rcopy.extent import Extent
 from rcopy.model import Group, VolumePair, VolumeState
 
@@ -128,7 +129,7 @@ class Driver:
         if not g.generation:
             return out
         for v in volumes:
-            _, _, name = cycle._snap(g, v, "P", g.generation)
+            _, _, name = cycle.base_snap(g, v, g.generation)
             snapper = self.backend(v.backend).snapshotter
             snap = snapper.find(v.local, name)
             if snap is None:
@@ -150,8 +151,18 @@ class Driver:
         """Agree with the backup on the group's sync point before anything else (caller holds the lock)."""
         g, vols = self.store.group(name), self.store.volumes(name)
         view = cycle.PeerView.from_dict(self.peer.status(name))
+        fence = view.exists and view.role in ("primary", "primary-rev")
+        if fence:
+            # The backup took over (failover) while this side was away: settle our own record against
+            # its committed point, but never ask it to roll anything back, and never send to it.
+            view = dataclasses.replace(view, pending_generation=0, pending_id="")
         actions = cycle.reconcile(g, vols, view)
         self.execute(actions, _Run())
+        if fence:
+            g = roles.fenced(self.store.group(name), g.target)
+            self.store.put_group(g)
+            raise WrongRole(f"group {name}: {g.target} failed over and is the source now; this side is fenced "
+                            f"until 'rcopy group recover {name}' runs on {g.target}")
         return actions
 
     # -- sync ---------------------------------------------------------------------------------------

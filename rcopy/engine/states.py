@@ -2,15 +2,16 @@
 
 The table is the whole policy of which request is allowed in which state (3PAR ``startrcopygroup``,
 ``syncrcopy``, ``stoprcopygroup``, ``admitrcopyvv``); the driver persists the returned Group. Roles
-primary-rev / secondary-rev (issue 7, failover/recover) reuse the same table: only a primary side
-(primary or primary-rev) sends data.
+primary-rev / secondary-rev (failover, recover: rcopy.engine.roles) reuse the same table: only a
+primary side (primary or primary-rev) sends data, and a primary fenced by its backup's failover
+(fault "failover") sends nothing until recover.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
 
-from rcopy.errors import Busy, Refused
+from rcopy.errors import Busy, Refused, WrongRole
 from rcopy.model import Group, GroupState, Role
 
 SENDING_ROLES = (Role.PRIMARY, Role.PRIMARY_REV)
@@ -37,6 +38,8 @@ def transition(g: Group, event: Event, reason: str = "", fault: str = "failed") 
     types a SYNC_FAILED for policy (rcopy.model.FAULTS); LINK_DOWN is always "link", STOP "admin"."""
     _refuse_role(g, event)
     s = g.state
+    if g.fault == "failover" and event in (Event.START, Event.SYNC):
+        raise WrongRole(f"group {g.name} is fenced: {g.reason}")
     if event in (Event.START, Event.SYNC):
         if g.syncing:
             raise Busy(f"group {g.name} is syncing sync point {g.pending_generation}: wait for it to finish")

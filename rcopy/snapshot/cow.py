@@ -39,14 +39,15 @@ class CowSnapshotter(LvmSnapshotter):
         return lv.is_cow_snapshot
 
     def cow_size(self, origin: lvm.LV, name: str = "") -> int:
-        """Bytes of COW store for snapshot ``name`` of ``origin``. A rollback snapshot R(n) must survive
+        """Bytes of COW store for snapshot ``name`` of ``origin``. A rollback snapshot R(n) (and a failover
+        F(n) or kept K(n), which outlive a whole resync too) must survive
         the whole resync it protects, a full one included: it covers the entire volume plus the
         exception table (16 bytes per 4 KiB chunk, 256 per metadata chunk) and the header. A resync
         snapshot P(n) holds one period's writes (``cow_ratio`` of the volume); if it overflows, the
         next sync is full (design §2.4), nothing is lost."""
         ext = origin.extent_size or 4 << 20
         snap = parse(name)
-        if snap is not None and snap.kind == "R":
+        if snap is not None and snap.kind in "RFK":     # R, and F / K that outlive the way back
             chunks = -(-origin.size // COW_CHUNK)
             want = origin.size + (-(-chunks // 256) + 2) * COW_CHUNK
         else:

@@ -85,6 +85,14 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
+def snapshots_of(origin: str) -> list[str]:
+    """Names of the reserved snapshots of the file volume ``origin`` (they live beside it)."""
+    from rcopy.names import parse, volume_name
+    here = os.path.dirname(os.path.abspath(origin))
+    me = volume_name(origin)
+    return [n for n in sorted(os.listdir(here)) if (p := parse(n)) is not None and p.volume == me]
+
+
 class FileSnapshotter:
     """Implements rcopy.ports.Snapshotter for regular files. Every method is idempotent."""
 
