@@ -14,7 +14,7 @@ import threading
 from typing import Iterable, Iterator, Sequence
 
 from rcopy.ports import ChangeSource, Snapshot, Snapshotter
-from rcopy.errors import DeviceError, DeviceUnsafe, Refused
+from rcopy.errors import DeviceError, DeviceUnsafe, RcopyError, Refused
 from rcopy.extent import Extent
 from rcopy.snapshot import file as filesnap
 
@@ -168,21 +168,25 @@ def check_secondary(path: str, size: int, *, force: bool = False, nosync: bool =
                            "use --force to overwrite it, or --nosync if it already equals the primary")
 
 
-def kept(volumes: Sequence[tuple[str, str]], group: str, kinds: str = "FK") -> dict[str, list[str]]:
-    """path -> the group's snapshots of ``kinds`` on that volume (F: failover bases, K: the writes a
-    demoted primary took after its last sync point, kept for the administrator), oldest first."""
+def kept(volumes: Sequence[tuple[str, str, str]], group: str, kinds: str = "FK") -> dict[str, list[str]]:
+    """path -> the group's snapshots of ``kinds`` of each (back-end, path, volume name) (F: the base a
+    side took when it took over, K: the writes a demoted primary took after its last sync point, kept
+    for the administrator), oldest first. Found by name: a thin snapshot loses its origin link when
+    another snapshot is merged into the origin."""
     from rcopy.names import parse
     out: dict[str, list[str]] = {}
-    for kind, path in volumes:
-        if kind in LVM_KINDS:
-            from rcopy.sys import lvm
-            o = lvm.by_path(path)
-            names = [lv.name for lv in lvm.lvs(o.vg) if lv.origin == o.name]
-        else:
-            names = filesnap.snapshots_of(path)
+    for kind, path, vname in volumes:
+        try:
+            if kind in LVM_KINDS:
+                from rcopy.sys import lvm
+                names = [lv.name for lv in lvm.lvs(lvm.by_path(path).vg)]
+            else:
+                names = filesnap.snapshots_of(path)
+        except (RcopyError, OSError):
+            names = []                  # a volume gone or unreadable has nothing to list (status goes on)
         mine = [parse(n) for n in names]
-        out[path] = [str(s) for s in sorted((s for s in mine if s and s.group == group and s.kind in kinds),
-                                            key=lambda s: (s.generation, s.kind))]
+        out[path] = [str(s) for s in sorted((s for s in mine if s and s.group == group and s.volume == vname
+                                             and s.kind in kinds), key=lambda s: (s.generation, s.kind))]
     return out
 
 
@@ -191,3 +195,19 @@ def busy(paths: Iterable[str]) -> list[str]:
     not run under."""
     from rcopy.safety import in_use
     return [f"{p}: {why}" for p in paths if (why := in_use(p))]
+
+
+def write_granule(volumes: Sequence[tuple[str, str]]) -> int:
+    """The write size the secondaries need: a thin pool that does not zero new blocks (-Zn, common for
+    speed) leaves stale data in the rest of a block that a smaller write provisions, so every write to
+    such a secondary must cover whole pool blocks (the export then read-modify-writes); 0: any size."""
+    from rcopy.sys import lvm
+    granule = 0
+    for kind, path in volumes:
+        if kind != "thin":
+            continue
+        lv = lvm.by_path(path)
+        pool = lvm.get(lv.vg, lv.pool) if lv.pool else None
+        if pool is not None and not pool.zero:
+            granule = max(granule, pool.chunk_size or 65536)
+    return granule

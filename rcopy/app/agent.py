@@ -65,7 +65,7 @@ def export_address(bind: str) -> str:
     return parts[2] if len(parts) == 4 else bind
 
 
-def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = ""):
+def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "", minblock: int = 0):
     from rcopy.transport.export import Export
     host = export_address(bind)
     # TLS with a throw-away certificate pinned by the primary, admitting only the primary's own
@@ -73,7 +73,7 @@ def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "")
     tls = not (host.startswith("127.") or host in ("::1", "localhost"))
     if tls and not client_cert:
         raise Refused("the primary sent no client certificate for the export: install the same rcopy on both")
-    ex = Export(volumes, host=host, tls=tls, client_cert_pem=client_cert or None)
+    ex = Export(volumes, host=host, tls=tls, client_cert_pem=client_cert or None, minblock=minblock)
     ex.start()
     return ex
 
@@ -258,7 +258,8 @@ class Agent:
                 # secondary already read as sync point n; deleting it could lose the only copy.
                 self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced])
                 backends.protect([(vols[r].backend, r) for r in remotes], writable=True)
-                export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert)
+                granule = backends.write_granule([(vols[r].backend, r) for r in remotes])
+                export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert, granule)
         except Exception:
             self.store.abort_sync(group, "begin failed", state=None)
             self.books.pop(group, None)

@@ -144,7 +144,7 @@ def _settle_sender(store: Store, g: Group, vols, generation: int, sync_id: str) 
 
 def kept(store: Store, g: Group) -> dict[str, list[str]]:
     """path -> the F and K snapshots rcopy keeps for the administrator on that volume."""
-    found = backends.kept([(v.backend, v.local) for v in store.volumes(g.name)], g.name)
+    found = backends.kept([(v.backend, v.local, v.name) for v in store.volumes(g.name)], g.name)
     return {p: names for p, names in found.items() if names}
 
 

@@ -25,7 +25,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
 FIELDS = ("vg_name", "lv_name", "lv_path", "lv_dm_path", "lv_attr", "lv_size", "segtype", "origin",
           "pool_lv", "thin_id", "chunk_size", "lv_active", "lv_skip_activation", "lv_snapshot_invalid",
           "lv_merging", "lv_merge_failed", "lv_device_open", "lv_suspended", "snap_percent",
-          "vg_extent_size", "origin_size", "lv_uuid", "lv_tags", "vg_free", "data_percent", "metadata_percent")
+          "vg_extent_size", "origin_size", "lv_uuid", "lv_tags", "vg_free", "data_percent", "metadata_percent",
+          "zero")
 TIMEOUT = 120.0
 
 
@@ -66,6 +67,8 @@ class LV:
     vg_free: int = 0         # bytes free in the LV's VG
     data_percent: float = 0.0       # thin pool (or thin LV): data space used
     metadata_percent: float = 0.0   # thin pool: metadata space used
+    zero: bool = False              # thin pool: new blocks are zeroed (-Zy); without it a partial write
+                                    # to a new block leaves stale data in the rest of the block
 
     @property
     def volume_size(self) -> int:
@@ -142,7 +145,8 @@ def parse_lvs_json(text: str) -> list[LV]:
             suspended=_flag(r.get("lv_suspended", "")), extent_size=_int(r.get("vg_extent_size")),
             origin_size=_int(r.get("origin_size")), uuid=r.get("lv_uuid", ""),
             tags=tuple(t for t in str(r.get("lv_tags", "")).split(",") if t), vg_free=_int(r.get("vg_free")),
-            data_percent=_float(r.get("data_percent")), metadata_percent=_float(r.get("metadata_percent"))))
+            data_percent=_float(r.get("data_percent")), metadata_percent=_float(r.get("metadata_percent")),
+            zero=_flag(r.get("zero", ""))))
     return out
 
 

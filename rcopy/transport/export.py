@@ -47,13 +47,15 @@ class Export:
     """Context manager: ``with Export({"data": "/dev/vg/data"}, host=addr, tls=True) as ex: ex.infos``."""
 
     def __init__(self, volumes: Mapping[str, str], *, host: str = "127.0.0.1", port: int | None = None,
-                 tls: bool = False, readonly: bool = False, client_cert_pem: str | None = None):
+                 tls: bool = False, readonly: bool = False, client_cert_pem: str | None = None,
+                 minblock: int = 0):
         for name in volumes:
             if not _NAME.match(name):
                 raise BadExportName(name=name)
         self.volumes = dict(volumes)
         self.host, self.port, self.tls, self.readonly = host, port, tls, readonly
         self.client_cert_pem = client_cert_pem
+        self.minblock = minblock
         self.server: nbdkit.NbdkitServer | None = None
         self.infos: dict[str, ExportInfo] = {}
         self._dir: str | None = None
@@ -72,9 +74,14 @@ class Export:
                 os.mkdir(tls_dir, 0o700)
                 pem = nbdkit.make_tls_dir(tls_dir, client_cert_pem=self.client_cert_pem)
             # exportname-list=error: the export names are not listed to anyone who connects
-            self.server = nbdkit.start("file", f"dir={vols}", "exportname-list=error", host=self.host,
-                                       port=self.port, readonly=self.readonly, tls_dir=tls_dir,
-                                       verify_peer=bool(self.client_cert_pem), filters=("exportname",))
+            # minblock: every write reaches the device as whole blocks of that size (nbdkit's blocksize
+            # filter reads, modifies and writes the block around a smaller request): what a thin pool
+            # without zeroing needs (rcopy.backends.write_granule)
+            blocks = ("blocksize",) if self.minblock else ()
+            self.server = nbdkit.start("file", f"dir={vols}", "exportname-list=error",
+                                       *([f"minblock={self.minblock}"] if self.minblock else []),
+                                       host=self.host, port=self.port, readonly=self.readonly, tls_dir=tls_dir,
+                                       verify_peer=bool(self.client_cert_pem), filters=("exportname", *blocks))
         except BaseException:
             self.stop()
             raise

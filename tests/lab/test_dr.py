@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.lab.dm_guest import run_guest
-from tests.lab.test_replication import AGENT, VG, VOLS, MIB, dev, group, rc, sha, status
+from tests.lab.test_replication import AGENT, VG, VOLS, MIB, dev, group, rc, status
 
 pytestmark = pytest.mark.lab
 

@@ -377,3 +377,26 @@ def test_a_plaintext_export_off_loopback_is_refused_before_connecting(tmp_path):
     (tmp_path / "src").write_bytes(bytes(BLK))
     with pytest.raises(PlaintextRefused, match="169.254.9.9"):
         NbdSender().send(str(tmp_path / "src"), [Extent(0, BLK)], ExportInfo("169.254.9.9", 10809, "vol", BLK))
+
+
+def test_an_export_with_a_minimum_block_writes_whole_blocks_and_keeps_the_rest(tmp_path):
+    """A thin pool without zeroing needs whole-block writes (rcopy.backends.write_granule): with
+    minblock the export read-modify-writes around scattered 4 KiB extents and zero runs, so the bytes
+    between them stay what the secondary held."""
+    size, block = 4 * MiB, 64 * 1024
+    rnd = random.Random(5)
+    src, dev = tmp_path / "src", tmp_path / "dev"
+    old = rnd.randbytes(size)
+    dev.write_bytes(old)
+    new = bytearray(old)
+    extents = []
+    for off in sorted(rnd.sample(range(0, size // 4096), 40)):
+        zero = off % 3 == 0
+        new[off * 4096:(off + 1) * 4096] = bytes(4096) if zero else rnd.randbytes(4096)
+        extents.append(Extent(off * 4096, 4096, zero))
+    src.write_bytes(bytes(new))
+    with Export({"vol": str(dev)}, minblock=block) as ex:
+        sent = NbdSender().send(str(src), extents, ex.infos["vol"])
+        assert "--filter=blocksize" in " ".join(open(f"/proc/{ex.server.pid}/cmdline").read().split("\0"))
+    assert dev.read_bytes() == bytes(new)
+    assert sent <= sum(e.length for e in extents if not e.zero)   # the wire carries the change only
