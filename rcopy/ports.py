@@ -100,3 +100,7 @@ class ExportInfo:
     # (certificate file, key file) of the primary's own throw-away certificate for this session, sent to
     # the backup in ``begin``: nbdkit admits only the client that presents it (--tls-verify-peer).
     client_cert: tuple[str, str] | None = None
+    # every write must cover whole blocks of this size (a thin pool that does not zero new blocks, with
+    # blocks larger than the export can read-modify-write itself): the primary rounds its writes out
+    # and reads the whole blocks from its snapshot. 0: any size.
+    write_align: int = 0

@@ -65,7 +65,12 @@ def export_address(bind: str) -> str:
     return parts[2] if len(parts) == 4 else bind
 
 
-def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "", minblock: int = 0):
+# nbdkit's blocksize filter read-modify-writes blocks up to 64 KiB on the backup (no extra bytes on the
+# wire); a coarser granule is left to the primary, which rounds its writes out (ExportInfo.write_align).
+EXPORT_RMW_MAX = 64 * 1024
+
+
+def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "", granule: int = 0):
     from rcopy.transport.export import Export
     host = export_address(bind)
     # TLS with a throw-away certificate pinned by the primary, admitting only the primary's own
@@ -73,8 +78,11 @@ def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "",
     tls = not (host.startswith("127.") or host in ("::1", "localhost"))
     if tls and not client_cert:
         raise Refused("the primary sent no client certificate for the export: install the same rcopy on both")
-    ex = Export(volumes, host=host, tls=tls, client_cert_pem=client_cert or None, minblock=minblock)
+    ex = Export(volumes, host=host, tls=tls, client_cert_pem=client_cert or None,
+                minblock=granule if granule <= EXPORT_RMW_MAX else 0)
     ex.start()
+    if granule > EXPORT_RMW_MAX:
+        ex.infos = {n: dataclasses.replace(i, write_align=granule) for n, i in ex.infos.items()}
     return ex
 
 

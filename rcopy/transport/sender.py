@@ -66,9 +66,14 @@ class Piece(NamedTuple):
 
 
 def plan(extents: Iterable[Extent], geo: Geometry, *, max_request: int = 1 << 20,
-         gap: int = 0) -> Iterator[Piece]:
-    """Turn sorted extents into aligned, capped requests that respect the server's block sizes."""
-    align = max(1, geo.min_block)
+         gap: int = 0, write_align: int = 0) -> Iterator[Piece]:
+    """Turn sorted extents into aligned, capped requests that respect the server's block sizes (and the
+    secondary's ``write_align``: extents closer than that are merged, so no block is written twice)."""
+    align = max(1, geo.min_block, write_align)
+    gap = max(gap, write_align)
+    if write_align:         # a zero run short of whole blocks is written as data, merged with its neighbours
+        extents = (Extent(e.offset, e.length) if e.zero and (e.offset % align or e.length % align) else e
+                   for e in extents)
     cap = max(align, min(geo.max_payload, max_request) // align * align)
     zcap = _ZERO_CAP // align * align
     size = geo.size
@@ -176,7 +181,7 @@ class NbdSender:
                 raise SourceReadError(e.strerror, path=source_path, offset=0) from None
             try:
                 self._run(clients, fd, source_path, plan(extents, geo, max_request=self.max_request,
-                                                         gap=self.gap), progress)
+                                                         gap=self.gap, write_align=export.write_align), progress)
             finally:
                 os.close(fd)
             for c in clients:

@@ -1,4 +1,5 @@
 """The Sender port: an extent list from a source file lands exactly where the extents say, nowhere else."""
+import dataclasses
 import os
 import random
 import shutil
@@ -400,3 +401,22 @@ def test_an_export_with_a_minimum_block_writes_whole_blocks_and_keeps_the_rest(t
         assert "--filter=blocksize" in " ".join(open(f"/proc/{ex.server.pid}/cmdline").read().split("\0"))
     assert dev.read_bytes() == bytes(new)
     assert sent <= sum(e.length for e in extents if not e.zero)   # the wire carries the change only
+
+
+def test_a_coarse_write_align_rounds_writes_out_to_whole_blocks_read_from_the_source(tmp_path):
+    """Blocks larger than the export can read-modify-write (thin pools of 128 KiB and up, without
+    zeroing): the primary rounds every write out to whole blocks, read from its own snapshot."""
+    size, block = 4 * MiB, 128 * 1024
+    rnd = random.Random(9)
+    src, dev = tmp_path / "src", tmp_path / "dev"
+    src.write_bytes(rnd.randbytes(size))
+    dev.write_bytes(rnd.randbytes(size))                 # stale bytes everywhere: the case that matters
+    extents = [Extent(4096, 4096), Extent(12288, 4096, True), Extent(3 * block + 8192, 4096)]
+    with Export({"vol": str(dev)}) as ex:
+        info = dataclasses.replace(ex.infos["vol"], write_align=block)
+        sent = NbdSender().send(str(src), extents, info)
+    got, want = dev.read_bytes(), src.read_bytes()
+    for b in (0, 3):                                     # the touched blocks now equal the source whole
+        assert got[b * block:(b + 1) * block] == want[b * block:(b + 1) * block]
+    assert got[block:3 * block] != want[block:3 * block]   # untouched blocks are not written
+    assert sent == 2 * block
