@@ -111,6 +111,8 @@ def pytest_report_header(config):
 LAB_LONGEST_FIRST = (   # longest lab tests first (measured on a 2-core TCG host); the rest follow in file order
     "tests/lab/test_replication.py::test_mixed_group_is_cut_at_one_instant_over_six_syncs",      # 10-16 min
     "tests/lab/test_replication.py::test_link_cut_mid_sync_rolls_back_then_delta_after_link_up",  # 5-10 min
+    "tests/lab/test_dr.py::test_planned_migration_with_a_backup_crash_in_recover_never_goes_full",  # ~7 min
+    "tests/lab/test_dr.py::test_power_cut_mid_sync_failover_recover_keeps_the_primarys_writes_then_restore",
     "tests/lab/test_integrity.py::test_a_full_resync_cut_by_the_link_rolls_the_thick_secondary_back_exactly",
     "tests/lab/test_replication.py::test_sigkill_inside_the_cut_leaves_no_origin_suspended",
     "tests/lab/test_replication.py::test_deleted_or_overflowed_base_makes_the_next_sync_full_and_status_says_why",

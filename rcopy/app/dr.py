@@ -23,7 +23,7 @@ import logging
 import os
 import time
 
-from rcopy import backends
+from rcopy import backends, faults
 from rcopy.app import session
 from rcopy.engine import cycle, roles
 from rcopy.engine.states import Event
@@ -66,11 +66,16 @@ def take_over(store: Store, group: str, *, role: Role, kind: str = "F", state: G
               reason: str = "") -> Group:
     g = _settle_receiver(store, store.group(group))
     if g.sends:
+        if g.role is role and g.fault == "failover" and state is GroupState.STARTED:
+            # an earlier restore handed over, and this side met the peer before it stepped down (and
+            # fenced itself): the hand-over is what counts
+            g = store.update_group(group, state=state, reason="", fault="")
         return g
     with _waiting_lock(store, group, "the takeover"), session.lvm.reports():
         g = _settle_receiver(store, store.group(group))
         vols = store.volumes(group)
         backends.cut([cycle._snap(g, v, kind, g.generation) for v in vols])
+        faults.point("dr-after-takeover-cut")
         backends.protect([(v.backend, v.local) for v in vols], writable=True)
         after = roles.took_over(g, role, kind=kind, state=state, reason=reason or roles.failover_reason(g))
         store.put_group(after)
@@ -98,6 +103,7 @@ def step_down(store: Store, group: str, *, role: Role, generation: int, sync_id:
         common = n > 0 and (n, g.sync_id) == (generation, sync_id)
         if keep:
             backends.cut([cycle._snap(g, v, "K", max(n, 1)) for v in vols])
+            faults.point("dr-after-keep-cut")
         mark = backends.mark_of(group, n, g.sync_id)
         marks = backends.marks([(v.backend, v.local) for v in vols], group)
         held: dict[str, bool] = {}
@@ -112,6 +118,7 @@ def step_down(store: Store, group: str, *, role: Role, generation: int, sync_id:
                     backends.delete([(kind, origin, name)])
                 backends.protect([(v.backend, v.local)], writable=False, group=group, mark=mark)
                 held[v.name] = True
+                faults.point("dr-after-one-rollback")
             else:      # rolled back by an interrupted earlier run (it carries the mark), or not at n
                 held[v.name] = synced and marks.get(v.local) == mark
         backends.protect([(v.backend, v.local) for v in vols], writable=False)
@@ -213,9 +220,10 @@ def restore(store: Store, group: str, *, progress=None) -> Outcome:
             backends.protect([(v.backend, v.local) for v in vols], writable=False)
             report = session.run_sync(store, group, event=Event.SYNC, progress=progress, lock_held=True)
             g = store.group(group)
-            with session.connect(store, g.target) as peer:
-                peer.call("take_over", group=group, role=roles.SWAP[roles.RECEIVER_OF[g.role]].value,
-                          generation=g.generation, sync_id=g.sync_id, kind="P", state=GroupState.STARTED.value)
+        with session.connect(store, g.target) as peer:       # idempotent; lifts a fence it set on itself
+            peer.call("take_over", group=group, role=roles.SWAP[roles.RECEIVER_OF[g.role]].value,
+                      generation=g.generation, sync_id=g.sync_id, kind="P", state=GroupState.STARTED.value)
+        faults.point("dr-after-handover")
     step_down(store, group, role=roles.SWAP[g.role], generation=g.generation, sync_id=g.sync_id,
               keep=False, rollback=False)
     store.update_group(group, state=GroupState.STARTED, reason="", fault="")

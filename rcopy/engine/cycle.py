@@ -72,6 +72,9 @@ def base_problem(g: Group, v: VolumePair, base_state: str | None, peer: PeerView
     if base_state:
         return base_state
     if not peer.holds(g.generation, g.sync_id, v.remote):
+        if (peer.generation, peer.sync_id) == (g.generation, g.sync_id):
+            return (f"the backup does not hold sync point {g.generation} on {v.remote}: it is "
+                    f"{peer.volumes.get(v.remote, 'unknown')} there")
         return (f"the backup does not hold sync point {g.generation} on {v.remote} "
                 f"(it holds {peer.generation or 'none'})")
     return ""
