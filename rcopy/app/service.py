@@ -24,9 +24,11 @@ log = logging.getLogger("rcopy.daemon")
 
 class Service:
     def __init__(self, store, sync: Callable, *, settle: Callable | None = None,
-                 probe: Callable[[str], bool] = links.route_up, clock: Callable[[], float] = time.time):
+                 probe: Callable[[str], bool] = links.route_up, clock: Callable[[], float] = time.time,
+                 guard: Callable[[], list] | None = None, guard_every: float = 5.0):
         self.store, self.sync, self.probe, self.clock = store, sync, probe, clock
         self.settle = settle or (lambda group: None)
+        self.guard, self.guard_every, self._guarded = guard, guard_every, 0.0   # rcopy.app.space
         self.running: dict[str, threading.Thread] = {}
         self.recover_attempt: dict[str, float] = {}
 
@@ -67,6 +69,18 @@ class Service:
             started.append((g.name, why))
         return started
 
+    def guard_space(self) -> list:
+        """Every few seconds: give full thin pools' blocks back to the applications (rcopy.app.space)."""
+        now = self.clock()
+        if self.guard is None or now - self._guarded < self.guard_every:
+            return []
+        self._guarded = now
+        try:
+            return self.guard()
+        except RcopyError as e:
+            log.warning("space guard: %s", e)
+            return []
+
     def _run(self, group: str, why: str):
         log.info("group %s: sync (%s)", group, why)
         try:
@@ -90,5 +104,6 @@ class Service:
         log.info("rcopy daemon serving %s", self.store.dir)
         while not stop.is_set():
             self.tick()
+            self.guard_space()
             stop.wait(tick)
         self.wait()

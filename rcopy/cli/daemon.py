@@ -47,6 +47,7 @@ def do_daemon(args):
             raise PermissionDenied(f"cannot write the unit into {args.unit_dir}: {e.strerror}: run as root") from None
         print(f"installed {path}; start it with: systemctl daemon-reload && systemctl enable --now rcopy")
         return 0
+    from rcopy.app import space
     from rcopy.app.service import Service
     from rcopy.app.session import open_store, run_sync, settle_locked
     from rcopy.engine.states import Event
@@ -55,8 +56,10 @@ def do_daemon(args):
     logging.getLogger().setLevel(logging.INFO)
     store = open_store()
     service = Service(store, lambda group: run_sync(Store(store.dir), group, event=Event.SYNC),
-                      settle=lambda group: settle_locked(Store(store.dir), group))
+                      settle=lambda group: settle_locked(Store(store.dir), group),
+                      guard=lambda: space.guard(store))
     if args.once:
+        service.guard_space()
         service.tick()
         service.wait()
         return 0

@@ -29,8 +29,8 @@ CUT_BLOCKS = 2000              # ... before the sync the link cut interrupts (so
 # timeout), so the rollback shows within the demo; the same command tests/lab/test_replication.py uses.
 AGENT = ("ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 "
          "root@{link} env RCOPY_AGENT_TIMEOUT=20 rcopy agent")
-NOT_BUILT = ("failover, recover, restore and reverse (rcopy/DESIGN.md §2.6-2.8): not built yet, "
-             "so this demo does not show them")
+NOT_BUILT = ("reverse --natural/--current and a power cut during a sync before failover are shown by the "
+             "lab tests (tests/lab/test_dr.py), not by this demo")
 
 SETUP = f"""set -e
 pvcreate -qq -y -ff /dev/vdb >/dev/null
@@ -299,6 +299,7 @@ class Demo:
         self.initial_sync()
         self.delta_sync()
         self.link_cut()
+        self.disaster()
 
     def setup(self) -> None:
         self.step("1. two systems, a thin and a thick volume on each, targets both ways, a group")
@@ -471,6 +472,67 @@ class Demo:
                           (r.stdout + r.stderr).strip()[-300:])
         if looks_like_bug(r.stdout + r.stderr):
             raise CommandFailed("primary", "rcopy verify g", r.returncode, r.stdout + r.stderr)
+
+    def disaster(self) -> None:
+        """Power cut of primary, failover on backup, writes there, recover by delta (the primary's own
+        un-replicated writes kept as K), restore, and replication in the natural direction again."""
+        self.step("5. disaster: primary loses power with un-replicated writes; backup fails over")
+        g, _ = self.status("primary")
+        n = g["sync_point"]["generation"]
+        point = {v: b for v, (_, b) in self.hashes(n).items()}
+        self.write(DELTA_BLOCKS, seed=50)
+        lost = self.sh("primary", f"sha256sum /dev/{VG}/thinvol /dev/{VG}/thickvol", label="sha256sum of both "
+                       "volumes on primary (its writes since the last sync point)").stdout.split()[0::2]
+        self.say("demo: power cut of primary (qemu killed)")
+        self.lab.crash("primary")
+        out = self.sh("backup", "rcopy group failover g -f").stdout
+        g, _ = self.status("backup", show="line")
+        now = self.sh("backup", f"sha256sum /dev/{VG}/thinvol /dev/{VG}/thickvol", show=False).stdout.split()[0::2]
+        self.claims.claim(f"failover on backup: role primary-rev, volumes writable and exactly at sync point {n} "
+                          "(sha256), the unreachable primary noted as not fenced yet",
+                          g["role"] == "primary-rev" and now == [point[v] for v in VOLS] and "not fenced now" in out,
+                          f"role {g['role']}, sha {now} vs {point}")
+        self.sh("backup", "python3 -", input=WRITE.format(seed=51, vols=list(VOLS), vg=VG, nblocks=MIB * 256,
+                                                           blocks=DELTA_BLOCKS, block=BLOCK),
+                label=f"python3: the applications now run on backup: {DELTA_BLOCKS} random 4 KiB blocks per volume")
+        self.step("6. primary is back: recover (failback by delta), then restore the natural direction")
+        self.lab.start("primary")
+        r = self.sh("primary", "rcopy sync g --wait", check=False)
+        self.claims.claim("the returning primary fences itself: its sync is refused (exit 17), nothing is sent",
+                          r.returncode == 17, (r.stdout + r.stderr).strip()[-200:])
+        self.sh("backup", "rcopy group recover g -f", head=6, tail=3)
+        g, now_t = self.status("backup", show="excerpt")
+        self.numbers(g, now_t, "recover (reverse delta)", DELTA_BLOCKS * BLOCK)
+        a, _ = self.status("primary")
+        changed = DELTA_BLOCKS * BLOCK
+        self.claims.claim(f"recover: primary is secondary-rev; only the backup's changes travelled back "
+                          f"({' and '.join(size(v['bytes_sent']) for v in g['volumes'])} for {size(changed)} "
+                          f"written per volume, not {MIB} MiB)",
+                          a["role"] == "secondary-rev" and all(v["full_reason"] == "" and v["bytes_sent"] <= 2 * changed
+                                                               for v in g["volumes"]), f"{excerpt(g)}")
+        kept = [f"rcopy.g.{v}.K{n}" for v in VOLS]
+        self.sh("primary", f"lvchange -ay -K {VG}/{kept[0]}", show=False, check=False)
+        got = self.sh("primary", " ".join(["sha256sum"] + [f"/dev/{VG}/{k}" for k in kept]),
+                      label="sha256sum of the kept snapshots K on primary").stdout.split()[0::2]
+        self.claims.claim(f"the primary's un-replicated writes are kept, not discarded (3PAR would): "
+                          f"{', '.join(kept)} hash-equal the volumes just before the power cut, and status lists them",
+                          got == lost and sorted(x for names in a["kept"].values() for x in names) == sorted(kept),
+                          f"{got} vs {lost}; kept {a['kept']}")
+        self.sh("backup", "rcopy group restore g -f", head=6, tail=3)
+        a, _ = self.status("primary", show="line")
+        b, _ = self.status("backup")
+        self.claims.claim("restore: natural roles again (primary / secondary), the final sync a delta",
+                          (a["role"], b["role"]) == ("primary", "secondary")
+                          and all(v["full_reason"] == "" for v in b["volumes"]), f"{a['role']}/{b['role']}")
+        self.write(DELTA_BLOCKS // 4, seed=52)
+        self.sh("primary", "rcopy sync g --wait", head=4, tail=3)
+        g, now_t = self.status("primary")
+        self.numbers(g, now_t, "natural direction again", DELTA_BLOCKS // 4 * BLOCK)
+        r = self.sh("primary", "rcopy verify g", check=False)
+        self.claims.claim("after the round trip a delta sync from primary and `rcopy verify` pass: no full copy "
+                          "anywhere since the initial sync",
+                          r.returncode == 0 and all(v["full_reason"] == "" for v in g["volumes"]),
+                          (r.stdout + r.stderr).strip()[-300:])
 
     def report(self) -> list[str]:
         lines = ["", f"demo: numbers per sync point ({MIB} MiB volumes; lag = primary clock - start of the sync "

@@ -131,3 +131,45 @@ sh("dmsetup", "resume", "flaky")
     assert g["state"] == "started" and g["volumes"][0]["state"] == "synced"
     assert "was stale" in g["volumes"][0]["full_reason"]
     assert sha(lab, "backup", dev("errsec")) == sha(lab, "primary", "/dev/rcopyerr/rcopy.g.vol.P2")
+
+
+def test_a_pool_too_small_for_rcopys_snapshots_gives_them_up_before_the_application_fails(clean_lab):
+    """Issue 11: a 64 MiB pool holding a full 48 MiB volume and rcopy's P1. The application rewrites the
+    whole volume (it would need 96 MiB with P1 pinned): the daemon drops P1 before the pool fills, the
+    writes all succeed, status says why, and the next sync is full."""
+    lab = clean_lab
+    run_guest(lab, "thin_volume('small', 48, pool_mib=64)\nfill_random('/dev/rcopytest/small', 48, seed=3)")
+    run_guest(lab, "thin_volume('small', 48)", "backup")
+    rc(lab, "target", "create", "backup", "--link", "backup")
+    rc(lab, "target", "create", "primary", "--link", "primary", host="backup")
+    rc(lab, "group", "create", "g", "--target", "backup")
+    rc(lab, "group", "admit", "g", dev("small"), f"backup:{dev('small')}")
+    rc(lab, "group", "start", "g", "--wait")
+    lab.run("primary", "RCOPY_POOL_GUARD=80 nohup rcopy daemon >/tmp/daemon.log 2>&1 & echo $! >/tmp/daemon.pid")
+    # the application: 48 MiB of new data at ~2 MiB/s, O_DIRECT, each write checked
+    w = run_guest(lab, """
+import mmap, os, random, time
+rnd = random.Random(9)
+fd = os.open("/dev/rcopytest/small", os.O_WRONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 1 << 20)
+errors = []
+for i in range(48):
+    buf.seek(0)
+    buf.write(rnd.randbytes(1 << 20))
+    try:
+        os.pwrite(fd, buf, i << 20)
+    except OSError as e:
+        errors.append(f"{i} MiB: {e}")
+    time.sleep(0.5)
+os.fsync(fd)
+OUT["errors"] = errors
+""")
+    log = lab.run("primary", "kill $(cat /tmp/daemon.pid); cat /tmp/daemon.log").stdout
+    assert w["errors"] == [], w["errors"]
+    g = status(lab)
+    assert "dropped its snapshots there (rcopy.g.small.P1)" in g["alert"], (g["alert"], log[-800:])
+    assert lab.run("primary", f"lvs {VG}/rcopy.g.small.P1", check=False).returncode != 0
+    rc(lab, "sync", "g", "--wait")
+    g = status(lab)
+    assert "rcopy.g.small.P1 is missing" in g["volumes"][0]["full_reason"], g["volumes"][0]
+    rc(lab, "verify", "g")

@@ -101,3 +101,23 @@ def test_service_tick_starts_due_syncs_and_recovers_when_links_return(tmp_path):
     assert sorted(calls) == ["down", "due", "due"] and settled == ["crashed"]
     assert [l.state.value for l in store.links("t")] == ["up"]
     store.close()
+
+
+def test_the_space_guard_names_what_is_over_and_nothing_under():
+    from rcopy.app.space import pressure
+    assert pressure(89.9, 10, 90) == ""
+    assert "90% full (data)" in pressure(90, 10, 90)
+    assert "95% full (metadata)" in pressure(10, 95, 90)
+
+
+def test_the_daemon_guards_space_on_its_own_beat():
+    from rcopy.app.service import Service
+    calls, now = [], [100.0]
+    s = Service(None, lambda g: None, guard=lambda: calls.append(now[0]) or ["alert"], guard_every=5,
+                clock=lambda: now[0])
+    assert s.guard_space() == ["alert"]
+    now[0] = 103
+    assert s.guard_space() == [] and calls == [100.0]
+    now[0] = 105.5
+    s.guard_space()
+    assert calls == [100.0, 105.5]
