@@ -115,6 +115,23 @@ class Agent:
             finally:
                 os.close(fd)
 
+    def rollback_abandoned(self, g: Group) -> bool:
+        """Roll back a sync in flight that no agent serves any more (its agent was killed); a live
+        agent's sync (its lock held) is left alone. The backup's daemon calls this each tick."""
+        fd = self.store.try_lock(g.name)
+        if fd is None:
+            return False
+        try:
+            g = self.store.group(g.name)
+            if not g.pending_generation or g.sends:
+                return False
+            fill_kinds(self.store, g.name)
+            self._rollback(g, f"the agent serving sync point {g.pending_generation} died; rolled back to "
+                              f"sync point {g.generation}")
+            return True
+        finally:
+            os.close(fd)
+
     def hangup(self):
         """stdin closed: whatever is still in flight is rolled back (nothing was committed)."""
         for name in list(self.active):

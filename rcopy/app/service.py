@@ -2,9 +2,10 @@
 
 Each tick it reads the groups from the store, records which links answer the kernel's routing
 (rcopy.sys.netlink), and starts, in a thread per group, the syncs that are due (rcopy.engine.schedule)
-or that auto_recover may retry
-now that a link is back. A sync takes the group lock like the CLI does, so a manual ``rcopy sync`` and
-the daemon never run one group twice. Logs go to stderr (the journal under systemd).
+or that auto_recover may retry now that a link is back. A sync takes the group lock like the CLI does,
+so a manual ``rcopy sync`` and the daemon never run one group twice. On a backup it rolls back a sync
+whose agent was killed (its lock is free), and on every system it keeps thin pools from filling with
+rcopy's own snapshots (rcopy.app.space). Logs go to stderr (the journal under systemd).
 """
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ log = logging.getLogger("rcopy.daemon")
 class Service:
     def __init__(self, store, sync: Callable, *, settle: Callable | None = None,
                  probe: Callable[[str], bool] = links.route_up, clock: Callable[[], float] = time.time,
-                 guard: Callable[[], list] | None = None, guard_every: float = 5.0):
+                 guard: Callable[[], list] | None = None, guard_every: float = 5.0,
+                 abandoned: Callable | None = None):
         self.store, self.sync, self.probe, self.clock = store, sync, probe, clock
         self.settle = settle or (lambda group: None)
         self.guard, self.guard_every, self._guarded = guard, guard_every, 0.0   # rcopy.app.space
+        self.abandoned = abandoned                                               # Agent.rollback_abandoned
         self.running: dict[str, threading.Thread] = {}
         self.recover_attempt: dict[str, float] = {}
 
@@ -50,6 +53,8 @@ class Service:
         for name in [n for n, t in self.running.items() if not t.is_alive()]:
             del self.running[name]
         for g in self.store.groups():
+            if g.role not in SENDING_ROLES and g.pending_generation and self.abandoned is not None:
+                self.abandoned(g)             # the backup's side: a killed agent's sync is rolled back
             if g.role not in SENDING_ROLES or g.name in self.running:
                 continue
             live = self.store.held(g.name) if g.syncing else False

@@ -48,6 +48,7 @@ def do_daemon(args):
         print(f"installed {path}; start it with: systemctl daemon-reload && systemctl enable --now rcopy")
         return 0
     from rcopy.app import space
+    from rcopy.app.agent import Agent
     from rcopy.app.service import Service
     from rcopy.app.session import open_store, run_sync, settle_locked
     from rcopy.engine.states import Event
@@ -57,7 +58,7 @@ def do_daemon(args):
     store = open_store()
     service = Service(store, lambda group: run_sync(Store(store.dir), group, event=Event.SYNC),
                       settle=lambda group: settle_locked(Store(store.dir), group),
-                      guard=lambda: space.guard(store))
+                      guard=lambda: space.guard(store), abandoned=Agent(store).rollback_abandoned)
     if args.once:
         service.guard_space()
         service.tick()

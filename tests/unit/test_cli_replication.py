@@ -352,3 +352,17 @@ def test_the_same_device_is_not_admitted_twice_through_an_alias(sys2, tmp_path):
     r = s.rcopy("group", "admit", "h", other, f"backup:{sec_alias}", check=False)
     _one_line_error(r, 5)
     assert "already the secondary" in r.stderr
+
+
+def test_the_backups_daemon_rolls_back_a_sync_whose_agent_was_killed(sys2):
+    s = _started(sys2)
+    before = {sec: sha(sec) for sec in s.vols.values()}
+    for i, p in enumerate(s.vols):
+        s.write_random(p, 10, seed=300 + i)
+    r = s.rcopy("sync", "g", "--wait", env={"RCOPY_FAULT": "agent-after-begin"}, check=False)
+    assert r.returncode != 0
+    assert s.status(s.B)["groups"][0]["syncing_generation"] == 2       # nobody left to roll it back
+    s.rcopy("daemon", "--once", state=s.B)
+    b = s.status(s.B)["groups"][0]
+    assert not b["syncing_generation"] and b["sync_point"]["generation"] == 1
+    assert {sec: sha(sec) for sec in s.vols.values()} == before
