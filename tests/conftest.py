@@ -109,6 +109,8 @@ def pytest_report_header(config):
 # nothing but the session's lab, and each worker has its own), handed out longest first so that the
 # last ones to start are short: a worker queues up to two tests ahead, which must not be long ones.
 LAB_LONGEST_FIRST = (   # longest lab tests first (measured on a 2-core TCG host); the rest follow in file order
+    "tests/lab/test_faults.py::test_every_fault_kind_leaves_one_sync_point_and_recovers[power-and-signals]",
+    "tests/lab/test_faults.py",
     "tests/lab/test_replication.py::test_mixed_group_is_cut_at_one_instant_over_six_syncs",      # 10-16 min
     "tests/lab/test_replication.py::test_link_cut_mid_sync_rolls_back_then_delta_after_link_up",  # 5-10 min
     "tests/lab/test_dr.py::test_planned_migration_with_a_backup_crash_in_recover_never_goes_full",  # ~7 min
@@ -131,7 +133,7 @@ def _lab_rank(nodeid: str) -> int:
     """Position in LAB_LONGEST_FIRST of the first entry naming the test (or its file); after them all else."""
     test = nodeid.split("[", 1)[0]
     for i, entry in enumerate(LAB_LONGEST_FIRST):
-        if test == entry or test.startswith(entry + "::"):
+        if nodeid == entry or test == entry or test.startswith(entry + "::"):
             return i
     return len(LAB_LONGEST_FIRST)
 

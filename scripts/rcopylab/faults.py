@@ -67,7 +67,7 @@ while True:
             time.sleep(0.2)
     time.sleep(0.01)
 """
-DAEMON = "pgrep -f 'rcopy daemon' >/dev/null || (nohup rcopy daemon >>/var/log/rcopy-daemon.log 2>&1 &)"
+DAEMON = "pgrep -f '[r]copy daemon' >/dev/null || (nohup rcopy daemon >>/var/log/rcopy-daemon.log 2>&1 &)"
 # sectors 8-24 MiB of the thick volume's data (the writer's block 0 stays readable)
 ERROR_ON = f"""set -e
 dev={VG}-thickvol-real; dmsetup info $dev >/dev/null 2>&1 || dev={VG}-thickvol
@@ -164,11 +164,11 @@ class Campaign:
         elif kind in ("crash-primary", "crash-backup"):
             self.lab.crash(kind.split("-")[1])
         elif kind == "kill-primary":
-            self.sh("primary", "pkill -KILL -f 'rcopy sync' || true")
+            self.sh("primary", "pkill -KILL -f '[r]copy sync' || true")
         elif kind == "term-primary":
-            self.sh("primary", "pkill -TERM -f 'rcopy sync' || true")
+            self.sh("primary", "pkill -TERM -f '[r]copy sync' || true")
         elif kind == "kill-agent":
-            self.sh("backup", "pkill -KILL -f 'rcopy agent' || true")
+            self.sh("backup", "pkill -KILL -f '[r]copy agent' || true")
         elif kind == "read-error":
             self.sh("primary", "bash -s", input=ERROR_ON)
             time.sleep(rnd.uniform(3, 10))

@@ -7,6 +7,10 @@ shopt -s nullglob extglob
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 pkill -9 -f '^(nbdkit|qemu-nbd|nbd-server|nbdcopy|nbd-client|nbdsh)( |$)|/usr/local/bin/rcopy|python3 -m rcopy'
 
+# a device left suspended (a cut killed mid-way) blocks every opener, fuser and remove_all included
+for f in /sys/block/dm-*/dm/suspended; do
+  read -r v <"$f" && [[ $v == 1 ]] && { d=${f#/sys/block/}; dmsetup resume "/dev/${d%%/*}" 2>/dev/null; }
+done
 maps=(/dev/mapper/!(control)) loops=(/sys/block/loop*/loop/backing_file) nbds=(/sys/block/nbd*/pid)
 if ((${#maps[@]} + ${#loops[@]} + ${#nbds[@]})); then
   fuser -s -k -9 /dev/vd[bc]* /dev/dm-* /dev/nbd* /dev/loop[0-9]*
