@@ -28,7 +28,7 @@ import time
 
 from rcopy.transport import nbd_proto as P
 from rcopy.transport.handshake import open_export
-from rcopy.transport.nbd_errors import (NbdConnectionLost, NbdError, NbdLinkError, NbdOutOfRange,
+from rcopy.transport.nbd_errors import (NbdConnectionLost, NbdError, NbdLinkError, NbdNoSpace, NbdOutOfRange,
                                         NbdProtocolError, NbdTimeout, NbdUnsupported, PayloadSourceError,
                                         check_length, link_error)
 from rcopy.transport.streams import IOV_MAX, PlainStream, RecvBuffer
@@ -102,7 +102,8 @@ class NbdClient:
 
     def _request_error(self, r: _Request) -> NbdError:
         # EINVAL/ENOSPC also mean "unaligned" or "backing store full": only a range check tells.
-        cls = NbdOutOfRange if r.offset + r.length > self.geometry.size else NbdError
+        cls = NbdOutOfRange if r.offset + r.length > self.geometry.size else \
+            NbdNoSpace if r.error == P.ENOSPC else NbdError
         return cls(r.message or "server reported an error", errno=r.error, where=self.where,
                    cmd=P.CMD_NAMES.get(r.cmd, r.cmd), offset=r.offset, length=r.length)
 

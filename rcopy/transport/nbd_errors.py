@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 
-from rcopy.errors import LinkError, NotFound, PeerError, Refused
+from rcopy.errors import LinkError, NoSpace, NotFound, PeerError, Refused
 from rcopy.transport import nbd_proto as P
 
 
@@ -50,6 +50,12 @@ class NbdError(PeerError):
     def __init__(self, msg: str = "", *, errno: int, **kw):
         self.errno = errno
         super().__init__(msg, errno=errno, errname=P.errno_name(errno), **kw)
+
+
+class NbdNoSpace(NbdError, NoSpace):
+    """NBD server {where}: {cmd} at offset {offset} length {length}: the secondary's storage is full ({errname}): {msg}"""
+
+    exit_code = NoSpace.exit_code       # a space fault for policy (rcopy.engine.driver.fault_of), not a peer error
 
 
 class NbdOutOfRange(NbdError):

@@ -43,6 +43,15 @@ def wait_for(lab, host, pred, what, tries=300):
     raise AssertionError(f"{host}: never saw {what}")
 
 
+WRITTEN = ("s=0; for v in " + " ".join(VOLS) + f"; do d=$(readlink -f /dev/{VG}/$v); "
+           "read -r _ _ _ _ _ _ ws _ </sys/block/${d##*/}/stat; s=$((s + ws)); done; echo $s")
+
+
+def sectors_written(lab):
+    """Sectors written so far to the backup's secondaries (the send phase shows here)."""
+    return int(lab.run("backup", WRITTEN).stdout)
+
+
 def assert_delta(g, most):
     for v in g["volumes"]:
         assert v["full_reason"] == "", f"{v['name']} went full: {v['full_reason']}"
@@ -59,7 +68,14 @@ def test_power_cut_mid_sync_failover_recover_keeps_the_primarys_writes_then_rest
     before_cut = shas(lab, "primary")
     rc(lab, "sync", "g")                                      # in the background
     wait_for(lab, "backup", lambda g: g["syncing_generation"] == 3, "sync point 3 begin")
-    lab.crash("primary")                                      # power cut during the sync
+    start = sectors_written(lab)
+    for _ in range(600):                                      # until its data lands on the secondaries
+        if sectors_written(lab) > start:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the sync never wrote to the backup")
+    lab.crash("primary")                                      # power cut during the send
 
     out = rc(lab, "group", "failover", "g", "-f", host="backup").stdout
     assert "not fenced now" in out
@@ -100,8 +116,21 @@ def test_planned_migration_with_a_backup_crash_in_recover_never_goes_full(clean_
     write_random(lab, "primary", 30, seed=5)
     rc(lab, "sync", "g", "--wait")
     rc(lab, "group", "stop", "g")
+    before = (status(lab), status(lab, "backup"))
+    for host, code, args in (("primary", 17, ("failover",)), ("backup", 17, ("recover",)),
+                             ("backup", 17, ("restore",)), ("primary", 18, ("reverse", "--natural"))):
+        r = rc(lab, "group", *args, "g", "-f", host=host, check=False)
+        assert r.returncode == code and len(r.stderr.strip().splitlines()) == 1, (args, r.returncode, r.stderr)
+    r = rc(lab, "group", "failover", "g", host="backup", check=False)        # no terminal, no -f
+    assert r.returncode == 19, r.stderr
+    assert (status(lab), status(lab, "backup")) == before                     # every refusal changed nothing
     rc(lab, "group", "failover", "g", "-f", host="backup")
     assert status(lab, "primary")["fault"] == "failover"     # reachable: fenced at once
+    for host, code, args in (("backup", 17, ("group", "failover", "g", "-f")),
+                             ("backup", 18, ("group", "restore", "g", "-f")),
+                             ("primary", 17, ("sync", "g", "--wait"))):           # fenced
+        r = rc(lab, *args, host=host, check=False)
+        assert r.returncode == code, (args, r.returncode, r.stderr)
     write_random(lab, "backup", 600, seed=6)
     lab.run("backup", "nohup rcopy group recover g -f >/tmp/recover.log 2>&1 &")
     wait_for(lab, "primary", lambda g: g["syncing_generation"] == 3, "the reverse sync begin")

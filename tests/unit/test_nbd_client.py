@@ -256,3 +256,16 @@ def test_tls_required_but_client_plain(tls_export):
     info, _ = tls_export
     with pytest.raises(NbdTlsError):
         NbdClient(info.host, info.port, info.name, timeout=5)
+
+
+def test_a_full_secondary_is_a_space_fault_not_a_peer_error(serve):
+    """A thin pool that fills mid-sync answers ENOSPC: the sync stops as a space fault (no auto_recover),
+    with the reason, never as a link or peer fault."""
+    from rcopy.engine.driver import fault_of
+    from rcopy.errors import NoSpace
+    s = serve("nbdkit-memory", filters=("error",), params=("error=ENOSPC", "error-pwrite-rate=100%"))
+    with connect(s) as c:
+        with pytest.raises(NoSpace) as ei:
+            c.pwrite(b"s" * 4096, 0)
+    assert isinstance(ei.value, NbdError) and ei.value.exit_code == 16 and fault_of(ei.value) == "space"
+    assert "storage is full (ENOSPC)" in str(ei.value)
