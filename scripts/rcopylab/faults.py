@@ -170,6 +170,9 @@ class Campaign:
         elif kind == "kill-agent":
             self.sh("backup", "pkill -KILL -f '[r]copy agent' || true")
         elif kind == "read-error":
+            # after the cut (taking a snapshot rebuilds the origin's tables, which would undo the fault)
+            nxt = f"{VG}/rcopy.g.thickvol.P{self.status('primary')['sync_point']['generation'] + 1}"
+            self.sh("primary", f"for i in $(seq 60); do lvs {nxt} >/dev/null 2>&1 && break; sleep 0.5; done")
             self.sh("primary", "bash -s", input=ERROR_ON)
             time.sleep(rnd.uniform(3, 10))
         # pool-full: the pool was filled before the sync began
