@@ -26,31 +26,13 @@ import random
 import sys
 import time
 
+from rcopylab.replication_demo import AGENT, WRITE, lvm_setup
+
 KINDS = ("link-short", "link-long", "crash-primary", "crash-backup", "kill-primary", "term-primary",
          "kill-agent", "read-error", "pool-full")
 VG, MIB, VOLS = "rcopytest", 32, ("thinvol", "thickvol")
-AGENT = ("ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 "
-         "root@{link} env RCOPY_AGENT_TIMEOUT=20 rcopy agent")
-SETUP = f"""set -e
-pvcreate -qq -y -ff /dev/vdb >/dev/null
-vgcreate -qq -s 1m {VG} /dev/vdb >/dev/null
-lvcreate -qq -y -L 160m -T {VG}/pool --chunksize 64k -Zn >/dev/null
-lvcreate -qq -y -V {MIB}m -T {VG}/pool -n thinvol >/dev/null
-lvcreate -qq -y -Wy -Zy -L {MIB}m -n thickvol {VG} >/dev/null
-"""
+SETUP = lvm_setup(VG, MIB, 160)
 FILL = " && ".join(f"dd if=/dev/urandom of=/dev/{VG}/{v} bs=1M count=8 oflag=direct status=none" for v in VOLS)
-WRITE = """import mmap, os, random
-rnd = random.Random({seed})
-buf = mmap.mmap(-1, 4096)
-for v in {vols!r}:
-    fd = os.open("/dev/{vg}/" + v, os.O_WRONLY | os.O_DIRECT)
-    for i in sorted(rnd.sample(range(1, {nblocks}), {blocks})):
-        buf.seek(0)
-        buf.write(rnd.randbytes(4096))
-        os.pwrite(fd, buf, i * 4096)
-    os.fsync(fd)
-    os.close(fd)
-"""
 # Rewrites block 0 of both volumes until killed; I/O errors (a fault under it) are the fault's, not its own.
 WRITER = f"""import mmap, os, time
 fds = [os.open(p, os.O_WRONLY | os.O_DIRECT) for p in ("/dev/{VG}/thinvol", "/dev/{VG}/thickvol")]
@@ -136,7 +118,7 @@ class Campaign:
         before = self.status("backup")["sync_point"]["generation"]
         blocks = rnd.randrange(50, 1500)
         self.sh("primary", "python3 -", input=WRITE.format(seed=rnd.randrange(1 << 30), vols=list(VOLS), vg=VG,
-                                                            nblocks=MIB * 256, blocks=blocks))
+                                                            nblocks=MIB * 256, blocks=blocks, block=4096))
         self.sh("primary", "nohup python3 -c \"$(cat)\" >/dev/null 2>&1 & echo $! > /run/rcopy-writer",
                 input=WRITER)
         if kind == "pool-full":

@@ -32,13 +32,20 @@ AGENT = ("ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o 
 NOT_BUILT = ("reverse --natural/--current and a power cut during a sync before failover are shown by the "
              "lab tests (tests/lab/test_dr.py), not by this demo")
 
-SETUP = f"""set -e
+
+
+def lvm_setup(vg: str, mib: int, pool_mib: int) -> str:
+    """Shell script: VG on /dev/vdb, a thin pool (64 KiB chunks, no zeroing) with thinvol, and thickvol."""
+    return f"""set -e
 pvcreate -qq -y -ff /dev/vdb >/dev/null
-vgcreate -qq -s 1m {VG} /dev/vdb >/dev/null
-lvcreate -qq -y -L 192m -T {VG}/pool --chunksize 64k -Zn >/dev/null
-lvcreate -qq -y -V {MIB}m -T {VG}/pool -n thinvol >/dev/null
-lvcreate -qq -y -Wy -Zy -L {MIB}m -n thickvol {VG} >/dev/null
+vgcreate -qq -s 1m {vg} /dev/vdb >/dev/null
+lvcreate -qq -y -L {pool_mib}m -T {vg}/pool --chunksize 64k -Zn >/dev/null
+lvcreate -qq -y -V {mib}m -T {vg}/pool -n thinvol >/dev/null
+lvcreate -qq -y -Wy -Zy -L {mib}m -n thickvol {vg} >/dev/null
 """
+
+
+SETUP = lvm_setup(VG, MIB, 192)
 FILL = "; ".join(f"dd if=/dev/urandom of=/dev/{VG}/{v} bs=1M count={FILL_MIB} oflag=direct status=none"
                  for v in VOLS)
 # Distinct random blocks (never block 0), fresh random data, O_DIRECT: each one is a changed 4 KiB block.
