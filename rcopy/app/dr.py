@@ -72,7 +72,10 @@ def take_over(store: Store, group: str, *, role: Role, kind: str = "F", state: G
             g = store.update_group(group, state=state, reason="", fault="")
         return g
     with _waiting_lock(store, group, "the takeover"), session.lvm.reports():
-        g = _settle_receiver(store, store.group(group))
+        g = store.group(group)
+        if g.pending_generation:            # a primary began a sync in between: let it end first
+            raise Busy(f"group {group} began sync point {g.pending_generation} on {store.system().name} "
+                       "meanwhile: retry")
         vols = store.volumes(group)
         backends.cut([cycle._snap(g, v, kind, g.generation) for v in vols])
         faults.point("dr-after-takeover-cut")
