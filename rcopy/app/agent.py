@@ -102,16 +102,17 @@ class Agent:
         for g in self.store.groups():
             if g.role not in (Role.SECONDARY, Role.SECONDARY_REV):
                 continue
+            if g.pending_generation:
+                self.rollback_abandoned(g)           # a live agent's sync (lock held) is left alone
+                continue
+            if g.generation <= 1:
+                continue
             fd = self.store.try_lock(g.name)
             if fd is None:
                 continue            # a live agent is serving a sync of that group
             try:
                 fill_kinds(self.store, g.name)       # (suspended secondaries were resumed by open_store)
-                if g.pending_generation:
-                    self._rollback(g, "the agent serving sync point "
-                                      f"{g.pending_generation} died; rolled back to sync point {g.generation}")
-                elif g.generation > 1:
-                    self._delete_all(g, "R", g.generation - 1)
+                self._delete_all(g, "R", g.generation - 1)
             finally:
                 os.close(fd)
 
