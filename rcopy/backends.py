@@ -211,3 +211,53 @@ def write_granule(volumes: Sequence[tuple[str, str]]) -> int:
         if pool is not None and not pool.zero:
             granule = max(granule, pool.chunk_size or 65536)
     return granule
+
+
+def used_bytes(kind: str, path: str) -> int:
+    """Bytes a full copy of the volume may allocate on a thin secondary: a thin volume's mapped data,
+    the whole size of anything else."""
+    size = volume_size(path)
+    if kind == "thin":
+        from rcopy.sys import lvm
+        return min(size, int(size * lvm.by_path(path).data_percent / 100.0) + (1 << 20))
+    return size
+
+
+def create_secondary(spec: str, name: str, size: int, used: int) -> str:
+    """Create a secondary for a primary volume of ``size`` bytes (3PAR admitrcopyvv -createvv): thick
+    in VG, or thin in VG/POOL when ``spec`` names a pool; returns its path. Refused, with the numbers,
+    when the name exists or the space is short (``used``: what the primary holds, for a thin pool)."""
+    from rcopy.errors import AlreadyExists, NoSpace, NotFound
+    from rcopy.sys import lvm
+    vg_name, _, pool = spec.partition("/")
+    lvm.check_name(vg_name)
+    lvm.check_name(name)
+    vg = lvm.vg(vg_name)
+    if vg is None:
+        raise NotFound(f"volume group {vg_name} not found: give an existing VG (or VG/POOL) to --create")
+    if lvm.get(vg_name, name) is not None:
+        raise AlreadyExists(f"{vg_name}/{name} already exists: give another name (TARGET:NAME), "
+                            "or admit that LV without --create")
+    if size % vg.extent_size:
+        raise Refused(f"the primary volume is {size} bytes, not a multiple of {vg_name}'s extent size "
+                      f"({vg.extent_size} bytes): create a secondary of exactly {size} bytes by hand")
+    mib = 1 << 20
+    if pool:
+        p = lvm.get(vg_name, pool)
+        if p is None or p.segtype != "thin-pool":
+            raise NotFound(f"thin pool {vg_name}/{pool} not found: give an existing pool as VG/POOL")
+        free = int(p.size * (1 - p.data_percent / 100.0))
+        if used > free:
+            raise NoSpace(f"thin pool {vg_name}/{pool} has {free // mib} MiB free, the primary holds "
+                          f"{used // mib} MiB: extend the pool or pick another")
+    elif size > vg.free:
+        raise NoSpace(f"volume group {vg_name} has {vg.free // mib} MiB free, {name} needs {size // mib} MiB: "
+                      "extend the VG or pick another")
+    return lvm.create_volume(vg_name, name, size, pool=pool).path
+
+
+def remove_created(path: str) -> None:
+    """Undo ``create_secondary`` (its admit failed): the LV is rcopy's own and holds nothing yet."""
+    from rcopy.sys import lvm
+    lv = lvm.by_path(path)
+    lvm.remove(lv.vg, lv.name)

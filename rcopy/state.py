@@ -402,11 +402,13 @@ class Store:
 
     # -- locks --------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, group: str, what: str = "a sync") -> Iterator[None]:
-        """Hold the group's lock or raise Busy at once (never wait: a second sync is refused, §2.3)."""
-        fd = self.try_lock(group)
+    def lock(self, group: str, what: str = "a sync", *, wait: float = 0.0) -> Iterator[None]:
+        """Hold the group's lock or raise Busy: at once by default (a second sync is refused, §2.3), or
+        after ``wait`` seconds of a holder not finishing (a sync aborting because the peer turned)."""
+        fd = self.wait_lock(group, wait)
         if fd is None:
-            raise Busy(f"group {group} is busy ({what} or another operation is running): retry when it has finished")
+            raise Busy(f"group {group} is busy on {self.system().name} (pid {self.lock_holder(group)}, "
+                       f"{what} or another operation is running): retry when it has finished")
         try:
             yield
         finally:
@@ -425,6 +427,15 @@ class Store:
             return None
         os.ftruncate(fd, 0)                       # the holder's pid, for diagnostics and takeover
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def wait_lock(self, group: str, seconds: float, poll: float = 0.2) -> int | None:
+        """``try_lock``, retried for up to ``seconds`` while another process finishes."""
+        deadline = time.monotonic() + seconds
+        fd = self.try_lock(group)
+        while fd is None and time.monotonic() < deadline:
+            time.sleep(poll)
+            fd = self.try_lock(group)
         return fd
 
     def held(self, group: str) -> bool:

@@ -237,15 +237,30 @@ class Agent:
         backends.check_secondary(path, size, force=force, nosync=nosync)
         return {"size": size, "backend": probe.kind, "device_id": probe.identity}
 
-    def op_admit(self, group: str, path: str, remote: str, size: int, nosync: bool = False, force: bool = False):
+    def op_admit(self, group: str, path: str, remote: str, size: int, nosync: bool = False, force: bool = False,
+                 create: str = "", used: int = 0):
+        """Admit ``path`` as the secondary of ``remote``. With ``create`` (VG or VG/POOL) the secondary
+        is made here first, named ``path`` (an LV name), and removed again if the admit fails."""
         self._secondary(group)
+        if not create:
+            return self._admit(group, path, remote, size, nosync=nosync, force=force)
+        if nosync:
+            raise Refused("--create with --nosync: a new secondary cannot already equal the primary")
+        made = backends.create_secondary(create, path, size, used)
+        try:
+            return self._admit(group, made, remote, size, nosync=False, force=True)   # ours, empty
+        except Exception:
+            backends.remove_created(made)
+            raise
+
+    def _admit(self, group: str, path: str, remote: str, size: int, *, nosync: bool, force: bool):
         checked = self.op_check(path, size, force=force, nosync=nosync)
         name = volume_name(path)
         state = VolumeState.SYNCED if nosync else VolumeState.NEW
         self.store.add_volume(VolumePair(group, name, path, remote, size, state=state,
                                          backend=checked["backend"], device_id=checked["device_id"]))
         backends.protect([(checked["backend"], path)], writable=False)      # nobody but a sync writes it
-        return {"name": name}
+        return {"name": name, "path": path}
 
     def op_dismiss(self, group: str, path: str):
         v = self.store.volume_by_local(path)
@@ -313,10 +328,7 @@ class Agent:
                     os.kill(pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-            deadline = time.monotonic() + TAKEOVER_WAIT
-            while fd is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-                fd = self.store.try_lock(g.name)
+            fd = self.store.wait_lock(g.name, TAKEOVER_WAIT)
             if fd is None:
                 raise Busy(f"group {g.name} is held by another agent (pid {pid}) on {self.store.system().name}: "
                            "retry when it has finished")

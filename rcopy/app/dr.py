@@ -17,11 +17,8 @@ Then the ordinary sync cycle runs in the new direction, with its rollback points
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
-import time
 
 from rcopy import backends, faults
 from rcopy.app import session
@@ -33,24 +30,6 @@ from rcopy.state import Store
 
 log = logging.getLogger("rcopy.dr")
 LOCK_WAIT = 60.0        # a sync of the group that is failing (its peer took over) needs a moment to end
-
-
-@contextlib.contextmanager
-def _waiting_lock(store: Store, group: str, what: str):
-    """The group's lock, waiting a while for a holder to finish (a sync aborting because the peer
-    turned)."""
-    deadline = time.monotonic() + LOCK_WAIT
-    fd = store.try_lock(group)
-    while fd is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-        fd = store.try_lock(group)
-    if fd is None:
-        raise Busy(f"group {group} is busy on {store.system().name} (pid {store.lock_holder(group)}): "
-                   f"retry {what} when it has finished")
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 def _settle_receiver(store: Store, g: Group) -> Group:
@@ -71,7 +50,7 @@ def take_over(store: Store, group: str, *, role: Role, kind: str = "F", state: G
             # fenced itself): the hand-over is what counts
             g = store.update_group(group, state=state, reason="", fault="")
         return g
-    with _waiting_lock(store, group, "the takeover"), session.lvm.reports():
+    with store.lock(group, "the takeover", wait=LOCK_WAIT), session.lvm.reports():
         g = store.group(group)
         if g.pending_generation:            # a primary began a sync in between: let it end first
             raise Busy(f"group {group} began sync point {g.pending_generation} on {store.system().name} "
@@ -93,7 +72,7 @@ def step_down(store: Store, group: str, *, role: Role, generation: int, sync_id:
     g = store.group(group)
     if not g.sends:
         return {"stepped_down": False, "kept": kept(store, g)}
-    with _waiting_lock(store, group, "the step-down"), session.lvm.reports():
+    with store.lock(group, "the step-down", wait=LOCK_WAIT), session.lvm.reports():
         g = store.group(group)
         vols = store.volumes(group)
         if rollback and not force:
@@ -162,7 +141,7 @@ def fence(store: Store, group: str, by: str) -> Group:
     g = store.group(group)
     if not g.sends:
         raise StateError(f"group {group} is {g.role.value} on {store.system().name}: nothing to fence")
-    with _waiting_lock(store, group, "the fence"):
+    with store.lock(group, "the fence", wait=LOCK_WAIT):
         g = roles.fenced(store.group(group), by)
         store.put_group(g)
     return g
@@ -264,7 +243,7 @@ def reverse(store: Store, group: str, how: str, *, local: bool = False, force: b
 def relabel(store: Store, group: str) -> Group:
     g = store.group(group)
     if g.role in roles.NATURAL:
-        with _waiting_lock(store, group, "reverse --natural"):
+        with store.lock(group, "reverse --natural", wait=LOCK_WAIT):
             g = store.update_group(group, role=roles.NATURAL[g.role])
     return g
 

@@ -38,8 +38,9 @@ def register(sub):
     a = s.add_parser("admit", help="add a volume pair to a stopped group")
     a.add_argument("group")
     a.add_argument("local", metavar="LOCAL_DEV")
-    a.add_argument("remote", metavar="TARGET:REMOTE_DEV")
-    a.add_argument("--create", metavar="VG|VG/POOL", help="create the secondary LV on the target")
+    a.add_argument("remote", metavar="TARGET:REMOTE_DEV",
+                   help="the secondary; with --create, TARGET or TARGET:NAME (default: the primary's LV name)")
+    a.add_argument("--create", metavar="VG|VG/POOL", help="create the secondary on the target: thick in VG, thin in VG/POOL")
     a.add_argument("--nosync", action="store_true", help="the volumes are already equal: no initial copy")
     a.add_argument("--force", action="store_true", help="overwrite a secondary that holds data")
     a.set_defaults(func=do_admit)
@@ -108,12 +109,10 @@ def do_admit(args):
     g = store.group(args.group)
     transition(g, Event.ADMIT)
     target, sep, remote = args.remote.partition(":")
-    if not sep or not remote:
+    if not args.create and (not sep or not remote):
         raise UsageError(f"bad secondary {args.remote!r}: give TARGET:REMOTE_DEV, e.g. {g.target}:/dev/vg/data")
     if target != g.target:
         raise Refused(f"group {g.name} replicates to {g.target}, not {target}")
-    if args.create:
-        raise Refused("--create is not available yet: create the secondary on the target and admit it")
     local = os.path.abspath(args.local) if os.path.isfile(args.local) else args.local
     if not os.path.exists(local):
         raise NotFound(f"volume {args.local} not found: check the path")
@@ -127,11 +126,34 @@ def do_admit(args):
     if any(v.name == name for v in store.volumes(g.name)):
         raise AlreadyExists(f"group {g.name} already has a volume named {name}: rename the device")
     state = VolumeState.SYNCED if args.nosync else VolumeState.NEW
+    create = {}
+    if args.create:
+        remote = _created_name(args.create, remote, local, probe.kind)
+        create = {"create": args.create, "used": backends.used_bytes(probe.kind, local)}
     with store.lock(g.name, "a sync"), connect(store, g.target) as peer:
-        peer.call("admit", group=g.name, path=remote, remote=local, size=size, nosync=args.nosync, force=args.force)
+        answer = peer.call("admit", group=g.name, path=remote, remote=local, size=size, nosync=args.nosync,
+                           force=args.force, **create)
+        remote = answer.get("path", remote)
         store.add_volume(VolumePair(g.name, name, local, remote, size, state=state, backend=probe.kind,
                                     device_id=probe.identity))
     print(f"{local} admitted to group {g.name} with secondary {g.target}:{remote} ({size} bytes, {probe.kind})")
+
+
+def _created_name(spec: str, remote: str, local: str, kind: str) -> str:
+    """The LV name ``--create VG|VG/POOL`` gives the secondary: the one asked for (NAME or
+    /dev/VG/NAME), else the primary's own LV name (its file name for a file volume)."""
+    vg = spec.partition("/")[0]
+    if remote.startswith("/dev/"):
+        parts = remote[5:].split("/")
+        if len(parts) != 2 or parts[0] != vg:
+            raise UsageError(f"--create {spec} makes /dev/{vg}/NAME, not {remote}: give NAME or /dev/{vg}/NAME")
+        return parts[1]
+    if remote:
+        return remote
+    if kind in backends.LVM_KINDS:
+        from rcopy.sys import lvm
+        return lvm.by_path(local).name
+    return volume_name(local)
 
 
 def do_dismiss(args):

@@ -151,13 +151,13 @@ def parse_lvs_json(text: str) -> list[LV]:
 
 
 def _lvm(*args, check=True, timeout=TIMEOUT) -> Result:
-    if args[0] != "lvs":
+    if args[0] not in ("lvs", "vgs"):
         _Reports.changed()
     try:
         return run(["lvm", args[0], "--config", LVM_CONFIG, *args[1:]], check=check, error=LvmError,
                    timeout=timeout)
     finally:
-        if args[0] != "lvs":
+        if args[0] not in ("lvs", "vgs"):
             _Reports.changed()
 
 
@@ -302,6 +302,44 @@ def create_cow_snapshot(vg: str, origin: str, name: str, size: int) -> LV:
         lv = require(vg, name)
     _same_snapshot(lv, origin)
     return lv
+
+
+@dataclasses.dataclass(frozen=True)
+class VG:
+    """One row of ``vgs``: what creating an LV in it needs to know."""
+
+    name: str
+    free: int
+    extent_size: int
+
+
+def vg(name: str) -> VG | None:
+    """The volume group NAME, or None (``vgs``: an empty VG has no row in ``lvs``)."""
+    res = _lvm("vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
+               "-o", "vg_name,vg_free,vg_extent_size", name, check=False)
+    if not res.ok:
+        if _missing(res):
+            return None
+        raise LvmError(describe(res))
+    try:
+        rows = json.loads(res.stdout)["report"][0]["vg"]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise LvmError(f"unreadable vgs report: {e}") from None
+    return next((VG(r["vg_name"], _int(r.get("vg_free")), _int(r.get("vg_extent_size"))) for r in rows
+                 if r.get("vg_name") == name), None)
+
+
+def create_volume(vg_name: str, name: str, size: int, *, pool: str = "") -> LV:
+    """A new LV VG/NAME of exactly ``size`` bytes: thick (zeroed start, signatures wiped) or, with
+    ``pool``, thin in VG/POOL (reads as zeros). Refuses a name that exists: never reuses an LV."""
+    check_name(name)
+    if get(vg_name, name) is not None:
+        raise AlreadyExists(f"{vg_name}/{name} already exists: pick another name")
+    if pool:
+        _lvm("lvcreate", "-qq", "-y", "-V", f"{size}b", "-T", f"{vg_name}/{pool}", "-n", name)
+    else:
+        _lvm("lvcreate", "-qq", "-y", "-Wy", "-Zy", "-L", f"{size}b", "-n", name, vg_name)
+    return require(vg_name, name)
 
 
 def activate(lv: LV) -> LV:

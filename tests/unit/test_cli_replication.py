@@ -366,3 +366,19 @@ def test_the_backups_daemon_rolls_back_a_sync_whose_agent_was_killed(sys2):
     b = s.status(s.B)["groups"][0]
     assert not b["syncing_generation"] and b["sync_point"]["generation"] == 1
     assert {sec: sha(sec) for sec in s.vols.values()} == before
+
+
+def test_admit_create_refusals_are_one_line_and_admit_nothing(sys2):
+    """--create's own refusals, before any LVM is touched (the lab test creates real LVs)."""
+    s = sys2
+    p, _ = s.volume("v3")
+    before = s.status(s.B)["groups"][0]["volumes"]
+    for args, code, text in (
+            (["backup:/dev/other/x", "--create", "vg-dr"], 2, "--create vg-dr makes /dev/vg-dr/NAME"),
+            (["elsewhere", "--create", "vg-dr"], 5, "replicates to backup, not elsewhere"),
+            (["backup:app", "--create", "vg-dr", "--nosync"], 5, "a new secondary cannot already equal")):
+        r = s.rcopy("group", "admit", "g", p, *args, check=False)
+        assert r.returncode == code and text in r.stderr, (args, r.returncode, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert s.status(s.B)["groups"][0]["volumes"] == before
+    assert len(s.status()["groups"][0]["volumes"]) == 2

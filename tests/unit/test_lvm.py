@@ -109,3 +109,50 @@ def test_a_thin_pool_past_the_limit_refuses_new_snapshots(monkeypatch):
         ThinSnapshotter()._check_space([o], ["rcopy.g.data.P2"])
     monkeypatch.setenv("RCOPY_POOL_LIMIT", "90")
     ThinSnapshotter()._check_space([o], ["rcopy.g.data.P2"])
+
+
+class _FakeVG:
+    """Just enough of rcopy.sys.lvm for backends.create_secondary: one VG, its LVs, what was created."""
+
+    def __init__(self, monkeypatch, free_mib, lvs=()):
+        self.made = []
+        self.lvs = {lv.name: lv for lv in lvs}
+        monkeypatch.setattr(lvm, "vg", lambda name: lvm.VG(name, free_mib << 20, 1 << 20) if name == "vg-dr" else None)
+        monkeypatch.setattr(lvm, "get", lambda vg, name: self.lvs.get(name) if vg == "vg-dr" else None)
+        monkeypatch.setattr(lvm, "create_volume", self.create)
+
+    def create(self, vg, name, size, pool=""):
+        self.made.append((vg, name, size, pool))
+        return lvm.parse_lvs_json(_report(vg_name=vg, lv_name=name, lv_path=f"/dev/{vg}/{name}"))[0]
+
+
+def test_create_secondary_makes_thick_in_vg_and_thin_in_pool(monkeypatch):
+    from rcopy import backends
+    (pool,) = lvm.parse_lvs_json(_report(vg_name="vg-dr", lv_name="pool-b", segtype="thin-pool",
+                                         lv_size=str(64 << 20), data_percent="50.00"))
+    fake = _FakeVG(monkeypatch, 100, [pool])
+    assert backends.create_secondary("vg-dr", "app-log", 96 << 20, 96 << 20) == "/dev/vg-dr/app-log"
+    assert backends.create_secondary("vg-dr/pool-b", "app-db", 512 << 20, 30 << 20) == "/dev/vg-dr/app-db"
+    assert fake.made == [("vg-dr", "app-log", 96 << 20, ""), ("vg-dr", "app-db", 512 << 20, "pool-b")]
+
+
+@pytest.mark.parametrize("spec,name,size,used,err,text", [
+    ("vg-dr", "big", 101 << 20, 0, "NoSpace", "volume group vg-dr has 100 MiB free, big needs 101 MiB"),
+    ("vg-dr/pool-b", "db", 512 << 20, 33 << 20, "NoSpace", "thin pool vg-dr/pool-b has 32 MiB free, the primary holds 33 MiB"),
+    ("vg-dr", "app-log", 1 << 20, 0, "AlreadyExists", "vg-dr/app-log already exists"),
+    ("vg-nope", "x", 1 << 20, 0, "NotFound", "volume group vg-nope not found"),
+    ("vg-dr/nopool", "x", 1 << 20, 0, "NotFound", "thin pool vg-dr/nopool not found"),
+    ("vg-dr/app-log", "x", 1 << 20, 0, "NotFound", "thin pool vg-dr/app-log not found"),
+    ("vg-dr", "odd", (1 << 20) + 512, 0, "Refused", "not a multiple of vg-dr's extent size"),
+    ("vg-dr", "-x", 1 << 20, 0, "Refused", "invalid LV name"),
+    ("../etc", "x", 1 << 20, 0, "Refused", "invalid LV name"),
+])
+def test_create_secondary_refuses_with_the_reason_and_creates_nothing(monkeypatch, spec, name, size, used, err, text):
+    from rcopy import backends, errors
+    (pool,) = lvm.parse_lvs_json(_report(vg_name="vg-dr", lv_name="pool-b", segtype="thin-pool",
+                                         lv_size=str(64 << 20), data_percent="50.00"))
+    (mine,) = lvm.parse_lvs_json(_report(vg_name="vg-dr", lv_name="app-log", segtype="linear", pool_lv=""))
+    fake = _FakeVG(monkeypatch, 100, [pool, mine])
+    with pytest.raises(getattr(errors, err), match=text.replace("(", r"\(").replace(")", r"\)")):
+        backends.create_secondary(spec, name, size, used)
+    assert fake.made == []
