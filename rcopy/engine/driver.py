@@ -74,6 +74,7 @@ class SyncReport:
     seconds: float
     phases: dict[str, float] = dataclasses.field(default_factory=dict)   # PHASES -> seconds
     peer_commands: int | None = None         # external commands the backup ran for this sync
+    peer_commands_by_tool: dict[str, int] = dataclasses.field(default_factory=dict)
     plan: list[str] = dataclasses.field(default_factory=list)           # the executed plan, rendered
 
     @property
@@ -83,6 +84,7 @@ class SyncReport:
     def as_dict(self) -> dict:
         return {"generation": self.generation, "seconds": round(self.seconds, 3), "bytes_sent": self.bytes_sent,
                 "phases": {k: round(v, 3) for k, v in self.phases.items()}, "peer_commands": self.peer_commands,
+                "peer_commands_by_tool": self.peer_commands_by_tool,
                 "volumes": {n: {"bytes_sent": b, "full_reason": r} for n, (b, r) in self.volumes.items()},
                 "plan": self.plan}
 
@@ -98,6 +100,7 @@ class _Run:
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     done: list[P.Action] = dataclasses.field(default_factory=list)
     peer_commands: int | None = None
+    peer_commands_by_tool: dict[str, int] = dataclasses.field(default_factory=dict)
     marks: dict[str, VolumeState] = dataclasses.field(default_factory=dict)    # volume -> state after an abort
     heartbeat: tuple[threading.Event, threading.Thread] | None = None
 
@@ -209,7 +212,7 @@ class Driver:
                 raise SyncFailed(f"group {name}: {reason}") from e
             self.execute(actions[split + 1:], run)
         return SyncReport(name, generation, run.stats, time.monotonic() - t0, run.phases, run.peer_commands,
-                          P.lines(run.done))
+                          run.peer_commands_by_tool, P.lines(run.done))
 
     def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str, *, fault: str,
                marks: dict[str, VolumeState] | None = None):
@@ -340,6 +343,7 @@ class Driver:
     def _do_PeerCommit(self, a: P.PeerCommit, run):
         res = self.peer.commit(a.group, a.generation, a.sync_id) or {}
         run.peer_commands = res.get("commands")
+        run.peer_commands_by_tool = res.get("commands_by_tool") or {}
         faults.point("after-peer-commit")
 
     def _do_Commit(self, a: P.Commit, run):

@@ -1,13 +1,15 @@
-"""dmsetup wrapper: suspend, resume, message, table, status, info.
+"""device-mapper wrapper: suspend, resume and message through the control device (rcopy.sys.dm_ioctl:
+no process per call), table, status and info through dmsetup.
 
-The only module that runs dmsetup. Table and status lines are parsed into :class:`Line` values; the
-targets rcopy reads (snapshot, snapshot-merge, thin-pool) get typed status parsers that follow the
+The only module that drives device-mapper. Table and status lines are parsed into :class:`Line` values;
+the targets rcopy reads (snapshot, snapshot-merge, thin-pool) get typed status parsers that follow the
 kernel's Documentation/admin-guide/device-mapper/{snapshot,thin-provisioning}.rst.
 Suspend and resume are idempotent: the kernel treats a second suspend (or resume) as a no-op.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import stat
 
@@ -163,20 +165,33 @@ def info(name: str) -> dict[str, str]:
     return dict(zip(cols.split(","), (v.strip() for v in vals)))
 
 
+def _ioctl(name: str, what: str, fn, *args, **kw):
+    from rcopy.sys import dm_ioctl
+    try:
+        return fn(name, *args, **kw)
+    except dm_ioctl.DmIoctlError as e:
+        if e.errno == errno.ENXIO:
+            raise DmNotFound(name=name) from None
+        raise DmError(f"device-mapper {what} of {name} failed: {e.strerror}") from None
+
+
 def suspend(name: str, *, flush: bool = True) -> None:
     """Suspend NAME: in-flight I/O completes (and, with flush, a filesystem on it is frozen), new I/O
     is queued until resume. Suspending a suspended device is a no-op."""
-    _checked(name, _dm("suspend", *(() if flush else ("--noflush",)), name, check=False))
+    from rcopy.sys import dm_ioctl
+    _ioctl(name, "suspend", dm_ioctl.suspend, flush=flush)
 
 
 def resume(name: str) -> None:
     """Resume NAME (releasing queued I/O); resuming a running device is a no-op."""
-    _checked(name, _dm("resume", name, check=False))
+    from rcopy.sys import dm_ioctl
+    _ioctl(name, "resume", dm_ioctl.resume)
 
 
 def message(name: str, msg: str, sector: int = 0) -> str:
     """Send a target message (e.g. thin-pool 'reserve_metadata_snap'); returns the target's reply."""
-    return _checked(name, _dm("message", name, str(sector), *msg.split(), check=False)).stdout
+    from rcopy.sys import dm_ioctl
+    return _ioctl(name, f"message {msg!r}", dm_ioctl.message, msg, sector)
 
 
 def suspended_name(path: str, sysfs: str = "/sys") -> str | None:
