@@ -77,14 +77,14 @@ def for_device(path: str) -> Backend:
     return get(probe(path).kind)
 
 
-def cut(requests: Sequence[tuple[str, str, str]], *, reuse: bool = True) -> list[Snapshot]:
+def cut(requests: Sequence[tuple[str, str, str]], *, reuse: bool = True, idle: bool = False) -> list[Snapshot]:
     """ONE cut of (back-end, origin, snapshot name) across back-ends (rcopy.snapshot.cut); the
-    snapshots come back in request order."""
+    snapshots come back in request order. ``idle``: origins nobody writes (one lvcreate each)."""
     from rcopy.snapshot.cut import take
     order: dict[str, list[tuple[str, str]]] = {}
     for kind, origin, name in requests:
         order.setdefault(kind, []).append((origin, name))
-    snaps = take([(get(kind).snapshotter, reqs) for kind, reqs in order.items()], reuse=reuse)
+    snaps = take([(get(kind).snapshotter, reqs) for kind, reqs in order.items()], reuse=reuse, idle=idle)
     by_name = {s.name: s for s in snaps}
     return [by_name[name] for _, _, name in requests]
 

@@ -41,8 +41,9 @@ class Snapshotter(Protocol):
     def existing(self, requests: Sequence[tuple[str, str]]) -> list[Snapshot] | None:
         """All of them, when every snapshot asked for exists and is complete; else None."""
 
-    def prepare(self, requests: Sequence[tuple[str, str]]):
-        """This back-end's share of a group cut (a rcopy.snapshot.cut.CutPart), prepared."""
+    def prepare(self, requests: Sequence[tuple[str, str]], *, idle: bool = False):
+        """This back-end's share of a group cut (a rcopy.snapshot.cut.CutPart), prepared; ``idle``:
+        nobody writes the origins, so nothing needs suspending."""
 
     def find(self, origin: str, name: str) -> Snapshot | None:
         """The snapshot of that name on that origin, or None if it does not exist."""

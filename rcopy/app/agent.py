@@ -297,7 +297,8 @@ class Agent:
                           and vols[r].last_sync]
                 # An existing complete R(n) is kept (reuse): a leftover of a failed begin, taken when the
                 # secondary already read as sync point n; deleting it could lose the only copy.
-                self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced])
+                self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced],
+                         idle=True)                     # read-only until the protect below: nobody writes
                 backends.protect([(vols[r].backend, r) for r in remotes], writable=True)
                 granule = backends.write_granule([(vols[r].backend, r) for r in remotes])
                 export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert, granule)

@@ -65,6 +65,9 @@ class CowSnapshotter(LvmSnapshotter):
                 raise NoSpace(f"VG {vg} has {free[vg] // MIB} MiB free but its snapshots for this sync need "
                               f"{bytes_ // MIB} MiB: extend the VG (vgextend) or free space, then retry")
 
+    def _size(self, origin: lvm.LV, name: str) -> int:
+        return self.cow_size(origin, name)
+
     def _part(self, origins: list[lvm.LV], names: list[str]) -> CutPart:
         """lvcreate inside the group's suspension: it finds the origin already suspended, loads the
         snapshot tables and resumes the origin once its snapshot exists (measured, LVM 2.03.16)."""

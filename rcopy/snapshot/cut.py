@@ -76,12 +76,13 @@ def group_cut(parts: Sequence[CutPart]) -> list[Snapshot]:
     return out
 
 
-def take(shares, *, reuse: bool = True) -> list[Snapshot]:
+def take(shares, *, reuse: bool = True, idle: bool = False) -> list[Snapshot]:
     """One cut across ``shares`` — (Snapshotter, [(origin, name), ...]) per back-end — returning the
     snapshots in share order. With ``reuse``, a cut already complete (every snapshot of every share
-    exists and is whole) is returned as it is: taking it again would move the sync point."""
+    exists and is whole) is returned as it is: taking it again would move the sync point. ``idle``:
+    nobody writes the origins (the backup's secondaries), so no suspension is needed."""
     if reuse:
         found = [s.existing(reqs) for s, reqs in shares]
         if all(f is not None for f in found):
             return [snap for f in found for snap in f]
-    return group_cut([s.prepare(reqs) for s, reqs in shares])
+    return group_cut([s.prepare(reqs, idle=idle) for s, reqs in shares])

@@ -109,7 +109,7 @@ class FileSnapshotter:
         """Snapshot (origin, name) pairs of this back-end alone at one instant (idempotent)."""
         return take([(self, requests)])
 
-    def prepare(self, requests: Sequence[tuple[str, str]]) -> CutPart:
+    def prepare(self, requests: Sequence[tuple[str, str]], *, idle: bool = False) -> CutPart:
         """Copies are taken "inside" the cut (nothing to suspend: the simulator's tests do not write
         during a cut); a leftover copy of an interrupted cut is replaced."""
         out: list[Snapshot] = []

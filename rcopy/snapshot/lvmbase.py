@@ -75,9 +75,30 @@ class LvmSnapshotter:
         """Snapshot (origin, name) pairs of this back-end alone at one instant (idempotent)."""
         return take([(self, requests)])
 
-    def prepare(self, requests: Sequence[tuple[str, str]]) -> CutPart:
+    def _size(self, origin: lvm.LV, name: str) -> int:
+        """Hook: the COW store a classic snapshot needs (0: a thin snapshot)."""
+        return 0
+
+    def _idle_part(self, origins: list[lvm.LV], names: list[str]) -> CutPart:
+        """The cut of origins nobody writes (the backup's read-only secondaries): no instant to share,
+        so each snapshot is one plain ``lvcreate`` (LVM suspends the origin for it), made active and
+        complete at once, and nothing is read back."""
+        paths: list[str] = []
+
+        def take():
+            paths.extend(lvm.snapshot_now(o.vg, o.name, n, size=self._size(o, n)) for o, n in zip(origins, names))
+
+        def finish() -> list[Snapshot]:
+            for p in paths:
+                udev.wait_for(p)
+            return [Snapshot(origin=o.path, name=n, path=p, backend=self.backend)
+                    for o, n, p in zip(origins, names, paths)]
+        return CutPart([], take, finish)
+
+    def prepare(self, requests: Sequence[tuple[str, str]], *, idle: bool = False) -> CutPart:
         """Everything before the suspension. Any existing snapshot of these names is from another
-        instant (an interrupted cut): it is removed, since a mixed set is not crash-consistent."""
+        instant (an interrupted cut): it is removed, since a mixed set is not crash-consistent.
+        ``idle``: the origins are not written (see ``_idle_part``)."""
         origins = [self.origin(path) for path, _ in requests]
         names = [lvm.check_name(name) for _, name in requests]
         stale = []
@@ -93,7 +114,7 @@ class LvmSnapshotter:
         self._check_space(origins, names)
         for o in origins:
             self._before_cut(o)
-        return self._part(origins, names)
+        return self._idle_part(origins, names) if idle else self._part(origins, names)
 
     def _finished(self, origins: list[lvm.LV], made: list[lvm.LV]) -> list[Snapshot]:
         snaps = []

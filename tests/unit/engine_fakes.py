@@ -208,7 +208,7 @@ def ports(snapper: FakeSnapshotter) -> dict:
         found = [s for _, o, n in requests if (s := snapper.find(o, n))]
         snapper.delete_all(found)
         return len(found)
-    return {"backend": lambda kind: b, "cut": lambda reqs: snapper.cut([(o, n) for _, o, n in reqs]),
+    return {"backend": lambda kind: b, "cut": lambda reqs, idle=False: snapper.cut([(o, n) for _, o, n in reqs]),
             "delete": delete}
 
 

@@ -63,7 +63,7 @@ class Share:
     def existing(self, reqs):
         return [Snapshot(o, n, n, self.kind) for o, n in reqs] if self.done else None
 
-    def prepare(self, reqs):
+    def prepare(self, reqs, idle=False):
         self.log.append(("prepare", self.kind))
         return part(self.log, self.kind, [o for o, _ in reqs])
 
