@@ -141,8 +141,10 @@ class Target:
     agent: str | None = None
 
     # ServerAlive*: ssh gives up 25 s after the link goes silent (3PAR's link heartbeat timeout).
-    DEFAULT_AGENT = ("ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 "
-                     "-o ServerAliveCountMax=5 root@{link} rcopy agent")
+    # StrictHostKeyChecking=yes whatever ~/.ssh/config says: an unknown or changed host key is refused
+    # (rcopy.transport.peer.HostKeyUnknown / HostKeyChanged name the fix), never accepted on first use
+    DEFAULT_AGENT = ("ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10 "
+                     "-o ServerAliveInterval=5 -o ServerAliveCountMax=5 root@{link} rcopy agent")
 
     @property
     def agent_template(self) -> str:
