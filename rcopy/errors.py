@@ -8,6 +8,9 @@ uses to decide what to do next (borg's helpers/errors.py and zrepl's error class
 - ``link``       transient: the peer or the network went away; retry when the link is back.
 - ``permanent``  the device, tool or state is not as it must be; retrying will not help.
 
+An :class:`AuthFailed` (a host key ssh does not accept, a certificate the backup's export does not admit)
+is permanent: retrying cannot fix it, and it must never look like a dead link, which auto_recover retries.
+
 Exit codes are part of the CLI contract (README, "Exit codes"): 0 ok, 1 internal error (a bug), 2 usage,
 then one code per class below. Subclasses in rcopy.sys, rcopy.transport etc. refine the message and
 keep (or override) the code of the class they derive from.
@@ -151,3 +154,13 @@ class Declined(UsageError):
     """
 
     exit_code = 19
+
+
+class AuthFailed(RcopyError):
+    """{msg}
+
+    The peer's identity was not accepted, or ours was not: a host key ssh refuses, or the sync's client
+    certificate the backup's export does not admit. An administrator must check and fix it; never retried.
+    """
+
+    exit_code = 20

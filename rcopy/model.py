@@ -47,9 +47,10 @@ class LinkState(str, enum.Enum):
 POLICIES = frozenset({"auto_recover", "over_per_alert"})
 # Why a group stopped, typed for policy: auto_recover restarts only "link" (the target or its links were
 # lost) and "interrupted" (rcopy itself died mid-sync and a reconcile rolled it back); "device", "space",
-# "state" and "failed" wait for the administrator, as 3PAR does; "admin" is an administrator's stop;
-# "failover" fences a natural primary whose backup took over (only recover, run there, lifts it).
-FAULTS = ("admin", "link", "interrupted", "device", "space", "state", "failed", "failover")
+# "state", "auth" (a host key or the sync's certificate refused: rcopy.errors.AuthFailed) and "failed"
+# wait for the administrator, as 3PAR does; "admin" is an administrator's stop; "failover" fences a
+# natural primary whose backup took over (only recover, run there, lifts it).
+FAULTS = ("admin", "link", "interrupted", "device", "space", "state", "auth", "failed", "failover")
 RECOVERABLE = frozenset({"link", "interrupted"})
 MODE_PERIODIC = "periodic"
 
@@ -140,8 +141,10 @@ class Target:
     agent: str | None = None
 
     # ServerAlive*: ssh gives up 25 s after the link goes silent (3PAR's link heartbeat timeout).
-    DEFAULT_AGENT = ("ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 "
-                     "-o ServerAliveCountMax=5 root@{link} rcopy agent")
+    # StrictHostKeyChecking=yes whatever ~/.ssh/config says: an unknown or changed host key is refused
+    # (rcopy.transport.peer.HostKeyUnknown / HostKeyChanged name the fix), never accepted on first use
+    DEFAULT_AGENT = ("ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10 "
+                     "-o ServerAliveInterval=5 -o ServerAliveCountMax=5 root@{link} rcopy agent")
 
     @property
     def agent_template(self) -> str:

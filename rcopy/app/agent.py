@@ -65,6 +65,13 @@ def export_address(bind: str) -> str:
     return parts[2] if len(parts) == 4 else bind
 
 
+def primary_address() -> str | None:
+    """The primary's address on the link it came in on (SSH_CONNECTION's client address, without an
+    IPv6 zone): the only address the export admits. None when the agent was not reached by ssh."""
+    parts = os.environ.get("SSH_CONNECTION", "").split()
+    return parts[0].split("%")[0] if len(parts) == 4 else None
+
+
 # nbdkit's blocksize filter read-modify-writes blocks up to 64 KiB on the backup (no extra bytes on the
 # wire); a coarser granule is left to the primary, which rounds its writes out (ExportInfo.write_align).
 EXPORT_RMW_MAX = 64 * 1024
@@ -78,8 +85,9 @@ def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "",
     tls = not (host.startswith("127.") or host in ("::1", "localhost"))
     if tls and not client_cert:
         raise Refused("the primary sent no client certificate for the export: install the same rcopy on both")
+    # and a second fence: connections from any address but the primary's are closed before the handshake
     ex = Export(volumes, host=host, tls=tls, client_cert_pem=client_cert or None,
-                minblock=granule if granule <= EXPORT_RMW_MAX else 0)
+                minblock=granule if granule <= EXPORT_RMW_MAX else 0, allow_peer=primary_address())
     ex.start()
     if granule > EXPORT_RMW_MAX:
         ex.infos = {n: dataclasses.replace(i, write_align=granule) for n, i in ex.infos.items()}

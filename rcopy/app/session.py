@@ -18,7 +18,7 @@ from rcopy import backends
 from rcopy.engine import schedule
 from rcopy.engine.driver import Driver, SyncReport
 from rcopy.engine.states import Event, transition
-from rcopy.errors import Busy, PermissionDenied
+from rcopy.errors import AuthFailed, Busy, PermissionDenied
 from rcopy.model import Group, GroupState, LinkState
 from rcopy.state import Store
 from rcopy.sys import dmsetup, lvm, nbdkit, run
@@ -89,14 +89,18 @@ def connect(store: Store, target_name: str):
 
 def connect_or_stop(store: Store, g: Group):
     """``connect`` for a sync: a target unreachable on every link stops a running group with the
-    reason (fault "link", so auto_recover retries it when a link is back)."""
+    reason (fault "link", so auto_recover retries it when a link is back); a host key ssh refuses
+    stops it with fault "auth", which waits for the administrator."""
     from rcopy.transport.peer import TargetUnreachable
     try:
         return connect(store, g.target)
-    except TargetUnreachable as e:
+    except (TargetUnreachable, AuthFailed) as e:
         g = store.group(g.name)
         if g.state in (GroupState.STARTED, GroupState.STARTING):
-            store.put_group(transition(g, Event.LINK_DOWN, f"target {g.target} unreachable: {e}"))
+            if isinstance(e, AuthFailed):
+                store.put_group(transition(g, Event.SYNC_FAILED, str(e), fault="auth"))
+            else:
+                store.put_group(transition(g, Event.LINK_DOWN, f"target {g.target} unreachable: {e}"))
         raise
 
 

@@ -3,7 +3,8 @@
 ``--json`` output (stable; new keys may be added, none renamed or removed):
 ``{"system": NAME, "groups": [GROUP...], "targets": [TARGET...]}`` where
 GROUP = ``{name, target, role, mode, period (seconds or null), policies [..], state, reason, fault (why
-it stopped, for policy: admin, link, interrupted, device, space, state, failed; "" while running), alert,
+it stopped, for policy: admin, link, interrupted, device, space, state, auth, failed; "" while running),
+alert,
 sync_point {generation, id} (generation 0: never synced), syncing (bool), syncing_generation,
 last_sync_start, last_sync_end (Unix seconds, 0: never), next_sync (Unix seconds of the next
 periodic sync, null: on demand only), last_sync REPORT ({} before the first), failover_point (the sync

@@ -28,7 +28,7 @@ from rcopy.engine import roles
 from rcopy.names import parse
 from rcopy.ports import Backend, ExportInfo, Sender, Snapshot
 from rcopy.engine.states import Event, transition
-from rcopy.errors import DeviceError, NoSpace, RcopyError, StateError, SyncFailed, WrongRole
+from rcopy.errors import AuthFailed, DeviceError, NoSpace, RcopyError, StateError, SyncFailed, WrongRole
 from rcopy.extent import Extent
 from rcopy.model import Group, VolumePair, VolumeState
 
@@ -197,8 +197,8 @@ class Driver:
                 reason += "; " + ", ".join(f"{v} marked {s.value}" for v, s in sorted(run.marks.items()))
             self._abort(g, vols, generation, sync_id, reason, fault=fault_of(e), marks=run.marks)
             if isinstance(e, RcopyError):
-                raise SyncFailed(f"group {name}: {reason}; the backup returns to sync point {g.generation}; "
-                                 f"group stopped") from e
+                raise sync_failed(f"group {name}: {reason}; the backup returns to sync point {g.generation}; "
+                                  f"group stopped", e) from e
             raise
         with run.phase("commit"):
             try:
@@ -209,7 +209,7 @@ class Driver:
                 reason = (f"sync point {generation}: the backup's commit was not confirmed ({e}); "
                           "the next run reconciles with the backup")
                 self.store.put_group(transition(self.store.group(name), Event.SYNC_FAILED, reason, fault_of(e)))
-                raise SyncFailed(f"group {name}: {reason}") from e
+                raise sync_failed(f"group {name}: {reason}", e) from e
             self.execute(actions[split + 1:], run)
         return SyncReport(name, generation, run.stats, time.monotonic() - t0, run.phases, run.peer_commands,
                           run.peer_commands_by_tool, P.lines(run.done))
@@ -396,9 +396,20 @@ def fault_of(e: BaseException) -> str:
             return "device"
         if isinstance(e, NoSpace):
             return "space"
+        if isinstance(e, AuthFailed):
+            return "auth"
         if isinstance(e, StateError):
             return "state"
     return "failed"
+
+
+def sync_failed(msg: str, cause: BaseException) -> SyncFailed:
+    """The SyncFailed a failed sync ends in. Its exit code is 15, or the cause's when the cause is an
+    AuthFailed (20): a refused identity is the administrator's to fix, and scripts must tell it apart."""
+    err = SyncFailed(msg)
+    if isinstance(cause, AuthFailed):
+        err.exit_code = cause.exit_code
+    return err
 
 
 def _reason(e: BaseException, generation: int) -> str:

@@ -16,7 +16,26 @@ from rcopy.sys.run import CommandNotFound, _env, _record
 
 
 class ChannelClosed(LinkError):
-    """{cmd}: the connection to the agent closed ({msg}): check the link and that rcopy is installed there"""
+    """{cmd}: the connection to the agent closed ({msg}): check the link and that rcopy is installed there
+
+    ``host_key`` says whether ssh refused the peer's host key: "unknown", "changed", or "" (see
+    :func:`ssh_host_key_refusal`); the caller, which knows the target and the link, names the fix.
+    """
+
+    @property
+    def host_key(self) -> str:
+        return self.kw.get("host_key", "")
+
+
+def ssh_host_key_refusal(rc: int | None, stderr: str) -> str:
+    """Why ssh (OpenSSH, exit 255) refused to connect, as far as host keys go: "changed" (known_hosts
+    holds another key for that name: ssh's REMOTE HOST IDENTIFICATION HAS CHANGED), "unknown" (no key
+    known, and strict checking asks for one), or "" (not a host-key refusal)."""
+    if rc != 255 or not ("Host key verification failed" in stderr or "host key is known" in stderr):
+        return ""
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr or "has changed and you have requested strict" in stderr:
+        return "changed"
+    return "unknown"
 
 
 class ChannelTimeout(LinkError):
@@ -77,7 +96,7 @@ class Channel:
             self.proc.stdin.write(line.encode() + b"\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
-            raise ChannelClosed(cmd=self.cmd, msg=self._why()) from None
+            raise self._closed() from None
 
     def receive(self, timeout: float) -> str:
         try:
@@ -85,22 +104,26 @@ class Channel:
         except ChannelTimeout:
             raise ChannelTimeout(cmd=self.cmd, timeout=timeout) from None
         if line is None:
-            raise ChannelClosed(cmd=self.cmd, msg=self._why())
+            raise self._closed()
         return line.decode(errors="replace")
 
-    def _why(self) -> str:
+    def _closed(self) -> ChannelClosed:
+        """The ChannelClosed for a command that stopped answering: its exit status and last stderr line,
+        and whether ssh refused the peer's host key."""
         try:
             rc = self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
-            return "no reply"
+            return ChannelClosed(cmd=self.cmd, msg="no reply")
         err = b""
         try:
             self._err.seek(max(0, self._err.seek(0, os.SEEK_END) - 4096))
             err = self._err.read()
         except (OSError, ValueError):
             pass
-        last = (err.decode(errors="replace").strip().splitlines() or [""])[-1]
-        return f"exit {rc}" + (f": {last}" if last else "")
+        text = err.decode(errors="replace")
+        last = (text.strip().splitlines() or [""])[-1]
+        return ChannelClosed(cmd=self.cmd, msg=f"exit {rc}" + (f": {last}" if last else ""),
+                             host_key=ssh_host_key_refusal(rc, text))
 
     def close(self, timeout: float = 10):
         """Close stdin (the agent rolls back an uncommitted sync on EOF) and reap the process."""

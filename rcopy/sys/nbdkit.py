@@ -8,6 +8,8 @@ made with openssl; the client pins the exact certificate, so no names or CA chai
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
 import shutil
 import socket
@@ -19,6 +21,9 @@ from rcopy.errors import ToolError
 from rcopy.sys.run import run, spawn
 
 _TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+# rcopy's own nbdkit filter (native/rcopy_peer_filter.c, built by setup.py): admits one peer address
+PEER_FILTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbdkit-rcopy-peer.so")
+log = logging.getLogger("rcopy")
 
 
 class NbdkitError(ToolError):
@@ -66,12 +71,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+@functools.lru_cache(maxsize=1)
+def peer_filter() -> str | None:
+    """The path of rcopy's peer filter if this nbdkit loads it, else None (not built: no nbdkit headers
+    where rcopy was built; or built for another nbdkit version, which nbdkit refuses). nbdkit's own ip
+    filter would do, but 1.32.5's rejects every address rule ("cannot parse address")."""
+    if not os.path.exists(PEER_FILTER):
+        return None
+    res = run(["nbdkit", f"--filter={PEER_FILTER}", "null", "--dump-plugin"], timeout=30)
+    return PEER_FILTER if res.ok else None
+
+
 def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | None = None,
           readonly: bool = False, tls_dir: str | None = None, verify_peer: bool = False,
-          filters: tuple[str, ...] = (),
+          filters: tuple[str, ...] = (), allow_peer: str | None = None,
           extra: tuple[str, ...] = (), ready_timeout: float = 15.0) -> NbdkitServer:
     """Start ``nbdkit PLUGIN ARGS`` listening on host:port (a free port when None) and wait until it
-    accepts connections."""
+    accepts connections. With ``allow_peer`` (an IP address) every connection from another address is
+    closed before the NBD handshake, by rcopy's peer filter; where nbdkit cannot load it, a warning, and
+    the export relies on TLS (``verify_peer``) alone."""
+    if allow_peer:
+        fence = peer_filter()
+        if fence:
+            filters, plugin_args = (fence, *filters), (*plugin_args, f"allow={allow_peer}")
+        else:
+            log.warning("nbdkit cannot load rcopy's peer filter (%s): the export on %s admits any address "
+                        "and relies on TLS alone", PEER_FILTER, host)
     attempts = 1 if port is not None else 5
     last = ""
     for _ in range(attempts):

@@ -5,7 +5,8 @@ directory holds one symlink per volume (name -> device), and nbdkit follows them
 1.32 with a symlink to a file; block devices are served the same way). Optionally TLS with a certificate
 made for this session, which the control channel hands to the primary to pin, and with the primary's own
 per-session certificate as the only client admitted (``--tls-verify-peer``): nobody else on the link or
-on the backup can read or write the secondaries during a sync. The export names are never listed. nbdkit dies with its
+on the backup can read or write the secondaries during a sync. With ``allow_peer`` (the primary's link
+address) rcopy's nbdkit filter closes every connection from another address before the NBD handshake. The export names are never listed. nbdkit dies with its
 parent (``--exit-with-parent``), so a crashed agent leaves no writable export behind.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Export:
 
     def __init__(self, volumes: Mapping[str, str], *, host: str = "127.0.0.1", port: int | None = None,
                  tls: bool = False, readonly: bool = False, client_cert_pem: str | None = None,
-                 minblock: int = 0):
+                 minblock: int = 0, allow_peer: str | None = None):
         for name in volumes:
             if not _NAME.match(name):
                 raise BadExportName(name=name)
@@ -56,6 +57,7 @@ class Export:
         self.host, self.port, self.tls, self.readonly = host, port, tls, readonly
         self.client_cert_pem = client_cert_pem
         self.minblock = minblock
+        self.allow_peer = allow_peer
         self.server: nbdkit.NbdkitServer | None = None
         self.infos: dict[str, ExportInfo] = {}
         self._dir: str | None = None
@@ -81,7 +83,8 @@ class Export:
             self.server = nbdkit.start("file", f"dir={vols}", "exportname-list=error",
                                        *([f"minblock={self.minblock}"] if self.minblock else []),
                                        host=self.host, port=self.port, readonly=self.readonly, tls_dir=tls_dir,
-                                       verify_peer=bool(self.client_cert_pem), filters=("exportname", *blocks))
+                                       verify_peer=bool(self.client_cert_pem), filters=("exportname", *blocks),
+                                       allow_peer=self.allow_peer)
         except BaseException:
             self.stop()
             raise

@@ -13,8 +13,8 @@ import ssl
 import struct
 
 from rcopy.transport import nbd_proto as P
-from rcopy.transport.nbd_errors import (NbdExportNotFound, NbdProtocolError, NbdTlsError, check_length,
-                                        link_error)
+from rcopy.transport.nbd_errors import (NbdClientRefused, NbdExportNotFound, NbdProtocolError, NbdTlsError,
+                                        check_length, link_error)
 from rcopy.transport.streams import PlainStream, TlsStream, close_socket, recv_exactly, tls_context
 
 
@@ -58,10 +58,31 @@ class Geometry:
         return self.has(P.TF_SEND_FLUSH)
 
 
+class _DroppedAfterTls(Exception):
+    """The server ended the connection after a TLS handshake that pinned its certificate, before its
+    first reply: nbdkit --tls-verify-peer does exactly that to a client certificate it does not admit
+    (it verifies after the handshake and sends no alert; seen on nbdkit 1.32.5)."""
+
+
 def open_export(host: str, port: int, export: str, *, timeout: float, tls_cert_pem: str | None = None,
                 structured: bool = True, client_cert: tuple[str, str] | None = None,
                 ) -> tuple[Geometry, PlainStream | TlsStream]:
-    """Connect and negotiate until requests may be sent; return the export's geometry and the stream."""
+    """Connect and negotiate until requests may be sent; return the export's geometry and the stream.
+
+    A server that drops us right after TLS is asked once more: a second drop at the same point is a
+    refusal of our certificate (:class:`NbdClientRefused`, never retried), not a dead link; a link that
+    really died fails the second attempt some other way and stays a link error."""
+    try:
+        return _open_export(host, port, export, timeout, tls_cert_pem, structured, client_cert)
+    except _DroppedAfterTls:
+        pass
+    try:
+        return _open_export(host, port, export, timeout, tls_cert_pem, structured, client_cert)
+    except _DroppedAfterTls as e:
+        raise NbdClientRefused(str(e), where=f"{host}:{port}") from None
+
+
+def _open_export(host, port, export, timeout, tls_cert_pem, structured, client_cert):
     where = f"{host}:{port}"
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -86,6 +107,7 @@ class _Negotiation:
     def __init__(self, where: str, export: str, stream: PlainStream):
         self.where, self.export, self.stream = where, export, stream
         self.infos: list[bytes] = []          # NBD_REP_INFO bodies of the last option
+        self.tls_fresh = False                # TLS is up and the server has not answered over it yet
 
     def _send(self, data: bytes) -> None:
         self.stream.sendv([data])
@@ -113,12 +135,17 @@ class _Negotiation:
             self.stream = TlsStream(self.stream.sock, tls_context(tls_cert_pem, client_cert))
             if self.stream.peer_der() != ssl.PEM_cert_to_DER_cert(tls_cert_pem):
                 raise NbdTlsError("peer certificate differs from the pinned one", where=self.where)
-            tls = True
-        sr = False
-        if structured:
-            rtype, body = self._option(P.OPT_STRUCTURED_REPLY)
-            sr = rtype == P.REP_ACK
-        geo = self._go(no_zeroes)
+            tls = self.tls_fresh = True
+        try:
+            sr = False
+            if structured:
+                rtype, body = self._option(P.OPT_STRUCTURED_REPLY)
+                sr = rtype == P.REP_ACK
+            geo = self._go(no_zeroes)
+        except (OSError, EOFError) as e:
+            if self.tls_fresh and not isinstance(e, (socket.timeout, TimeoutError)):
+                raise _DroppedAfterTls(str(e) or type(e).__name__) from None
+            raise
         return dataclasses.replace(geo, structured=sr, tls=tls), self.stream
 
     def _option(self, opt: int, data: bytes = b"") -> tuple[int, bytes]:
@@ -128,6 +155,7 @@ class _Negotiation:
         total = 0                   # headers count too: endless empty NBD_REP_INFOs are bounded as well
         while True:
             rep = P.OPTION_REPLY.unpack(self._recv(P.OPTION_REPLY.size))
+            self.tls_fresh = False
             if rep.magic != P.REPLY_MAGIC or rep.option != opt:
                 raise NbdProtocolError(f"bad option reply {rep}", where=self.where)
             total += P.OPTION_REPLY.size + rep.length

@@ -1,14 +1,15 @@
 """The typed errors of the NBD client, each under rcopy.errors' tree so the engine knows what to do next.
 
 A dead or stuck link is a LinkError (retried when the link is back); a missing export or a refused TLS
-is the user's to fix; a server that breaks the protocol or fails a request is a PeerError. Kept apart
+is the user's to fix; an export that does not admit our client certificate is an AuthFailed (never
+retried, exit 20); a server that breaks the protocol or fails a request is a PeerError. Kept apart
 from the client so the handshake, the streams and the sender raise and catch the same classes.
 """
 from __future__ import annotations
 
 import socket
 
-from rcopy.errors import LinkError, NoSpace, NotFound, PeerError, Refused
+from rcopy.errors import AuthFailed, LinkError, NoSpace, NotFound, PeerError, Refused
 from rcopy.transport import nbd_proto as P
 
 
@@ -34,6 +35,10 @@ class NbdExportNotFound(NotFound):
 
 class NbdTlsError(Refused):
     """TLS with NBD server {where} failed ({msg}): the server's certificate is not the pinned one, or TLS is off"""
+
+
+class NbdClientRefused(AuthFailed):
+    """NBD server {where} did not admit this sync's client certificate (it closed the connection right after TLS, twice: {msg}): check that both systems' clocks agree (the certificate is valid from the moment it is made) and that both run the same rcopy"""
 
 
 class NbdProtocolError(PeerError):

@@ -3,8 +3,10 @@
 Wire format (one JSON object per line, both ways; documented beside the server in agent.py):
 request ``{"id": N, "op": "begin", "args": {...}}``, reply ``{"id": N, "ok": true, "result": {...}}`` or
 ``{"id": N, "ok": false, "error": {"class": "Refused", "exit_code": 5, "message": "..."}}``.
-The agent runs as the stdio of a per-target command (default ``ssh -o BatchMode=yes root@LINK rcopy
-agent``); each link of the target is tried in order until one answers ``hello``. Closing the channel
+The agent runs as the stdio of a per-target command (default ``ssh -o BatchMode=yes
+-o StrictHostKeyChecking=yes root@LINK rcopy agent``); each link of the target is tried in order until
+one answers ``hello``. A link whose host key ssh refuses (unknown or changed) is a HostKeyUnknown /
+HostKeyChanged (AuthFailed, exit 20) naming the fix, when no other link answers. Closing the channel
 closes the agent's stdin: an agent with an uncommitted sync then promotes its rollback snapshots.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shlex
 
 from rcopy import errors as E
 from rcopy.model import Target
-from rcopy.sys.channel import Channel
+from rcopy.sys.channel import Channel, ChannelClosed
 
 log = logging.getLogger("rcopy.peer")
 
@@ -33,6 +35,17 @@ CALL_TIMEOUT = 3600.0     # begin snapshots every secondary; a full copy-based s
 
 class TargetUnreachable(E.LinkError):
     """target {target} is unreachable on every link ({detail}): check the links and the agent command"""
+
+
+class HostKeyUnknown(E.AuthFailed):
+    """target {target}: ssh knows no host key for link {link} and rcopy accepts none blindly: check its fingerprint on {target} (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), then run 'ssh-keyscan -H {link} >> /root/.ssh/known_hosts'"""
+
+
+class HostKeyChanged(E.AuthFailed):
+    """target {target}: the host key of link {link} has CHANGED and ssh refuses it (a reinstalled {target}, or someone in between): check the new fingerprint on {target}, then run 'ssh-keygen -R {link}' and 'ssh-keyscan -H {link} >> /root/.ssh/known_hosts'"""
+
+
+HOST_KEY_ERRORS = {"unknown": HostKeyUnknown, "changed": HostKeyChanged}
 
 
 class AgentProtocolError(E.PeerError):
@@ -59,7 +72,7 @@ class Peer:
         self.channel: Channel | None = None
         self.link = ""
         self.client_cert: tuple[str, str, str] | None = None
-        failures = []
+        failures, refused = [], []
         for link in target.links:
             try:
                 self.channel = Channel(shlex.split(target.agent_command(link)))
@@ -68,12 +81,18 @@ class Peer:
                 break
             except E.LinkError as e:
                 failures.append(f"{link}: {e}")
+                if isinstance(e, ChannelClosed) and e.host_key:
+                    refused.append(HOST_KEY_ERRORS[e.host_key](target=target.name, link=link))
                 self.close()
             except E.ToolError as e:
                 failures.append(f"{link}: {e}")
                 self.close()
         else:
+            if refused:         # the administrator's to fix: not a dead link that auto_recover retries
+                raise refused[0]
             raise TargetUnreachable(target=target.name, detail="; ".join(failures) or "no links")
+        for r in refused:
+            log.warning("%s (reached it on link %s)", r, self.link)
 
     def __enter__(self):
         return self

@@ -197,3 +197,56 @@ def test_a_new_primary_connection_takes_over_from_a_stale_agent(backup):
     _begin(fresh, sec)                                    # and the next sync can begin
     fresh.call("abort", group="g", generation=2, sync_id="two", reason="test")
     fresh.close()
+
+
+@needs_nbdkit
+def test_the_export_admits_only_the_primarys_address(tmp_path, monkeypatch):
+    """Issue 13, the second fence: the agent, reached by ssh, starts nbdkit with rcopy's peer filter
+    admitting only SSH_CONNECTION's client address. A connection from another address (127.0.0.2: all of
+    127/8 is loopback) is closed before the NBD greeting; one from the primary's address gets it, and a
+    full NBD client from there works."""
+    import socket
+    from rcopy.app.agent import _default_exporter
+    from rcopy.sys import nbdkit
+    from rcopy.transport.client import NbdClient
+    assert nbdkit.peer_filter() == nbdkit.PEER_FILTER, "rcopy's nbdkit filter is not built (setup.py build_ext)"
+    (tmp_path / "vol").write_bytes(bytes(SIZE))
+    monkeypatch.setenv("SSH_CONNECTION", "127.0.0.1 40222 127.0.0.1 22")
+    ex = _default_exporter({"vol": str(tmp_path / "vol")}, "127.0.0.1")
+    try:
+        info = ex.infos["vol"]
+
+        def greeting(source):
+            with socket.socket() as s:
+                s.settimeout(10)
+                s.bind((source, 0))
+                s.connect((info.host, info.port))
+                return s.recv(8, socket.MSG_WAITALL)
+
+        assert greeting("127.0.0.2") == b""                     # closed before a single byte of NBD
+        assert greeting("127.0.0.1") == b"NBDMAGIC"
+        with NbdClient(info.host, info.port, info.name, timeout=10) as c:
+            c.pwrite(b"p" * 4096, 0)
+            c.flush()
+        assert (tmp_path / "vol").read_bytes()[:4096] == b"p" * 4096
+        assert any(a.endswith("nbdkit-rcopy-peer.so") for a in ex.server.proc.args)
+    finally:
+        ex.stop()
+
+
+@needs_nbdkit
+def test_the_peer_filter_fails_closed(tmp_path):
+    """Without a valid allow= address nbdkit does not start at all: never an export open to everyone."""
+    from rcopy.sys import nbdkit
+    for args in ((), ("allow=primary",)):
+        r = subprocess.run(["nbdkit", f"--filter={nbdkit.PEER_FILTER}", "memory", "1M", *args], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode != 0 and "rcopy-peer" in r.stderr, r.stderr
+
+
+def test_without_ssh_the_agent_knows_no_primary_address(monkeypatch):
+    from rcopy.app.agent import primary_address
+    monkeypatch.delenv("SSH_CONNECTION", raising=False)
+    assert primary_address() is None
+    monkeypatch.setenv("SSH_CONNECTION", "fe80::1%eth1 40222 fe80::2%eth1 22")
+    assert primary_address() == "fe80::1"

@@ -363,3 +363,21 @@ def test_a_failed_rollback_marks_that_secondary_and_blocks_nothing(rig, monkeypa
     rep = rig.sync()                                                  # the agent still serves
     assert rep.volumes["a"][1] == "" and "does not hold sync point 1" in rep.volumes["b"][1]
     rig.assert_consistent()
+
+
+def test_an_export_that_refuses_our_certificate_stops_the_group_as_auth_not_link(rig, monkeypatch):
+    """Issue 13: the backup's export refusing this sync's client certificate rolls the sync back and stops
+    the group with fault "auth" (auto_recover does not restart it) and exit code 20, with the reason."""
+    from rcopy.transport.nbd_errors import NbdClientRefused
+    rig.sync(Event.START)
+
+    def refused(source, extents, export, progress=None):
+        raise NbdClientRefused("Connection reset by peer", where="169.254.77.2:10809")
+
+    monkeypatch.setattr(rig.sender, "send", refused)
+    rig.write("/p/a", 0, os.urandom(4096))
+    with pytest.raises(SyncFailed) as ei:
+        rig.sync()
+    assert ei.value.exit_code == 20 and "did not admit this sync's client certificate" in str(ei.value)
+    g = rig.a.group("g")
+    assert (g.state, g.fault) == (GroupState.STOPPED, "auth") and "clocks" in g.reason

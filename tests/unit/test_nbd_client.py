@@ -258,6 +258,95 @@ def test_tls_required_but_client_plain(tls_export):
         NbdClient(info.host, info.port, info.name, timeout=5)
 
 
+def _future_certificate(d) -> tuple[str, str, str]:
+    """A self-signed certificate valid only from 2030: what the backup sees when its clock is behind the
+    primary's (openssl req cannot set the start date, openssl ca can)."""
+    import subprocess
+    (d / "index.txt").write_text("")
+    (d / "serial").write_text("01\n")
+    (d / "ca.cnf").write_text("[ca]\ndefault_ca=d\n[d]\ndatabase=index.txt\nserial=serial\nnew_certs_dir=.\n"
+                              "default_md=sha256\npolicy=p\n[p]\ncommonName=supplied\n")
+    run = dict(cwd=d, check=True, capture_output=True, timeout=60)
+    subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", "k.pem", "-out", "r.csr", "-subj", "/CN=rcopy-primary"], **run)
+    subprocess.run(["openssl", "ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", "k.pem", "-in", "r.csr",
+                    "-out", "full.pem", "-startdate", "300101000000Z", "-enddate", "300201000000Z"], **run)
+    text = (d / "full.pem").read_text()
+    pem = text[text.index("-----BEGIN CERTIFICATE"):]
+    (d / "c.pem").write_text(pem)
+    return str(d / "c.pem"), str(d / "k.pem"), pem
+
+
+@pytest.mark.parametrize("case", ["another certificate", "no certificate", "not yet valid (clock skew)"])
+def test_a_client_the_export_does_not_admit_is_refused_not_a_dead_link(tmp_path, case):
+    """Issue 13: nbdkit --tls-verify-peer drops a client whose certificate it does not admit right after
+    the TLS handshake, with no alert. That is an AuthFailed (exit 20, fault "auth": auto_recover does not
+    restart it), with one line naming what to check, never "lost the connection" (a link fault that
+    auto_recover would retry for ever). The holder of the admitted certificate still gets in."""
+    from rcopy.engine.driver import fault_of
+    from rcopy.errors import AuthFailed
+    from rcopy.transport.nbd_errors import NbdClientRefused
+    admitted = nbdkit.make_certificate(str(tmp_path / "ok.pem"), str(tmp_path / "ok.key"), "rcopy-primary")
+    (tmp_path / "dev").write_bytes(bytes(MiB))
+    if case == "another certificate":
+        nbdkit.make_certificate(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"), "rcopy-primary")
+        presented = (str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    elif case == "no certificate":
+        presented = None
+    else:
+        (tmp_path / "future").mkdir()
+        cert, key, admitted = _future_certificate(tmp_path / "future")     # the export trusts exactly it...
+        presented = (cert, key)                                            # ...but not before 2030
+    with Export({"vol": str(tmp_path / "dev")}, tls=True, client_cert_pem=admitted) as ex:
+        info = ex.infos["vol"]
+        with pytest.raises(NbdClientRefused) as ei:
+            NbdClient(info.host, info.port, info.name, tls_cert_pem=info.tls_cert_pem, client_cert=presented,
+                      timeout=10)
+        if case != "not yet valid (clock skew)":
+            with NbdClient(info.host, info.port, info.name, tls_cert_pem=info.tls_cert_pem, timeout=10,
+                           client_cert=(str(tmp_path / "ok.pem"), str(tmp_path / "ok.key"))) as c:
+                assert c.geometry.tls and c.geometry.size == MiB
+    e = ei.value
+    assert isinstance(e, AuthFailed) and not isinstance(e, LinkError) and e.kind != "link"
+    assert e.exit_code == 20 and fault_of(e) == "auth"
+    msg = str(e)
+    assert "\n" not in msg and info.host in msg and "client certificate" in msg and "clocks" in msg
+
+
+def test_a_server_that_drops_us_after_tls_and_then_dies_is_a_link_error(tmp_path):
+    """The refusal is confirmed by a second attempt: a server that drops us right after TLS once and is
+    then gone (nbdkit killed, the backup crashed) stays a link fault that auto_recover retries."""
+    import ssl
+    import threading
+    cert, key = str(tmp_path / "s.pem"), str(tmp_path / "s.key")
+    pem = nbdkit.make_certificate(cert, key, "rcopy")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    port = lsock.getsockname()[1]
+    served = []
+
+    def once():
+        conn, _ = lsock.accept()
+        lsock.close()                                   # the second attempt finds nobody listening
+        conn.sendall(P.SERVER_GREETING.pack(magic=P.NBDMAGIC, ihaveopt=P.IHAVEOPT, flags=P.FLAG_FIXED_NEWSTYLE))
+        conn.recv(P.CLIENT_FLAGS.size, socket.MSG_WAITALL)
+        opt = P.OPTION.unpack(conn.recv(P.OPTION.size, socket.MSG_WAITALL))
+        conn.sendall(P.OPTION_REPLY.pack(magic=P.REPLY_MAGIC, option=opt.option, type=P.REP_ACK, length=0))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        tls = ctx.wrap_socket(conn, server_side=True)
+        served.append(opt.option)
+        tls.close()
+
+    t = threading.Thread(target=once, daemon=True)
+    t.start()
+    with pytest.raises(NbdRefused):
+        NbdClient("127.0.0.1", port, "vol", tls_cert_pem=pem, timeout=10)
+    t.join(10)
+    assert served == [P.OPT_STARTTLS]
+
+
 def test_a_full_secondary_is_a_space_fault_not_a_peer_error(serve):
     """A thin pool that fills mid-sync answers ENOSPC: the sync stops as a space fault (no auto_recover),
     with the reason, never as a link or peer fault."""

@@ -43,7 +43,7 @@ def test_auto_recover_retries_link_and_interrupted_faults_only():
     assert scheduler.should_recover(stopped("link"), 100, 0)
     assert scheduler.should_recover(stopped("interrupted"), 100, 0)
     assert not scheduler.should_recover(stopped("link"), 100, 90)                 # retried 10 s ago
-    for fault in ("admin", "device", "space", "state", "failed"):                 # wait for the admin (3PAR)
+    for fault in ("admin", "device", "space", "state", "auth", "failed"):         # wait for the admin (3PAR)
         assert not scheduler.should_recover(stopped(fault), 100, 0), fault
     no_policy = Group("g", "t", state=GroupState.STOPPED, generation=2, fault="link")
     assert not scheduler.should_recover(no_policy, 100, 0)

@@ -47,6 +47,19 @@ blkdiscard -f /dev/vdc 2>/dev/null
 junk=(/var/lib/rcopy /etc/rcopy /run/rcopy /etc/lvm/backup/* /etc/lvm/archive/* /tmp/* /tmp/.[!.]*)
 ((${#junk[@]})) && rm -rf "${junk[@]}"
 udevadm settle --timeout=30   # closing the disks after the discard made udev re-probe them
+# root's ssh between the VMs checks host keys as on a real installation (rcopy's agent command insists
+# on it; the image's ssh config turned checking off): the peers' keys as they answer now. Also undoes
+# what tests/lab/test_security.py changes: a wrong known host key, a restricted key for rcopy's agent.
+printf 'Host primary backup\n    User root\n    LogLevel ERROR\n    BatchMode yes\n    ConnectTimeout 10\n' \
+  >/root/.ssh/config
+if grep -q '^restrict,' /root/.ssh/authorized_keys; then
+  grep -v '^restrict,' /root/.ssh/authorized_keys >/root/.ssh/authorized_keys.new
+  mv /root/.ssh/authorized_keys.new /root/.ssh/authorized_keys
+fi
+rm -f /root/.ssh/id_ecdsa /root/.ssh/id_ecdsa.pub
+ssh-keyscan -T 10 primary backup >/root/.ssh/known_hosts 2>/dev/null
+grep -q '^backup ' /root/.ssh/known_hosts && grep -q '^primary ' /root/.ssh/known_hosts \
+  || { echo "reset: ssh-keyscan found no host key for primary or backup" >&2; exit 1; }
 left=(/dev/mapper/!(control))
 if ((${#left[@]})); then
   echo "reset: device-mapper devices left: ${left[*]}" >&2
