@@ -55,14 +55,16 @@ class Peer(Protocol):
 
 
 class Progress(Protocol):
+    """``update``: ``done`` bytes (data and zero runs) the backup acknowledged of ``total``, the bytes
+    this volume's send writes (an estimate until its change scan ends; never below ``done``)."""
     def start(self, volume: str, total: int) -> None: ...
-    def update(self, volume: str, done: int) -> None: ...
+    def update(self, volume: str, done: int, total: int) -> None: ...
     def finish(self, volume: str, sent: int, reason: str) -> None: ...
 
 
 class _Quiet:
     def start(self, volume, total): pass
-    def update(self, volume, done): pass
+    def update(self, volume, done, total): pass
     def finish(self, volume, sent, reason): pass
 
 
@@ -320,20 +322,22 @@ class Driver:
         self.progress.start(a.volume, a.size)
         last = [0.0]
 
-        def progress(_sent: int):
-            done = flow.position
-            self.progress.update(a.volume, done)
+        def progress(acked: int):
+            # Progress is what the backup acknowledged, never what was read: the change scan and the
+            # reads run ahead of the wire by up to the client's window (64 MiB in flight).
+            total = max(flow.estimate(a.size), acked)
+            self.progress.update(a.volume, acked, total)
             now = time.monotonic()
             if now - last[0] >= 1.0:
                 last[0] = now
                 with self._db_mutex:
-                    self.store.progress(g, a.volume, done, a.size)
+                    self.store.progress(g, a.volume, acked, total)
 
         with _SLOTS:
             sent = self.sender.send(source.path, flow, run.exports[a.remote], progress=progress)
         faults.point("after-send")
         with self._db_mutex:
-            self.store.progress(g, a.volume, a.size, a.size)
+            self.store.progress(g, a.volume, flow.bytes, flow.bytes)
         run.stats[a.volume] = (sent, a.reason)
         self.progress.finish(a.volume, sent, a.reason)
 
@@ -365,20 +369,37 @@ class Driver:
 
 
 class _Position:
-    """Passes extents through lazily and remembers how far into the volume they reached (progress
-    without materialising the list: a full sync of a large volume starts sending at once)."""
+    """Passes extents through lazily and remembers how far into the volume they reached and how many
+    bytes they held (data and zero runs: the bytes changed), without materialising the list: a full
+    sync of a large volume starts sending at once."""
 
     def __init__(self, extents: Iterable[Extent]):
         self._it: Iterator[Extent] = iter(extents)
         self.position = 0
+        self.bytes = 0
+        self.exhausted = False
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Extent:
-        e = next(self._it)
+        try:
+            e = next(self._it)
+        except StopIteration:
+            self.exhausted = True
+            raise
         self.position = e.offset + e.length
+        self.bytes += e.length
         return e
+
+    def estimate(self, size: int) -> int:
+        """The bytes this send will write: exact once the extents ran out; before, what was found so
+        far extrapolated over the rest of the volume (a full sync: the volume's size)."""
+        if self.exhausted or self.position >= size:
+            return self.bytes
+        if not self.position:
+            return size
+        return max(self.bytes, self.bytes * size // self.position)
 
 
 def fault_of(e: BaseException) -> str:
