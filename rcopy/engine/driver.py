@@ -77,15 +77,22 @@ class SyncReport:
     phases: dict[str, float] = dataclasses.field(default_factory=dict)   # PHASES -> seconds
     peer_commands: int | None = None         # external commands the backup ran for this sync
     plan: list[str] = dataclasses.field(default_factory=list)           # the executed plan, rendered
+    changed: dict[str, int] = dataclasses.field(default_factory=dict)   # name -> bytes changed (data + zeroes)
 
     @property
     def bytes_sent(self) -> int:
         return sum(b for b, _ in self.volumes.values())
 
+    @property
+    def bytes_changed(self) -> int:
+        return sum(self.changed.values())
+
     def as_dict(self) -> dict:
         return {"generation": self.generation, "seconds": round(self.seconds, 3), "bytes_sent": self.bytes_sent,
+                "bytes_changed": self.bytes_changed,
                 "phases": {k: round(v, 3) for k, v in self.phases.items()}, "peer_commands": self.peer_commands,
-                "volumes": {n: {"bytes_sent": b, "full_reason": r} for n, (b, r) in self.volumes.items()},
+                "volumes": {n: {"bytes_sent": b, "full_reason": r, "bytes_changed": self.changed.get(n, 0)}
+                            for n, (b, r) in self.volumes.items()},
                 "plan": self.plan}
 
 
@@ -97,6 +104,7 @@ class _Run:
     view: cycle.PeerView = dataclasses.field(default_factory=cycle.PeerView)   # the backup's facts
     snaps: dict[str, Snapshot] = dataclasses.field(default_factory=dict)       # name -> snapshot
     stats: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+    changed: dict[str, int] = dataclasses.field(default_factory=dict)
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     done: list[P.Action] = dataclasses.field(default_factory=list)
     peer_commands: int | None = None
@@ -211,7 +219,7 @@ class Driver:
                 raise SyncFailed(f"group {name}: {reason}") from e
             self.execute(actions[split + 1:], run)
         return SyncReport(name, generation, run.stats, time.monotonic() - t0, run.phases, run.peer_commands,
-                          P.lines(run.done))
+                          P.lines(run.done), run.changed)
 
     def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str, *, fault: str,
                marks: dict[str, VolumeState] | None = None):
@@ -259,8 +267,12 @@ class Driver:
     def _do_Cut(self, a: P.Cut, run):
         with run.phase("cut"):
             self.delete(a.requests)      # a leftover of an aborted attempt is older than "now": drop it
+            when = time.time()           # just before the instant (the lag it gives is never too small)
             for snap in self.cut(a.requests):
                 run.snaps[snap.name] = snap
+        first = parse(a.requests[0][2]) if a.requests else None
+        if first is not None:
+            self.store.mark_cut(first.group, first.generation, when)
         faults.point("after-cut")
 
     def _send_all(self, sends: list[P.Send], run: _Run):
@@ -339,6 +351,7 @@ class Driver:
         with self._db_mutex:
             self.store.progress(g, a.volume, flow.bytes, flow.bytes)
         run.stats[a.volume] = (sent, a.reason)
+        run.changed[a.volume] = flow.bytes
         self.progress.finish(a.volume, sent, a.reason)
 
     def _do_PeerCommit(self, a: P.PeerCommit, run):
