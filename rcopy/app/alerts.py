@@ -5,7 +5,7 @@ message, since) that ``rcopy status alerts`` lists and ``rcopy metrics`` counts:
 
 | kind | object | raised when | cleared when |
 | --- | --- | --- | --- |
-| over_period | group | a committed sync took longer than the period (policy over_per_alert, the default) | a sync commits within the period |
+| over_period | group | a sync runs or ran longer than the period (policy over_per_alert, the default) | a sync commits within the period |
 | link_down | target/address | a link was found down (a failed connect, the daemon's route probe) | that link answers again |
 | target_failed | target | every link of the target is down | any link answers again |
 | stale | group/volume | a volume is stale or failed (a read error; its next sync is full) | the volume is synced again |
@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import syslog
+import time
 
 from rcopy.engine import schedule
-from rcopy.model import Alert, LinkState, VolumeState
+from rcopy.model import Alert, LinkState, VolumeState, format_period
 from rcopy.state import Store
 
 log = logging.getLogger("rcopy.alerts")
@@ -69,8 +70,11 @@ def after_sync(store: Store, group: str) -> None:
     clear(store, "space", group, f"sync point {g.generation} made new base snapshots")
 
 
-def refresh(store: Store) -> None:
-    """Raise or clear the alerts that follow recorded states: links, targets, stale volumes."""
+def refresh(store: Store, now: float | None = None) -> None:
+    """Raise or clear the alerts that follow recorded states: links, targets, stale volumes, and a sync
+    still in flight past its period (raised at once, as 3PAR does; cleared by the next sync that commits
+    within the period, rcopy.app.alerts.after_sync)."""
+    now = time.time() if now is None else now
     for t in store.targets():
         links = store.links(t.name)
         for link in links:
@@ -84,6 +88,12 @@ def refresh(store: Store) -> None:
         elif any(link.state is LinkState.UP for link in links):
             clear(store, "target_failed", t.name, "a link answers")
     for g in store.groups():
+        if g.sends and g.pending_generation and g.last_sync_start \
+                and schedule.over_period_alert(g, g.last_sync_start, now):
+            raise_(store, "over_period", g.name,
+                   f"group {g.name}: sync point {g.pending_generation} has run {now - g.last_sync_start:.0f} s, "
+                   f"longer than the period {format_period(g.period)}: the recovery point is older than planned",
+                   g.name)
         for v in store.volumes(g.name):
             obj = f"{g.name}/{v.name}"
             if v.state in (VolumeState.STALE, VolumeState.FAILED):

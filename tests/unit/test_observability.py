@@ -215,6 +215,20 @@ def test_stale_and_link_alerts_follow_the_recorded_states(tmp_path, monkeypatch)
     assert [(a.kind, a.object) for a in store.alerts()] == [("link_down", "t/l2")]
 
 
+def test_a_sync_still_running_past_its_period_raises_over_period(tmp_path, monkeypatch):
+    import syslog
+    from rcopy.model import Group, GroupState
+    monkeypatch.setattr(syslog, "syslog", lambda prio, text: None)
+    store = Store(str(tmp_path / "A"))
+    store.add_group(Group("g", "t", period=60, state=GroupState.STARTED, generation=3))
+    g = store.begin_sync("g", 4, "id4", [])
+    alerts.refresh(store, now=g.last_sync_start + 60)                 # exactly one period: not over
+    assert store.alerts() == []
+    alerts.refresh(store, now=g.last_sync_start + 61)
+    assert [(a.kind, a.object) for a in store.alerts()] == [("over_period", "g")]
+    assert "sync point 4 has run 61 s" in store.alerts()[0].message
+
+
 def test_state_v3_alert_text_moves_into_the_alerts_table(tmp_path):
     d = tmp_path / "A"
     Store(str(d)).close()
