@@ -7,7 +7,8 @@ so a manual ``rcopy sync`` and the daemon never run one group twice. On a backup
 whose agent was killed (its lock is free), and on every system it keeps thin pools from filling with
 rcopy's own snapshots (rcopy.app.space). Each loop it also refreshes the alerts that follow recorded
 states (rcopy.app.alerts) and, with ``--metrics-file``, rewrites the Prometheus textfile
-(rcopy.app.metrics). Logs go to stderr (the journal under systemd, with syslog priorities).
+(rcopy.app.metrics). Logs go to stderr (the journal under systemd); alerts also go to syslog with
+their priority (rcopy.app.alerts).
 """
 from __future__ import annotations
 

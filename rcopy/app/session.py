@@ -18,7 +18,7 @@ from rcopy import backends
 from rcopy.app import alerts
 from rcopy.engine.driver import Driver, SyncReport
 from rcopy.engine.states import Event, transition
-from rcopy.errors import Busy, PermissionDenied
+from rcopy.errors import Busy, PermissionDenied, RcopyError
 from rcopy.model import Group, GroupState, LinkState
 from rcopy.state import Store
 from rcopy.sys import dmsetup, lvm, nbdkit, run
@@ -170,7 +170,10 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
                                  "commands_by_tool": dict(book.by_tool)})
         alerts.after_sync(store, group)
     finally:
-        alerts.refresh(store)             # links seen down or up, volumes marked stale or synced again
+        try:
+            alerts.refresh(store)         # links seen down or up, volumes marked stale or synced again
+        except RcopyError as e:           # never hides the sync's own outcome
+            log.warning("group %s: alerts not refreshed: %s", group, e)
     return report
 
 
