@@ -63,7 +63,9 @@ class _Families:
         if value is None:
             return
         lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-        self.samples[name].append(f"{name}{{{lab}}} {float(value)!r}" if lab else f"{name} {float(value)!r}")
+        v = float(value)
+        text = str(int(v)) if v.is_integer() and abs(v) < 2 ** 53 else repr(v)
+        self.samples[name].append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
 
     def text(self) -> str:
         out = []
