@@ -44,7 +44,8 @@ class LinkState(str, enum.Enum):
     UNKNOWN = "unknown"
 
 
-POLICIES = frozenset({"auto_recover", "over_per_alert"})
+# over_per_alert is on unless no_over_per_alert is given (3PAR's default); parse_policies adds it.
+POLICIES = frozenset({"auto_recover", "over_per_alert", "no_over_per_alert"})
 # Why a group stopped, typed for policy: auto_recover restarts only "link" (the target or its links were
 # lost) and "interrupted" (rcopy itself died mid-sync and a reconcile rolled it back); "device", "space",
 # "state", "auth" (a host key or the sync's certificate refused: rcopy.errors.AuthFailed) and "failed"
@@ -114,6 +115,10 @@ def parse_policies(text: str | None) -> frozenset[str]:
     bad = names - POLICIES
     if bad:
         raise UsageError(f"unknown policy {', '.join(sorted(bad))}: known are {', '.join(sorted(POLICIES))}")
+    if {"over_per_alert", "no_over_per_alert"} <= names:
+        raise UsageError("policies over_per_alert and no_over_per_alert exclude each other")
+    if "no_over_per_alert" not in names:
+        names |= {"over_per_alert"}                # on by default, as on 3PAR
     return names
 
 
@@ -164,10 +169,31 @@ class SyncPoint:
     committed: bool = False
     started: float = 0.0
     ended: float = 0.0
+    cut: float = 0.0               # when the primary's cut was taken (0: not recorded here)
 
     def as_dict(self) -> dict:
         return {"generation": self.generation, "id": self.sync_id, "committed": self.committed,
-                "started": self.started, "ended": self.ended}
+                "started": self.started, "ended": self.ended, "cut": self.cut}
+
+
+ALERT_KINDS = ("over_period", "link_down", "target_failed", "stale", "space")
+
+
+@dataclasses.dataclass(frozen=True)
+class Alert:
+    """A condition an administrator should know about, from when it started until it ends (3PAR's alerts):
+    ``kind`` one of ALERT_KINDS, ``object`` what it is about (a group, ``group/volume``, a target,
+    ``target/address``), ``group`` the group it concerns ("" for targets and links)."""
+
+    kind: str
+    object: str
+    group: str
+    message: str
+    since: float
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "object": self.object, "group": self.group, "message": self.message,
+                "since": self.since}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +212,7 @@ class Group:
     pending_id: str = ""
     last_sync_start: float = 0.0
     last_sync_end: float = 0.0
-    alert: str = ""                # e.g. the over-period alert
+    alert: str = ""                # unused since state schema 4 (alerts live in the alerts table)
     fault: str = ""                # why it stopped, as policy sees it: one of FAULTS ("" when running)
     failover_point: int = 0        # the sync point this side failed over at: its F snapshots are the
                                    # base of the next sync (rcopy.engine.roles), 0: none

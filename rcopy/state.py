@@ -6,7 +6,7 @@ committed transaction survives a host crash and a killed writer leaves the previ
 Each sync-point commit is ONE transaction (group generation, sync-point row, volume states together),
 which is what makes the two-phase commit of rcopy/DESIGN.md §4 recoverable (rcopy/engine/DESIGN.md).
 
-Schema (version 3, in ``meta.schema_version``; ``_MIGRATIONS[n]`` upgrades n-1 -> n):
+Schema (version 4, in ``meta.schema_version``; ``_MIGRATIONS[n]`` upgrades n-1 -> n):
 
 ``meta(key PRIMARY KEY, value)``
     ``schema_version``, ``system`` (this system's name; default the host name or $RCOPY_SYSTEM_NAME).
@@ -31,6 +31,12 @@ full_reason, backend, device_id, PRIMARY KEY(grp, name))``
     the sync point at which this side failed over (its F snapshots are the next sync's base), 0: none.
 ``sync_points(grp, generation, sync_id, committed, started, ended, PRIMARY KEY(grp, generation))``
     the committed sync point of each group and the one in flight, with their identities.
+``sync_points.cut`` (v4)
+    when the primary's cut of that sync point was taken (Unix seconds; 0: not recorded, e.g. on the
+    backup): the lag (the recovery point right now) is measured from the committed point's cut.
+``alerts(kind, object, grp, message, since, PRIMARY KEY(kind, object))`` (v4)
+    the alerts raised and not yet cleared (rcopy.app.alerts); ``groups.alert`` (v1) is no longer
+    written: v4 moved its text here.
 
 Locks: ``locks/<group>.lock`` held with ``flock(LOCK_EX|LOCK_NB)`` for the duration of a sync (on the
 primary by the syncing process, on the backup by the agent serving it); the kernel drops it when the
@@ -51,11 +57,11 @@ import time
 from typing import Iterator
 
 from rcopy.errors import AlreadyExists, Busy, NotFound, PermissionDenied, Refused, StateError
-from rcopy.model import (Group, GroupState, Link, LinkState, Role, SyncPoint, System, Target, VolumePair, VolumeState,
+from rcopy.model import (Alert, Group, GroupState, Link, LinkState, Role, SyncPoint, System, Target, VolumePair, VolumeState,
                          check_name)
 
 DEFAULT_DIR = "/var/lib/rcopy"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -88,7 +94,15 @@ ALTER TABLE groups ADD COLUMN fault TEXT NOT NULL DEFAULT ''
 _SCHEMA_V3 = """
 ALTER TABLE groups ADD COLUMN failover_point INTEGER NOT NULL DEFAULT 0
 """
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+_SCHEMA_V4 = """
+ALTER TABLE sync_points ADD COLUMN cut REAL NOT NULL DEFAULT 0;
+CREATE TABLE alerts (kind TEXT NOT NULL, object TEXT NOT NULL, grp TEXT NOT NULL DEFAULT '', message TEXT NOT NULL,
+    since REAL NOT NULL, PRIMARY KEY (kind, object));
+INSERT INTO alerts SELECT CASE WHEN alert LIKE 'thin pool%' THEN 'space' ELSE 'over_period' END, name, name, alert,
+    CASE WHEN last_sync_end > 0 THEN last_sync_end ELSE strftime('%s', 'now') END FROM groups WHERE alert <> '';
+UPDATE groups SET alert = ''
+"""
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
 
 
 def state_dir(explicit: str | None = None) -> str:
@@ -337,8 +351,46 @@ class Store:
 
     # -- sync points: the durable half of the two-phase commit ---------------------------------------
     def sync_points(self, group: str) -> list[SyncPoint]:
-        return [SyncPoint(r["grp"], r["generation"], r["sync_id"], bool(r["committed"]), r["started"], r["ended"])
-                for r in self._q("SELECT * FROM sync_points WHERE grp=? ORDER BY generation", (group,))]
+        return [SyncPoint(r["grp"], r["generation"], r["sync_id"], bool(r["committed"]), r["started"], r["ended"],
+                          r["cut"]) for r in self._q("SELECT * FROM sync_points WHERE grp=? ORDER BY generation", (group,))]
+
+    def mark_cut(self, group: str, generation: int, when: float | None = None):
+        """Record when the cut of sync point ``generation`` (in flight) was taken."""
+        with self.tx() as db:
+            db.execute("UPDATE sync_points SET cut=? WHERE grp=? AND generation=?",
+                       (time.time() if when is None else when, group, generation))
+
+    def committed_point(self, group: str) -> SyncPoint | None:
+        """The group's last committed sync point (None before the first)."""
+        g = self.group(group)
+        return next((p for p in self.sync_points(group) if p.committed and p.generation == g.generation), None)
+
+    # -- alerts (rcopy.app.alerts): raised when a condition starts, cleared when it ends ----------------
+    def raise_alert(self, kind: str, obj: str, message: str, group: str = "") -> bool:
+        """Record the alert (kind, obj); True when it is new (the message of a standing one is refreshed,
+        its ``since`` kept)."""
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM alerts WHERE kind=? AND object=?", (kind, obj)).fetchone():
+                db.execute("UPDATE alerts SET message=?, grp=? WHERE kind=? AND object=?", (message, group, kind, obj))
+                return False
+            db.execute("INSERT INTO alerts (kind, object, grp, message, since) VALUES (?, ?, ?, ?, ?)",
+                       (kind, obj, group, message, time.time()))
+            return True
+
+    def clear_alert(self, kind: str, obj: str) -> Alert | None:
+        """Remove the alert; the one removed, or None when there was none."""
+        with self.tx() as db:
+            r = db.execute("SELECT * FROM alerts WHERE kind=? AND object=?", (kind, obj)).fetchone()
+            if r is None:
+                return None
+            db.execute("DELETE FROM alerts WHERE kind=? AND object=?", (kind, obj))
+            return Alert(r["kind"], r["object"], r["grp"], r["message"], r["since"])
+
+    def alerts(self, group: str | None = None) -> list[Alert]:
+        sql, args = "SELECT * FROM alerts ORDER BY since, kind, object", ()
+        if group is not None:
+            sql, args = "SELECT * FROM alerts WHERE grp=? ORDER BY since, kind, object", (group,)
+        return [Alert(r["kind"], r["object"], r["grp"], r["message"], r["since"]) for r in self._q(sql, args)]
 
     def begin_sync(self, group: str, generation: int, sync_id: str, volumes: list[str] | None = None) -> Group:
         """Record sync point ``generation`` as in flight and its volumes as syncing (one transaction)."""
@@ -347,7 +399,8 @@ class Store:
             g = self.group(group)
             if g.pending_generation:
                 raise Busy(f"group {group} already has sync point {g.pending_generation} in flight")
-            db.execute("INSERT OR REPLACE INTO sync_points VALUES (?, ?, ?, 0, ?, 0)", (group, generation, sync_id, now))
+            db.execute("INSERT OR REPLACE INTO sync_points (grp, generation, sync_id, committed, started, ended) "
+                       "VALUES (?, ?, ?, 0, ?, 0)", (group, generation, sync_id, now))
             db.execute("UPDATE groups SET pending_generation=?, pending_id=?, last_sync_start=? WHERE name=?",
                        (generation, sync_id, now, group))
             names = volumes if volumes is not None else [v.name for v in self.volumes(group)]

@@ -1,4 +1,8 @@
-"""Progress of a running sync, for a terminal (tqdm bars) or a log/pipe (plain lines)."""
+"""Progress of a running sync, for a terminal (tqdm bars) or a log/pipe (plain lines).
+
+``update(volume, done, total)``: ``done`` is what the backup acknowledged (NBD write and write-zeroes
+replies), never what was read; ``total`` the bytes the volume's send writes, an estimate until its change
+scan ends (rcopy.engine.driver)."""
 from __future__ import annotations
 
 import sys
@@ -15,12 +19,12 @@ class LineProgress:
         self.total[volume], self.last[volume] = total, time.monotonic()
         print(f"{volume}: syncing ({total} bytes of volume)", file=self.out, flush=True)
 
-    def update(self, volume, done):
+    def update(self, volume, done, total):
         now = time.monotonic()
         if now - self.last.get(volume, 0) >= self.every:
             self.last[volume] = now
-            total = self.total.get(volume) or 1
-            print(f"{volume}: {100 * done // total}% ({done} of {total} bytes)", file=self.out, flush=True)
+            print(f"{volume}: {100 * done // (total or 1)}% ({done} of {total} bytes acknowledged by the backup)",
+                  file=self.out, flush=True)
 
     def finish(self, volume, sent, reason):
         how = f"full sync: {reason}" if reason else "delta"
@@ -38,9 +42,11 @@ class BarProgress:
         self.bars[volume] = tqdm(total=total, desc=volume, unit="B", unit_scale=True, leave=True,
                                  position=len(self.bars))
 
-    def update(self, volume, done):
+    def update(self, volume, done, total):
         bar = self.bars.get(volume)
         if bar is not None:
+            if total != bar.total:
+                bar.total = total
             bar.update(max(0, done - bar.n))
 
     def finish(self, volume, sent, reason):

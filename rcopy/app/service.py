@@ -5,7 +5,10 @@ Each tick it reads the groups from the store, records which links answer the ker
 or that auto_recover may retry now that a link is back. A sync takes the group lock like the CLI does,
 so a manual ``rcopy sync`` and the daemon never run one group twice. On a backup it rolls back a sync
 whose agent was killed (its lock is free), and on every system it keeps thin pools from filling with
-rcopy's own snapshots (rcopy.app.space). Logs go to stderr (the journal under systemd).
+rcopy's own snapshots (rcopy.app.space). Each loop it also refreshes the alerts that follow recorded
+states (rcopy.app.alerts) and, with ``--metrics-file``, rewrites the Prometheus textfile
+(rcopy.app.metrics). Logs go to stderr (the journal under systemd); alerts also go to syslog with
+their priority (rcopy.app.alerts).
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ class Service:
     def __init__(self, store, sync: Callable, *, settle: Callable | None = None,
                  probe: Callable[[str], bool] = links.route_up, clock: Callable[[], float] = time.time,
                  guard: Callable[[], list] | None = None, guard_every: float = 5.0,
-                 abandoned: Callable | None = None):
+                 abandoned: Callable | None = None, observe: Callable[[], None] | None = None):
         self.store, self.sync, self.probe, self.clock = store, sync, probe, clock
         self.settle = settle or (lambda group: None)
         self.guard, self.guard_every, self._guarded = guard, guard_every, 0.0   # rcopy.app.space
         self.abandoned = abandoned                                               # Agent.rollback_abandoned
+        self.observe_fn = observe             # alerts that follow states, the metrics textfile (each loop)
         self.running: dict[str, threading.Thread] = {}
         self.recover_attempt: dict[str, float] = {}
 
@@ -86,6 +90,15 @@ class Service:
             log.warning("space guard: %s", e)
             return []
 
+    def observe(self) -> None:
+        """Each loop: refresh the alerts that follow recorded states and write the metrics textfile."""
+        if self.observe_fn is None:
+            return
+        try:
+            self.observe_fn()
+        except (RcopyError, OSError) as e:
+            log.warning("metrics and alerts: %s", e)
+
     def _run(self, group: str, why: str):
         log.info("group %s: sync (%s)", group, why)
         try:
@@ -110,5 +123,6 @@ class Service:
         while not stop.is_set():
             self.tick()
             self.guard_space()
+            self.observe()
             stop.wait(tick)
         self.wait()

@@ -15,10 +15,10 @@ import signal
 import tempfile
 
 from rcopy import backends
-from rcopy.engine import schedule
+from rcopy.app import alerts
 from rcopy.engine.driver import Driver, SyncReport
 from rcopy.engine.states import Event, transition
-from rcopy.errors import AuthFailed, Busy, PermissionDenied
+from rcopy.errors import AuthFailed, Busy, PermissionDenied, RcopyError
 from rcopy.model import Group, GroupState, LinkState
 from rcopy.state import Store
 from rcopy.sys import dmsetup, lvm, nbdkit, run
@@ -160,23 +160,24 @@ def plan(store: Store, group: str, *, full: str = ""):
 def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str = "", progress=None,
              lock_held: bool = False) -> SyncReport:
     g = store.group(group)
-    with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports(), \
-            tempfile.TemporaryDirectory(prefix="rcopy-client-") as certs:
-        fill_kinds(store, group)
-        resume_origins(store, group)
-        with connect_or_stop(store, g) as peer:
-            peer.client_cert = client_certificate(certs)
-            d = driver(store, peer, progress)
-            d.reconcile(group)
-            report = d.sync(group, event=event, full=full)
-    store.set_report(group, {**report.as_dict(), "commands": book.commands,
-                             "commands_by_tool": dict(book.by_tool)})
-    g = store.group(group)
-    alert = schedule.over_period_alert(g, g.last_sync_start, g.last_sync_end)
-    if alert or g.alert:
-        store.update_group(group, alert=alert)
-        if alert:
-            log.warning("group %s: %s", group, alert)
+    try:
+        with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports(), \
+                tempfile.TemporaryDirectory(prefix="rcopy-client-") as certs:
+            fill_kinds(store, group)
+            resume_origins(store, group)
+            with connect_or_stop(store, g) as peer:
+                peer.client_cert = client_certificate(certs)
+                d = driver(store, peer, progress)
+                d.reconcile(group)
+                report = d.sync(group, event=event, full=full)
+        store.set_report(group, {**report.as_dict(), "commands": book.commands,
+                                 "commands_by_tool": dict(book.by_tool)})
+        alerts.after_sync(store, group)
+    finally:
+        try:
+            alerts.refresh(store)         # links seen down or up, volumes marked stale or synced again
+        except RcopyError as e:           # never hides the sync's own outcome
+            log.warning("group %s: alerts not refreshed: %s", group, e)
     return report
 
 

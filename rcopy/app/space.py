@@ -12,6 +12,7 @@ import logging
 import os
 
 from rcopy import backends
+from rcopy.app import alerts as alerts_
 from rcopy.engine import cycle
 from rcopy.errors import RcopyError
 from rcopy.state import Store
@@ -62,8 +63,7 @@ def guard(store: Store, limit: float = GUARD) -> list[str]:
                     alert = (f"{sorted(set(pressed.values()))[0]}: rcopy dropped its snapshots there "
                              f"({', '.join(name for _, _, name in snaps)}) so the applications keep writing; "
                              f"the next sync of {g.name} is full")
-                    log.warning("group %s: %s", g.name, alert)
-                    store.update_group(g.name, alert=alert)
+                    alerts_.raise_(store, "space", g.name, f"group {g.name}: {alert}", g.name)
                     alerts.append(alert)
             finally:
                 os.close(fd)

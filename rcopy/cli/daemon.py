@@ -1,4 +1,5 @@
-"""``rcopy daemon [--tick S] [--once]``: periodic syncs and auto_recover (run by systemd: rcopy.service)."""
+"""``rcopy daemon [--tick S] [--once] [--metrics-file PATH]``: periodic syncs and auto_recover (run by
+systemd: rcopy.service), alerts, and the Prometheus textfile."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,10 @@ def register(sub):
     p = sub.add_parser("daemon", help="run periodic syncs and auto_recover (systemd runs this)")
     p.add_argument("--tick", type=float, default=1.0, help="seconds between schedule checks")
     p.add_argument("--once", action="store_true", help="start what is due, wait for it, exit")
+    p.add_argument("--metrics-file", default=None, metavar="PATH",
+                   help="write `rcopy metrics` here atomically every loop (node_exporter's textfile "
+                        "collector: a .prom file in its --collector.textfile.directory); "
+                        "default $RCOPY_METRICS_FILE, none if unset")
     p.add_argument("--install-unit", action="store_true",
                    help="install the systemd unit that runs this rcopy as the daemon, then exit")
     p.add_argument("--unit-dir", default="/etc/systemd/system", help="where --install-unit writes rcopy.service")
@@ -54,15 +59,27 @@ def do_daemon(args):
     from rcopy.engine.states import Event
     from rcopy.state import Store
 
+    import os
+    from rcopy.app import alerts, metrics
+
     logging.getLogger().setLevel(logging.INFO)
     store = open_store()
+    metrics_file = args.metrics_file or os.environ.get("RCOPY_METRICS_FILE") or None
+
+    def observe():
+        alerts.refresh(store)
+        if metrics_file:
+            metrics.write_textfile(metrics_file, metrics.render(store))
+
     service = Service(store, lambda group: run_sync(Store(store.dir), group, event=Event.SYNC),
                       settle=lambda group: settle_locked(Store(store.dir), group),
-                      guard=lambda: space.guard(store), abandoned=Agent(store).rollback_abandoned)
+                      guard=lambda: space.guard(store), abandoned=Agent(store).rollback_abandoned,
+                      observe=observe)
     if args.once:
         service.guard_space()
         service.tick()
         service.wait()
+        service.observe()
         return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

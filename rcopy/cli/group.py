@@ -24,7 +24,7 @@ def register(sub):
     c.add_argument("--target", required=True)
     c.add_argument("--mode", default="periodic", choices=["periodic"])
     c.add_argument("--period", help="resync period, 15s .. 365d (units s, m, h, d); none: on demand only")
-    c.add_argument("--policy", help="comma separated: auto_recover, over_per_alert")
+    c.add_argument("--policy", help="comma separated: auto_recover, over_per_alert (the default) or no_over_per_alert")
     c.set_defaults(func=do_create)
     st = s.add_parser("set", help="change a group's period or policies")
     st.add_argument("group")

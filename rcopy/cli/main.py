@@ -17,7 +17,7 @@ from rcopy import __version__
 from rcopy.errors import RcopyError, UsageError
 
 # Noun modules, in help order. A module that does not exist yet is skipped, so nouns can land one at a time.
-NOUNS = ("target", "link", "group", "sync", "status", "verify", "extents", "agent", "daemon")
+NOUNS = ("target", "link", "group", "sync", "status", "metrics", "verify", "extents", "agent", "daemon")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -55,14 +55,16 @@ class Peer(Protocol):
 
 
 class Progress(Protocol):
+    """``update``: ``done`` bytes (data and zero runs) the backup acknowledged of ``total``, the bytes
+    this volume's send writes (an estimate until its change scan ends; never below ``done``)."""
     def start(self, volume: str, total: int) -> None: ...
-    def update(self, volume: str, done: int) -> None: ...
+    def update(self, volume: str, done: int, total: int) -> None: ...
     def finish(self, volume: str, sent: int, reason: str) -> None: ...
 
 
 class _Quiet:
     def start(self, volume, total): pass
-    def update(self, volume, done): pass
+    def update(self, volume, done, total): pass
     def finish(self, volume, sent, reason): pass
 
 
@@ -76,16 +78,23 @@ class SyncReport:
     peer_commands: int | None = None         # external commands the backup ran for this sync
     peer_commands_by_tool: dict[str, int] = dataclasses.field(default_factory=dict)
     plan: list[str] = dataclasses.field(default_factory=list)           # the executed plan, rendered
+    changed: dict[str, int] = dataclasses.field(default_factory=dict)   # name -> bytes changed (data + zeroes)
 
     @property
     def bytes_sent(self) -> int:
         return sum(b for b, _ in self.volumes.values())
 
+    @property
+    def bytes_changed(self) -> int:
+        return sum(self.changed.values())
+
     def as_dict(self) -> dict:
         return {"generation": self.generation, "seconds": round(self.seconds, 3), "bytes_sent": self.bytes_sent,
+                "bytes_changed": self.bytes_changed,
                 "phases": {k: round(v, 3) for k, v in self.phases.items()}, "peer_commands": self.peer_commands,
                 "peer_commands_by_tool": self.peer_commands_by_tool,
-                "volumes": {n: {"bytes_sent": b, "full_reason": r} for n, (b, r) in self.volumes.items()},
+                "volumes": {n: {"bytes_sent": b, "full_reason": r, "bytes_changed": self.changed.get(n, 0)}
+                            for n, (b, r) in self.volumes.items()},
                 "plan": self.plan}
 
 
@@ -97,6 +106,7 @@ class _Run:
     view: cycle.PeerView = dataclasses.field(default_factory=cycle.PeerView)   # the backup's facts
     snaps: dict[str, Snapshot] = dataclasses.field(default_factory=dict)       # name -> snapshot
     stats: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+    changed: dict[str, int] = dataclasses.field(default_factory=dict)
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     done: list[P.Action] = dataclasses.field(default_factory=list)
     peer_commands: int | None = None
@@ -212,7 +222,7 @@ class Driver:
                 raise sync_failed(f"group {name}: {reason}", e) from e
             self.execute(actions[split + 1:], run)
         return SyncReport(name, generation, run.stats, time.monotonic() - t0, run.phases, run.peer_commands,
-                          run.peer_commands_by_tool, P.lines(run.done))
+                          run.peer_commands_by_tool, P.lines(run.done), run.changed)
 
     def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str, *, fault: str,
                marks: dict[str, VolumeState] | None = None):
@@ -260,8 +270,12 @@ class Driver:
     def _do_Cut(self, a: P.Cut, run):
         with run.phase("cut"):
             self.delete(a.requests)      # a leftover of an aborted attempt is older than "now": drop it
+            when = time.time()           # just before the instant (the lag it gives is never too small)
             for snap in self.cut(a.requests):
                 run.snaps[snap.name] = snap
+        first = parse(a.requests[0][2]) if a.requests else None
+        if first is not None:
+            self.store.mark_cut(first.group, first.generation, when)
         faults.point("after-cut")
 
     def _send_all(self, sends: list[P.Send], run: _Run):
@@ -323,21 +337,24 @@ class Driver:
         self.progress.start(a.volume, a.size)
         last = [0.0]
 
-        def progress(_sent: int):
-            done = flow.position
-            self.progress.update(a.volume, done)
+        def progress(acked: int):
+            # Progress is what the backup acknowledged, never what was read: the change scan and the
+            # reads run ahead of the wire by up to the client's window (64 MiB in flight).
+            total = max(flow.estimate(a.size), acked)
+            self.progress.update(a.volume, acked, total)
             now = time.monotonic()
             if now - last[0] >= 1.0:
                 last[0] = now
                 with self._db_mutex:
-                    self.store.progress(g, a.volume, done, a.size)
+                    self.store.progress(g, a.volume, acked, total)
 
         with _SLOTS:
             sent = self.sender.send(source.path, flow, run.exports[a.remote], progress=progress)
         faults.point("after-send")
         with self._db_mutex:
-            self.store.progress(g, a.volume, a.size, a.size)
+            self.store.progress(g, a.volume, flow.bytes, flow.bytes)
         run.stats[a.volume] = (sent, a.reason)
+        run.changed[a.volume] = flow.bytes
         self.progress.finish(a.volume, sent, a.reason)
 
     def _do_PeerCommit(self, a: P.PeerCommit, run):
@@ -369,20 +386,37 @@ class Driver:
 
 
 class _Position:
-    """Passes extents through lazily and remembers how far into the volume they reached (progress
-    without materialising the list: a full sync of a large volume starts sending at once)."""
+    """Passes extents through lazily and remembers how far into the volume they reached and how many
+    bytes they held (data and zero runs: the bytes changed), without materialising the list: a full
+    sync of a large volume starts sending at once."""
 
     def __init__(self, extents: Iterable[Extent]):
         self._it: Iterator[Extent] = iter(extents)
         self.position = 0
+        self.bytes = 0
+        self.exhausted = False
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Extent:
-        e = next(self._it)
+        try:
+            e = next(self._it)
+        except StopIteration:
+            self.exhausted = True
+            raise
         self.position = e.offset + e.length
+        self.bytes += e.length
         return e
+
+    def estimate(self, size: int) -> int:
+        """The bytes this send will write: exact once the extents ran out; before, what was found so
+        far extrapolated over the rest of the volume (a full sync: the volume's size)."""
+        if self.exhausted or self.position >= size:
+            return self.bytes
+        if not self.position:
+            return size
+        return max(self.bytes, self.bytes * size // self.position)
 
 
 def fault_of(e: BaseException) -> str:

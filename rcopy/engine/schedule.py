@@ -1,7 +1,8 @@
 """When the next periodic sync starts, and when a sync outlasted its period. Pure: times in, times out.
 
 3PAR periodic mode: a resync starts every period; when one outlasts the period the next starts as soon
-as it ends (never two at once), and with the ``over_per_alert`` policy an alert is raised. Hence
+as it ends (never two at once), and an alert is raised (policy ``over_per_alert``, on unless the group
+has ``no_over_per_alert``, as on 3PAR). Hence
 ``next = max(previous start + period, previous end)``; no period means manual syncs only.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ def over_period(period: int | None, start: float, end: float) -> bool:
 
 
 def over_period_alert(g: Group, start: float, end: float) -> str:
-    """The alert text for a sync that outlasted the period, or "" (none, or the policy is off)."""
-    if "over_per_alert" not in g.policies or not over_period(g.period, start, end):
+    """The alert text for a sync that outlasted the period, or "" (none, or no_over_per_alert)."""
+    if "no_over_per_alert" in g.policies or not over_period(g.period, start, end):
         return ""
     return (f"sync point {g.generation} took {end - start:.0f} s, longer than the period "
             f"{format_period(g.period)}: the recovery point is older than planned")

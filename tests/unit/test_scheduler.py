@@ -22,11 +22,12 @@ def test_next_start_rule(period, start, end, expected):
     assert scheduler.next_start(period, start, end) == expected
 
 
-def test_over_period_alert_needs_the_policy():
+def test_over_period_alert_is_on_unless_no_over_per_alert():
     g = Group("g", "t", period=60, generation=4, policies=frozenset({"over_per_alert"}))
     assert "longer than the period 1m" in scheduler.over_period_alert(g, 0, 61)
     assert scheduler.over_period_alert(g, 0, 60) == ""
-    assert scheduler.over_period_alert(Group("g", "t", period=60), 0, 600) == ""
+    assert "longer than the period" in scheduler.over_period_alert(Group("g", "t", period=60), 0, 600)
+    assert scheduler.over_period_alert(Group("g", "t", period=60, policies=frozenset({"no_over_per_alert"})), 0, 600) == ""
 
 
 def test_due_only_for_started_idle_groups_with_a_period():
