@@ -3,7 +3,7 @@
 The only code that starts nbdkit or makes its TLS certificate directory. nbdkit runs in the foreground
 with ``--exit-with-parent`` (it dies with us, however we die) and writes its pidfile once it listens, which
 is how we know it is ready (nbdkit(1), "-P"). Certificates are throw-away, self-signed, one per session,
-made with openssl; the client pins the exact certificate, so no names or CA chain matter.
+made in-process (rcopy.sys.certs); the client pins the exact certificate, so no names or CA chain matter.
 """
 from __future__ import annotations
 
@@ -138,12 +138,8 @@ def _tail(path: str) -> str:
 
 def make_certificate(cert: str, key: str, common_name: str) -> str:
     """A fresh self-signed EC certificate and its key (mode 0600) at those paths; returns the PEM."""
-    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", key, "-out", cert, "-days", "7", "-subj", f"/CN={common_name}"],
-        check=True, timeout=30, error=NbdkitError)
-    os.chmod(key, 0o600)
-    with open(cert) as f:
-        return f.read()
+    from rcopy.sys import certs
+    return certs.make(cert, key, common_name)
 
 
 def make_tls_dir(directory: str, common_name: str = "rcopy", client_cert_pem: str | None = None) -> str:

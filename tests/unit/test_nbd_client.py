@@ -358,3 +358,17 @@ def test_a_full_secondary_is_a_space_fault_not_a_peer_error(serve):
             c.pwrite(b"s" * 4096, 0)
     assert isinstance(ei.value, NbdError) and ei.value.exit_code == 16 and fault_of(ei.value) == "space"
     assert "storage is full (ENOSPC)" in str(ei.value)
+
+
+def test_session_certificates_tolerate_a_peer_clock_behind_ours(tmp_path):
+    """A certificate made now must already be valid for a peer whose clock is behind: TLS checks the
+    dates even of a pinned certificate (it was 'openssl req', valid from the second it was made)."""
+    import datetime
+    from cryptography import x509
+    from rcopy.sys import nbdkit
+    pem = nbdkit.make_certificate(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"), "rcopy-primary")
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert cert.not_valid_before_utc <= now - datetime.timedelta(minutes=59)
+    assert cert.not_valid_after_utc >= now + datetime.timedelta(days=6)
+    assert (tmp_path / "k.pem").stat().st_mode & 0o777 == 0o600
