@@ -73,8 +73,8 @@ def snap(primary, gen, group="g"):
     return os.path.join(os.path.dirname(primary), f"rcopy.{group}.{name}.P{gen}")
 
 
-@pytest.fixture
-def sys2(tmp_path):
+def two_systems(tmp_path) -> Systems:
+    """A and B, B a target of A, group g (period 5m, auto_recover) with two admitted file volumes."""
     s = Systems(tmp_path)
     s.rcopy("target", "create", "backup", "--link", "127.0.0.1",
             "--agent", f"{sys.executable} -m rcopy --state-dir {s.B} agent")
@@ -83,6 +83,11 @@ def sys2(tmp_path):
         p, sec = s.volume(n)
         s.rcopy("group", "admit", "g", p, f"backup:{sec}")
     return s
+
+
+@pytest.fixture
+def sys2(tmp_path):
+    return two_systems(tmp_path)
 
 
 def _started(s):

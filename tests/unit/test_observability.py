@@ -5,7 +5,6 @@ The CLI runs for real against the file simulator and nbdkit on 127.0.0.1 (tests/
 import json
 import os
 import sqlite3
-import sys
 import time
 
 import pytest
@@ -20,18 +19,12 @@ from rcopy.transport.sender import NbdSender
 
 from tests.unit.engine_fakes import FakeSender
 from tests.unit.nbd_servers import serve  # noqa: F401  (fixture)
-from tests.unit.test_cli_replication import MiB, Systems, needs_nbdkit_mark
+from tests.unit.test_cli_replication import MiB, needs_nbdkit_mark, two_systems
 
 
 @pytest.fixture
 def sys2(tmp_path):
-    s = Systems(tmp_path)
-    s.rcopy("target", "create", "backup", "--link", "127.0.0.1",
-            "--agent", f"{sys.executable} -m rcopy --state-dir {s.B} agent")
-    s.rcopy("group", "create", "g", "--target", "backup", "--period", "5m", "--policy", "auto_recover")
-    for n in ("v1", "v2"):
-        p, sec = s.volume(n)
-        s.rcopy("group", "admit", "g", p, f"backup:{sec}")
+    s = two_systems(tmp_path)
     s.rcopy("group", "start", "g", "--wait")
     return s
 
