@@ -20,6 +20,7 @@ import time
 from rcopy.errors import ToolError
 from rcopy.sys.run import run, spawn
 
+PROBE_DIR = "/run/rcopy"
 _TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
 # rcopy's own nbdkit filter (native/rcopy_peer_filter.c, built by setup.py): admits one peer address
 PEER_FILTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbdkit-rcopy-peer.so")
@@ -78,8 +79,34 @@ def peer_filter() -> str | None:
     filter would do, but 1.32.5's rejects every address rule ("cannot parse address")."""
     if not os.path.exists(PEER_FILTER):
         return None
+    # One probe per boot, not per sync (each sync's agent is a new process): remembered in /run, keyed
+    # by both files, so an upgraded nbdkit or rcopy is probed again.
+    stamp = ":".join(_stamp(p) for p in (shutil.which("nbdkit") or "nbdkit", PEER_FILTER))
+    mark = os.path.join(PROBE_DIR, "peer-filter-loads")
+    try:
+        with open(mark) as f:
+            if f.read() == stamp:
+                return PEER_FILTER
+    except OSError:
+        pass
     res = run(["nbdkit", f"--filter={PEER_FILTER}", "null", "--dump-plugin"], timeout=30)
-    return PEER_FILTER if res.ok else None
+    if not res.ok:
+        return None
+    try:
+        os.makedirs(PROBE_DIR, mode=0o700, exist_ok=True)
+        with open(mark, "w") as f:
+            f.write(stamp)
+    except OSError:
+        pass                                    # only the next probe is lost
+    return PEER_FILTER
+
+
+def _stamp(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "-"
+    return f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
 
 
 def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | None = None,

@@ -250,3 +250,27 @@ def test_without_ssh_the_agent_knows_no_primary_address(monkeypatch):
     assert primary_address() is None
     monkeypatch.setenv("SSH_CONNECTION", "fe80::1%eth1 40222 fe80::2%eth1 22")
     assert primary_address() == "fe80::1"
+
+
+def test_the_peer_filter_is_probed_once_per_boot_and_again_after_an_upgrade(tmp_path, monkeypatch):
+    """Each sync's agent is a new process: the probe's answer lives in /run (PROBE_DIR), keyed by the
+    nbdkit binary and the filter, so a sync costs no probe but a changed file is probed again."""
+    from rcopy.sys import nbdkit, run as runner
+    if not os.path.exists(nbdkit.PEER_FILTER):
+        pytest.fail("rcopy's nbdkit filter is not built (setup.py build_ext)")
+    monkeypatch.setattr(nbdkit, "PROBE_DIR", str(tmp_path / "run"))
+    filt = tmp_path / "filter.so"
+    filt.write_bytes(open(nbdkit.PEER_FILTER, "rb").read())
+    monkeypatch.setattr(nbdkit, "PEER_FILTER", str(filt))
+    probes = []
+
+    def counted():
+        nbdkit.peer_filter.cache_clear()
+        with runner.ledger() as book:
+            assert nbdkit.peer_filter() == str(filt)
+        probes.append(book.commands)
+    counted()
+    counted()
+    os.utime(filt, ns=(1, 1))
+    counted()
+    assert probes == [1, 0, 1]
