@@ -73,10 +73,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     percents = [int(p) for p in args.percent.split(",") if p.strip()]
     mib = args.size
-    pool = mib * 5 // 4 + 64
-    # primary: pool + thick + two P snapshots of the thick one (half its size each) ~3.3x; backup: the
-    # secondaries, their R snapshots (a thick R covers the whole volume), rsync's pair ~5.3x.
-    need = (mib * 11 // 2 + 256) // 2
+    # A thin pool holds its volume twice at most: a full resync rewrites every block while R (backup)
+    # or P (primary) keeps the old ones (measured: a 1.25x pool ran out in the full copy, EIO).
+    pool = mib * 2 + 64
+    # primary: pool + thick + two P snapshots of the thick one (half its size each) ~4x; backup: pool,
+    # thick, its R (the whole volume), rsync's pair ~6x; spread over the two data disks.
+    need = (mib * 6 + 256) // 2
     os.environ.setdefault("RCOPY_LAB_DIR", os.path.join(TOP, ".lab-bench"))
     os.environ["RCOPY_LAB_DISK_MB"] = str(max(512, -(-need // 256) * 256))
     from rcopylab.labctl import Lab
