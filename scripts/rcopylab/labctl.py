@@ -17,7 +17,7 @@ from pathlib import Path
 from rcopylab import image as images
 from rcopylab import push as pusher
 from rcopylab.config import HOSTS, Config, load
-from rcopylab.errors import BootFailed, GuestHung, LabError, LabUsage, NotRunning
+from rcopylab.errors import BootFailed, GuestHung, LabUsage, NotRunning
 from rcopy.sys.run import CommandTimeout
 from rcopylab.ssh import Ssh, shell_text
 from rcopylab.vm import Vm
