@@ -73,12 +73,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     percents = [int(p) for p in args.percent.split(",") if p.strip()]
     mib = args.size
-    # A thin pool holds its volume twice at most: a full resync rewrites every block while R (backup)
-    # or P (primary) keeps the old ones (measured: a 1.25x pool ran out in the full copy, EIO).
-    pool = mib * 2 + 64
-    # primary: pool + thick + two P snapshots of the thick one (half its size each) ~4x; backup: pool,
-    # thick, its R (the whole volume), rsync's pair ~6x; spread over the two data disks.
-    need = (mib * 6 + 256) // 2
+    # A thin pool must hold its volume about twice and stay under rcopy's 80% guard: a full resync
+    # rewrites every block while R (backup) keeps the old ones, and 10% of 4 KiB blocks changed at random
+    # touch ~81% of the 64 KiB chunks, each copied away from P(n) (primary) or R(n) (backup). Measured:
+    # a 1.25x pool ran out in the --full copy (EIO); a 2.25x pool hit the 80% guard at 10%.
+    pool = mib * 3 + 64
+    # primary: pool + thick + two P snapshots of the thick one (half its size each) ~5x; backup: pool,
+    # thick, its R (the whole volume), rsync's pair ~7x; spread over the two data disks.
+    need = (mib * 7 + 256) // 2
     os.environ.setdefault("RCOPY_LAB_DIR", os.path.join(TOP, ".lab-bench"))
     os.environ["RCOPY_LAB_DISK_MB"] = str(max(512, -(-need // 256) * 256))
     from rcopylab.labctl import Lab
