@@ -307,8 +307,10 @@ class Agent:
                 # secondary already read as sync point n; deleting it could lose the only copy.
                 self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced],
                          idle=True)                     # read-only until the protect below: nobody writes
-                backends.protect([(vols[r].backend, r) for r in remotes], writable=True)
+                # the pools' zeroing and chunk size, from the report protect reads too (its lvchange
+                # drops the cached report: asked after it, they would cost another lvs)
                 granule = backends.write_granule([(vols[r].backend, r) for r in remotes])
+                backends.protect([(vols[r].backend, r) for r in remotes], writable=True)
                 export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert, granule)
         except Exception:
             self.store.abort_sync(group, "begin failed", state=None)
