@@ -142,6 +142,16 @@ class Lab:
             self.vm(h).set_link(up)
         self._both(lambda h: self._wait_carrier(h, up), live)
 
+    def throttle(self, host: str, rate: str | None) -> None:
+        """Limit what ``host`` sends over the replication link to ``rate`` (tc's words, e.g. "16mbit"), or
+        lift the limit (None). A test that must act in the middle of a transfer throttles it rather than
+        race it: emulated disks run at a speed the host's load decides. ``reset`` lifts it too."""
+        if rate is None:
+            self.run(host, "tc qdisc del dev $(cat /run/lab-link) root 2>/dev/null; rm -f /run/lab-throttle")
+        else:
+            self.run(host, f"tc qdisc replace dev $(cat /run/lab-link) root tbf rate {rate} burst 64kb "
+                           f"latency 2s && touch /run/lab-throttle")
+
     def _wait_carrier(self, host: str, up: bool) -> None:
         """Return once the guest itself sees the link state (its link watch lags qemu by up to ~1 s)."""
         want = "up" if up else "down"

@@ -50,7 +50,11 @@ def test_a_full_resync_cut_by_the_link_rolls_the_thick_secondary_back_exactly(cl
     group(lab, agent=AGENT)
     before = {v: sha(lab, "backup", dev(v)) for v in VOLS}
     run_guest(lab, f"fill_random('/dev/{VG}/thickvol', {MIB}, seed=41)", "primary")   # overflows P1: full
-    lab.run("primary", "nohup rcopy sync g --wait </dev/null >/tmp/sync.out 2>&1 & echo $! >/tmp/sync.pid")
+    # ~2 MB/s: the cut below lands mid-transfer however fast the emulated disks run (unthrottled, the
+    # last 40% could go and commit between one status poll and the cut)
+    lab.throttle("primary", "16mbit")
+    lab.run("primary", "nohup sh -c 'rcopy sync g --wait; echo $? >/tmp/sync.rc' </dev/null >/tmp/sync.out 2>&1 & "
+                       "echo $! >/tmp/sync.pid")
     size = MIB << 20
     for _ in range(900):                      # wait until more than half the thick volume was sent
         g = status(lab)
@@ -64,9 +68,13 @@ def test_a_full_resync_cut_by_the_link_rolls_the_thick_secondary_back_exactly(cl
         time.sleep(0.2)
     lab.link(False)
     lab.run("primary", "while kill -0 $(cat /tmp/sync.pid) 2>/dev/null; do sleep 1; done", timeout=600)
+    lab.throttle("primary", None)
+    out = lab.run("primary", "cat /tmp/sync.rc /tmp/sync.out").stdout
+    assert not out.startswith("0\n"), f"the sync finished before the link was cut: {out}"
     lab.run("backup", "for i in $(seq 300); do rcopy status --json | grep -q '\"syncing_generation\": 0' && exit 0; "
                       "sleep 1; done; exit 1", timeout=400)
     b = status(lab, "backup")
+    assert b["sync_point"]["generation"] == 1, b
     assert all(v["state"] == "synced" for v in b["volumes"]), b
     assert {v: sha(lab, "backup", dev(v)) for v in VOLS} == before      # the whole group at sync point 1
     lab.link(True)

@@ -7,6 +7,9 @@ shopt -s nullglob extglob
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 pkill -9 -f '^(nbdkit|qemu-nbd|nbd-server|nbdcopy|nbd-client|nbdsh)( |$)|/usr/local/bin/rcopy|python3 -m rcopy'
 
+# a throttled replication link (Lab.throttle)
+[[ -e /run/lab-throttle ]] && { tc qdisc del dev "$(</run/lab-link)" root 2>/dev/null; rm -f /run/lab-throttle; }
+
 # a device left suspended (a cut killed mid-way) blocks every opener, fuser and remove_all included
 for f in /sys/block/dm-*/dm/suspended; do
   read -r v <"$f" && [[ $v == 1 ]] && { d=${f#/sys/block/}; dmsetup resume "/dev/${d%%/*}" 2>/dev/null; }
