@@ -130,13 +130,25 @@ def marks(volumes: Sequence[tuple[str, str]], group: str) -> dict[str, str | Non
     return out
 
 
-def protect(volumes: Sequence[tuple[str, str]], *, writable: bool, group: str = "", mark: str = "") -> None:
-    """Secondaries are read-only to everyone but rcopy's own sync (LVM permission r, rw only while a
-    sync writes them); ``mark`` replaces the group's previous mark. One lvchange for all of them."""
+def resolve(volumes: Sequence[tuple[str, str]]) -> dict:
+    """path -> its LV (rcopy.sys.lvm.LV) for the LVM kinds among (back-end, path) pairs, from the
+    current report: what ``protect`` needs, read before a change drops the report."""
     from rcopy.sys import lvm
-    lvs = [lvm.by_path(path) for kind, path in volumes if kind in LVM_KINDS]
+    return {path: lvm.by_path(path) for kind, path in volumes if kind in LVM_KINDS}
+
+
+def protect(volumes: Sequence[tuple[str, str]], *, writable: bool, group: str = "", mark: str = "",
+            known: dict | None = None) -> dict:
+    """Secondaries are read-only to everyone but rcopy's own sync (LVM permission r, rw only while a
+    sync writes them); ``mark`` replaces the group's previous mark. One lvchange for all of them.
+    ``known``: path -> LV as ``resolve`` (or an earlier ``protect``) gave it, so no report is read;
+    returns the same for what it changed, as they now are."""
+    from rcopy.sys import lvm
+    known = known or {}
+    paths = [path for kind, path in volumes if kind in LVM_KINDS]
+    lvs = [known.get(path) or lvm.by_path(path) for path in paths]
     drop = tuple(t for lv in lvs for t in lv.tags if t.startswith(f"rcopy:{group}:") and t != mark) if mark else ()
-    lvm.set_access(lvs, writable=writable, drop_tags=drop, add_tag=mark)
+    return dict(zip(paths, lvm.set_access(lvs, writable=writable, drop_tags=drop, add_tag=mark)))
 
 
 def digest(path: str) -> str:

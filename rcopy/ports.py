@@ -65,6 +65,10 @@ class ChangeSource(Protocol):
     def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
         """Sorted, non-overlapping extents of ``new`` that differ from ``old`` (zero runs marked)."""
 
+    def unchanged_since(self, base: Snapshot, origin: str) -> bool:
+        """True only when nothing was written to ``origin`` since ``base`` was taken, known from
+        metadata without a new snapshot or a data read; False when something was, or it cannot tell."""
+
 
 class Backend(Protocol):
     """One kind of volume (thin, cow, file): how to snapshot it, find its changes, read it whole."""

@@ -434,6 +434,24 @@ class Store:
             db.execute("UPDATE volumes SET state='synced', last_sync=? WHERE grp=? AND state='syncing'", (now, group))
         return self.group(group)
 
+    def confirm_sync(self, group: str, generation: int, sync_id: str, *, when: float, started: float,
+                     state: GroupState = GroupState.STARTED, reason: str = "", fault: str = "") -> Group:
+        """Sync point ``generation`` stands for the group as of ``when``: nothing was written since its
+        cut (rcopy.engine.plan.Confirm). Its cut time moves to ``when`` (the lag counts from there) and
+        the volumes count as synced now, with nothing sent. ONE transaction; no new sync point."""
+        now = time.time()
+        with self.tx() as db:
+            g = self.group(group)
+            if (g.generation, g.sync_id) != (generation, sync_id) or g.pending_generation:
+                raise StateError(f"group {group}: cannot confirm sync point {generation} ({sync_id}): it holds "
+                                 f"{g.generation} ({g.sync_id or '-'}), in flight {g.pending_generation or 'none'}")
+            db.execute("UPDATE sync_points SET cut=?, ended=? WHERE grp=? AND generation=?", (when, now, group, generation))
+            db.execute("UPDATE groups SET last_sync_start=?, last_sync_end=?, state=?, reason=?, fault=? WHERE name=?",
+                       (started, now, state.value, reason, fault, group))
+            db.execute("UPDATE volumes SET bytes_sent=0, full_reason='', last_sync=?, bytes_done=0, bytes_total=0 "
+                       "WHERE grp=? AND state='synced'", (now, group))
+        return self.group(group)
+
     def abort_sync(self, group: str, reason: str, *, state: GroupState | None = GroupState.STOPPED,
                    fault: str = "failed", marks: dict[str, VolumeState] | None = None) -> Group:
         """Forget the sync point in flight; volumes return to the last committed point (or not-synced).

@@ -102,6 +102,9 @@ class Agent:
         self.exporter = exporter
         self.active: dict[str, tuple[int, object, object]] = {}   # group -> (lock fd, export, sync_id)
         self.books: dict[str, run.Ledger] = {}                     # group -> commands run for its sync
+        # commands of this session not yet charged to a sync (start-up recovery, status): the next
+        # begin takes them over, so a sync's count is everything its session cost the backup
+        self.session = run.Ledger()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def recover(self):
@@ -161,7 +164,7 @@ class Agent:
                 raise Refused(f"unknown agent operation {op!r}: the peers run different rcopy versions")
             args = request.get("args") or {}
             _check_args(fn, args)
-            book = self.books.get(args.get("group"))
+            book = self.books.get(args.get("group")) or self.session
             with run.ledger(book), lvm.reports():       # one LVM report per VG answers a request's questions
                 return {"id": rid, "ok": True, "result": fn(**args)}
         except RcopyError as e:
@@ -297,27 +300,29 @@ class Agent:
             if missing:
                 raise NotFound(f"{missing[0]} is not a secondary of group {group} on {self.store.system().name}")
             view = self._view(g)
-            self.books[group] = book = run.Ledger()
+            self.books[group] = book = self.session
+            self.session = run.Ledger()
             with run.ledger(book), lvm.reports():
                 self.store.begin_sync(group, generation, sync_id, [vols[r].name for r in remotes])
                 faults.point("agent-after-begin", 98)
                 synced = [vols[r] for r in remotes if g.generation and vols[r].state is VolumeState.SYNCED
                           and vols[r].last_sync]
+                # What the export and protect need, from the report the cut reads too (the cut's
+                # lvcreates drop it: asked after them, they would cost another lvs each)
+                pairs = [(vols[r].backend, r) for r in remotes]
+                granule, known = backends.write_granule(pairs), backends.resolve(pairs)
                 # An existing complete R(n) is kept (reuse): a leftover of a failed begin, taken when the
                 # secondary already read as sync point n; deleting it could lose the only copy.
                 self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced],
                          idle=True)                     # read-only until the protect below: nobody writes
-                # the pools' zeroing and chunk size, from the report protect reads too (its lvchange
-                # drops the cached report: asked after it, they would cost another lvs)
-                granule = backends.write_granule([(vols[r].backend, r) for r in remotes])
-                backends.protect([(vols[r].backend, r) for r in remotes], writable=True)
+                held = backends.protect(pairs, writable=True, known=known)
                 export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert, granule)
         except Exception:
             self.store.abort_sync(group, "begin failed", state=None)
             self.books.pop(group, None)
             os.close(fd)
             raise
-        self.active[group] = (fd, export, sync_id)
+        self.active[group] = (fd, export, sync_id, held)
         infos = export.infos
         return {"view": view, "volumes": {r: {"export": dataclasses.asdict(infos[vols[r].name])} for r in remotes}}
 
@@ -358,19 +363,22 @@ class Agent:
         if group not in self.active or g.pending_id != sync_id:
             raise StateError(f"group {group}: sync point {generation} ({sync_id}) is not in flight on "
                              f"{self.store.system().name}; nothing to commit")
-        fd, export, _ = self.active[group]
+        fd, export, _, held = self.active[group]
         export.stop()                                  # nbdkit gone: every write it acknowledged is on disk
         faults.point("agent-before-commit", 98)
         after = transition(g, Event.SYNC_DONE)
         self.store.commit_sync(group, generation, sync_id, state=after.state, reason=after.reason, fault=after.fault)
         faults.point("agent-after-commit", 98)
         with run.ledger(self.books.get(group)), lvm.reports():
-            # read-only again, marked with the sync point they now hold (a crash before this line
-            # leaves the old mark: the next begin reports the secondary as not held, and it goes full)
-            backends.protect([(v.backend, v.local) for v in self.store.volumes(group)], writable=False,
-                             group=group, mark=backends.mark_of(group, generation, sync_id))
-            if g.generation:
-                self._delete_all(g, "R", g.generation)
+            try:
+                if g.generation:                       # R(n) first, from this request's one report
+                    self._delete_all(g, "R", g.generation)
+            finally:
+                # read-only again, marked with the sync point they now hold, from what begin's protect
+                # left (no report: the lvremove dropped it). A crash before this line leaves the old
+                # mark: the next begin reports the secondary as not held, and it goes full.
+                backends.protect([(v.backend, v.local) for v in self.store.volumes(group)], writable=False,
+                                 group=group, mark=backends.mark_of(group, generation, sync_id), known=held)
         del self.active[group]
         os.close(fd)
         book = self.books.pop(group, None)
@@ -427,7 +435,7 @@ class Agent:
     # -- helpers ------------------------------------------------------------------------------------
     def _release(self, group: str, *, rollback_reason: str):
         self.books.pop(group, None)
-        fd, export, _ = self.active.pop(group)
+        fd, export, *_ = self.active.pop(group)
         try:
             export.stop()
             self._rollback(self.store.group(group), rollback_reason)
@@ -528,8 +536,18 @@ def serve(store: Store, stdin=None, stdout=None, agent: Agent | None = None) -> 
     def _term(*_):
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, _term)
+    # One LVM report per VG serves the whole session until rcopy itself changes something (any
+    # lvcreate, lvchange or lvremove drops it): start-up recovery, the primary's status and its begin,
+    # seconds apart, read one report, not three. What others change meanwhile shows at the next read
+    # after our own first change.
+    with lvm.reports():
+        return _serve(agent, stdin, stdout)
+
+
+def _serve(agent: Agent, stdin, stdout) -> int:
     try:
-        agent.recover()
+        with run.ledger(agent.session):
+            agent.recover()
         for line in _lines(stdin.fileno(), agent):
             if isinstance(line, LineTooLong):
                 reply = _error(None, "UsageError", 2, str(line))

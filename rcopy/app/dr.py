@@ -179,7 +179,8 @@ def recover(store: Store, group: str, *, force: bool = False, progress=None) -> 
         with session.connect(store, g.target) as peer:
             res = peer.call("step_down", group=group, role=roles.RECEIVER_OF[g.role].value,
                             generation=g.generation, sync_id=g.sync_id, force=force)
-        report = session.run_sync(store, group, event=Event.START, progress=progress, lock_held=True)
+        report = session.run_sync(store, group, event=Event.START, progress=progress, lock_held=True,
+                                  confirm=False)
     lines = [f"{g.target} is {roles.RECEIVER_OF[g.role].value}: rolled back to sync point {g.generation}"]
     lines += [f"kept on {g.target}: {', '.join(n)} ({p})" for p, n in (res.get("kept") or {}).items()]
     return Outcome(store.group(group), lines, report)
@@ -200,7 +201,8 @@ def restore(store: Store, group: str, *, progress=None) -> Outcome:
             # (else an earlier restore handed over and died before this side stepped down: finish that)
             # no write may land after the final cut: the volumes stay read-only from here on
             backends.protect([(v.backend, v.local) for v in vols], writable=False)
-            report = session.run_sync(store, group, event=Event.SYNC, progress=progress, lock_held=True)
+            report = session.run_sync(store, group, event=Event.SYNC, progress=progress, lock_held=True,
+                                      confirm=False)
             g = store.group(group)
         with session.connect(store, g.target) as peer:       # idempotent; lifts a fence it set on itself
             peer.call("take_over", group=group, role=roles.SWAP[roles.RECEIVER_OF[g.role]].value,

@@ -158,7 +158,7 @@ def plan(store: Store, group: str, *, full: str = ""):
 
 
 def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str = "", progress=None,
-             lock_held: bool = False) -> SyncReport:
+             lock_held: bool = False, confirm: bool = True) -> SyncReport:
     g = store.group(group)
     try:
         with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports(), \
@@ -169,7 +169,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
                 peer.client_cert = client_certificate(certs)
                 d = driver(store, peer, progress)
                 d.reconcile(group)
-                report = d.sync(group, event=event, full=full)
+                report = d.sync(group, event=event, full=full, confirm=confirm)
         store.set_report(group, {**report.as_dict(), "commands": book.commands,
                                  "commands_by_tool": dict(book.by_tool)})
         alerts.after_sync(store, group)

@@ -48,3 +48,11 @@ class CowChanges:
         if not (a.is_cow_snapshot and b.is_cow_snapshot and a.vg == b.vg and a.origin == b.origin):
             raise Refused(f"{old.path} and {new.path} are not dm-snapshots of one origin")
         return refine(old.path, new.path, candidates(a), block_size=block_size, size=b.volume_size)
+
+    def unchanged_since(self, base: Snapshot, origin: str) -> bool:
+        """``base``'s exception table is empty: dm-snapshot commits an exception to the COW device
+        before the origin write it protects completes, so no exception means no completed write."""
+        a = lvm.by_path(base.path)
+        if not a.is_cow_snapshot or a.snapshot_invalid or lvm.by_path(origin).name != a.origin:
+            return False
+        return not candidates(a)

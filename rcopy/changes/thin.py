@@ -87,3 +87,13 @@ class ThinChanges:
             log.info("%s and %s are not thin snapshots in one pool: full compare", old.path, new.path)
             return full_compare(old.path, new.path, block_size=block_size)
         return refine(old.path, new.path, candidates(a, b), block_size=block_size, size=b.size)
+
+    def unchanged_since(self, base: Snapshot, origin: str) -> bool:
+        """The origin still shares every mapping with ``base``: any write since the snapshot broke
+        sharing of at least one block (even one rewriting the same bytes), so an empty thin_delta
+        between the two, on a metadata snapshot that commits the pool first, means no write."""
+        a, b = lvm.by_path(base.path), lvm.by_path(origin)
+        if not (a.is_thin and b.is_thin and a.vg == b.vg and a.pool == b.pool and a.thin_id is not None
+                and b.thin_id is not None and a.volume_size == b.volume_size):
+            return False
+        return not candidates(a, b)

@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="rcopy: %(levelname)s %(name)s: %(message)s")
+                        format=("rcopy: %(relativeCreated)6.0fms " if debug else "rcopy: ") +
+                        "%(levelname)s %(name)s: %(message)s")
     try:
         from rcopy.app.session import unwind_on_signals
         unwind_on_signals()

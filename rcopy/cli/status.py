@@ -16,9 +16,10 @@ point this system took over at, 0: none), kept {volume path: [snapshot names]} (
 a demoted primary's writes after its last sync point, kept until the administrator removes them),
 volumes [VOLUME...]}``, role one of primary, secondary, primary-rev, secondary-rev, and fault also
 "failover" (fenced: the backup took over),
-REPORT = ``{generation, seconds, bytes_sent, bytes_changed, phases {begin, cut, send, commit} (seconds; send includes
+REPORT = ``{generation, seconds, bytes_sent, bytes_changed, phases {begin, cut, send, commit; check when confirmed} (seconds; send includes
 change detection), commands (external commands this system ran), commands_by_tool {tool: n},
-peer_commands (the backup's), volumes {name: {bytes_sent, bytes_changed, full_reason}}, plan [executed actions]}``,
+peer_commands (the backup's), volumes {name: {bytes_sent, bytes_changed, full_reason}}, plan [executed actions],
+confirmed (true: nothing was written since that sync point, which was confirmed current, not replaced)}``,
 VOLUME = ``{name, local, remote, size, backend (thin, cow, file), state, percent (while syncing),
 bytes_done (acknowledged by the backup), bytes_total (what the sync writes: an estimate until the change
 scan ends), last_sync, bytes_sent, bytes_changed (by the last completed sync), full_reason ("" for a
@@ -148,10 +149,14 @@ def do_status(args):
         rep = g["last_sync"]
         if rep:
             phases = " ".join(f"{k} {v:.1f}" for k, v in rep.get("phases", {}).items())
-            print(f"  last sync: point {rep.get('generation')}, {rep.get('seconds', 0):.1f} s ({phases}), "
-                  f"{rep.get('bytes_changed', 0)} bytes changed, {rep.get('bytes_sent', 0)} bytes sent, "
-                  f"commands here {rep.get('commands', '-')}, "
-                  f"on {g['target']} {rep.get('peer_commands', '-')}")
+            if rep.get("confirmed"):
+                print(f"  last sync: point {rep.get('generation')} confirmed current (nothing written since its "
+                      f"cut), {rep.get('seconds', 0):.1f} s ({phases}), commands here {rep.get('commands', '-')}")
+            else:
+                print(f"  last sync: point {rep.get('generation')}, {rep.get('seconds', 0):.1f} s ({phases}), "
+                      f"{rep.get('bytes_changed', 0)} bytes changed, {rep.get('bytes_sent', 0)} bytes sent, "
+                      f"commands here {rep.get('commands', '-')}, "
+                      f"on {g['target']} {rep.get('peer_commands', '-')}")
         for a in g["alerts"]:
             print(f"  ALERT {a['kind']} since {_when(a['since'])}: {a['message']}")
         if g["failover_point"]:

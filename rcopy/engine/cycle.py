@@ -81,9 +81,12 @@ def base_problem(g: Group, v: VolumePair, base_state: str | None, peer: PeerView
 
 
 def plan_begin(g: Group, volumes: list[VolumePair], generation: int, sync_id: str) -> list[P.Action]:
-    """The first steps of sync point ``generation``; the backup's answer to PeerBegin feeds plan_sync."""
+    """The first steps of sync point ``generation``, up to the cut: the backup begins (R snapshots,
+    exports) while the primary cuts, and its answer (PeerBegun) feeds plan_sync."""
     return [P.RecordBegin(g.name, generation, sync_id),
-            P.PeerBegin(g.name, generation, sync_id, g.generation, g.sync_id, tuple(v.remote for v in volumes))]
+            P.PeerBegin(g.name, generation, sync_id, g.generation, g.sync_id, tuple(v.remote for v in volumes)),
+            P.Cut(tuple(_snap(g, v, "P", generation) for v in volumes)),
+            P.PeerBegun(g.name, generation)]
 
 
 def plan_sync(g: Group, volumes: list[VolumePair], generation: int, sync_id: str,
@@ -95,7 +98,6 @@ def plan_sync(g: Group, volumes: list[VolumePair], generation: int, sync_id: str
     """
     n = g.generation
     plan = plan_begin(g, volumes, generation, sync_id)
-    plan.append(P.Cut(tuple(_snap(g, v, "P", generation) for v in volumes)))
     for v in volumes:
         source = snapshot_name(g.name, v.name, "P", generation)
         if n == 0 and v.state is VolumeState.SYNCED and not full:
@@ -109,6 +111,19 @@ def plan_sync(g: Group, volumes: list[VolumePair], generation: int, sync_id: str
     if n:
         plan.append(P.DeleteSnapshots(bases(g, volumes, n)))
     return plan
+
+
+def may_confirm(g: Group, volumes: list[VolumePair], base_states: dict[str, str | None], peer: PeerView,
+                *, full: str = "") -> bool:
+    """Could sync point n stand for now if nothing was written since it was cut? Only where every volume
+    would go as a delta (synced at n, usable base here, the backup holds n on it) and no ``full``."""
+    return bool(volumes) and not full and g.generation > 0 and not g.pending_generation and all(
+        base_problem(g, v, base_states.get(v.name), peer) == "" for v in volumes)
+
+
+def plan_confirm(g: Group) -> list[P.Action]:
+    """The plan when nothing was written since sync point n: confirm n current (one transaction)."""
+    return [P.Confirm(g.name, g.generation, g.sync_id)]
 
 
 def plan_abort(g: Group, volumes: list[VolumePair], generation: int, sync_id: str, reason: str,

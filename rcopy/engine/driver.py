@@ -46,8 +46,8 @@ class Peer(Protocol):
     link: str
 
     def status(self, group: str) -> dict: ...
-    def begin(self, group: str, generation: int, sync_id: str, base_generation: int, base_id: str,
-              remotes: list[str], bind: str) -> dict: ...
+    def begin_start(self, group: str, generation: int, sync_id: str, base_generation: int, base_id: str,
+                    remotes: list[str], bind: str) -> Callable[[], dict]: ...
     def commit(self, group: str, generation: int, sync_id: str) -> dict: ...
     def abort(self, group: str, generation: int, sync_id: str, reason: str) -> dict: ...
     def ping(self) -> dict: ...
@@ -79,6 +79,7 @@ class SyncReport:
     peer_commands_by_tool: dict[str, int] = dataclasses.field(default_factory=dict)
     plan: list[str] = dataclasses.field(default_factory=list)           # the executed plan, rendered
     changed: dict[str, int] = dataclasses.field(default_factory=dict)   # name -> bytes changed (data + zeroes)
+    confirmed: bool = False                  # nothing written since sync point n: n confirmed current
 
     @property
     def bytes_sent(self) -> int:
@@ -95,7 +96,7 @@ class SyncReport:
                 "peer_commands_by_tool": self.peer_commands_by_tool,
                 "volumes": {n: {"bytes_sent": b, "full_reason": r, "bytes_changed": self.changed.get(n, 0)}
                             for n, (b, r) in self.volumes.items()},
-                "plan": self.plan}
+                "plan": self.plan, "confirmed": self.confirmed}
 
 
 @dataclasses.dataclass
@@ -113,6 +114,7 @@ class _Run:
     peer_commands_by_tool: dict[str, int] = dataclasses.field(default_factory=dict)
     marks: dict[str, VolumeState] = dataclasses.field(default_factory=dict)    # volume -> state after an abort
     heartbeat: tuple[threading.Event, threading.Thread] | None = None
+    begun: Callable[[], dict] | None = None          # waits for the backup's answer to PeerBegin
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -134,6 +136,7 @@ class Driver:
         self.progress = progress or _Quiet()
         self.workers = max(1, min(workers, MAX_IN_FLIGHT))
         self._db_mutex = threading.Lock()
+        self.view: cycle.PeerView | None = None   # the backup's, from a reconcile that changed nothing
 
     # -- planning -----------------------------------------------------------------------------------
     def base_states(self, g: Group, volumes: list[VolumePair]) -> dict[str, str | None]:
@@ -157,7 +160,26 @@ class Driver:
         """What a sync of ``name`` would do now: the same facts, the same function as ``sync``."""
         g, vols = self.store.group(name), self.store.volumes(name)
         view = cycle.PeerView.from_dict(self.peer.status(name))
-        return cycle.plan_sync(g, vols, g.generation + 1, "<new id>", self.base_states(g, vols), view, full=full)
+        bases = self.base_states(g, vols)
+        if cycle.may_confirm(g, vols, bases, view, full=full) and self.unchanged(g, vols):
+            return cycle.plan_confirm(g)
+        return cycle.plan_sync(g, vols, g.generation + 1, "<new id>", bases, view, full=full)
+
+    def unchanged(self, g: Group, volumes: list[VolumePair]) -> bool:
+        """Was nothing written to any volume since its base P(n) was cut? Asked of each back-end's change
+        source (metadata only); any doubt, or an error, answers no and the sync runs as usual."""
+        for v in volumes:
+            _, _, name = cycle.base_snap(g, v, g.generation)
+            backend = self.backend(v.backend)
+            ask = getattr(backend.changes, "unchanged_since", None)
+            base = backend.snapshotter.find(v.local, name)
+            try:
+                if ask is None or base is None or not ask(base, v.local):
+                    return False
+            except RcopyError as e:
+                log.info("group %s: cannot tell whether %s changed (%s): syncing it", g.name, v.local, e)
+                return False
+        return True
 
     # -- reconcile ----------------------------------------------------------------------------------
     def reconcile(self, name: str) -> list[P.Action]:
@@ -171,6 +193,8 @@ class Driver:
             view = dataclasses.replace(view, pending_generation=0, pending_id="")
         actions = cycle.reconcile(g, vols, view)
         self.execute(actions, _Run())
+        # the backup's view is still current when reconcile changed nothing: the sync may use it
+        self.view = view if not fence and all(isinstance(a, P.Note) for a in actions) else None
         if fence:
             g = roles.fenced(self.store.group(name), g.target)
             self.store.put_group(g)
@@ -179,8 +203,10 @@ class Driver:
         return actions
 
     # -- sync ---------------------------------------------------------------------------------------
-    def sync(self, name: str, *, event: Event = Event.SYNC, full: str = "") -> SyncReport:
-        """One sync point, start to commit. The caller holds the group lock and has reconciled."""
+    def sync(self, name: str, *, event: Event = Event.SYNC, full: str = "", confirm: bool = True) -> SyncReport:
+        """One sync point, start to commit. The caller holds the group lock and has reconciled.
+        ``confirm``: when nothing was written since sync point n, confirm n current instead (Confirm);
+        disaster recovery's syncs, which hand the group over right after, always make a new point."""
         t0 = time.monotonic()
         g = transition(self.store.group(name), event)
         self.store.put_group(g)
@@ -189,11 +215,19 @@ class Driver:
             raise SyncFailed(f"group {name} has no volumes: admit some with 'rcopy group admit'")
         generation, sync_id = g.generation + 1, cycle.new_sync_id()
         run = _Run()
+        with run.phase("check"):
+            bases = self.base_states(g, vols)
+            when = time.time()           # before the first question: the lag it gives is never too small
+            quiet = (confirm and self.view is not None and cycle.may_confirm(g, vols, bases, self.view, full=full)
+                     and self.unchanged(g, vols))
+        if quiet:
+            return self._confirm(g, when, t0, run)
+        run.phases["begin"] = run.phases.pop("check")      # a sync reports its look at the bases as begin
         try:
             try:
                 with run.phase("begin"):
-                    bases = self.base_states(g, vols)
                     self.execute(cycle.plan_begin(g, vols, generation, sync_id), run)
+                run.phases["begin"] -= run.phases.get("cut", 0.0)    # the cut ran inside, reported apart
                 actions = cycle.plan_sync(g, vols, generation, sync_id, bases, run.view, full=full)
                 split = next(i for i, a in enumerate(actions) if isinstance(a, P.PeerCommit))
                 self.execute(actions[len(run.done):split], run)
@@ -223,6 +257,19 @@ class Driver:
             self.execute(actions[split + 1:], run)
         return SyncReport(name, generation, run.stats, time.monotonic() - t0, run.phases, run.peer_commands,
                           run.peer_commands_by_tool, P.lines(run.done), run.changed)
+
+    def _confirm(self, g: Group, when: float, t0: float, run: _Run) -> SyncReport:
+        """Nothing was written since sync point n: confirm it current as of ``when`` (plan_confirm)."""
+        a = cycle.plan_confirm(g)[0]
+        log.info("%s", a.describe())
+        after = transition(self.store.group(g.name), Event.SYNC_DONE)
+        self.store.confirm_sync(g.name, g.generation, g.sync_id, when=when,
+                                started=time.time() - (time.monotonic() - t0),
+                                state=after.state, reason=after.reason, fault=after.fault)
+        run.done.append(a)
+        vols = {v.name: (0, "") for v in self.store.volumes(g.name)}
+        return SyncReport(g.name, g.generation, vols, time.monotonic() - t0, run.phases, None, {}, P.lines(run.done),
+                          {v: 0 for v in vols}, confirmed=True)
 
     def _abort(self, g: Group, vols, generation: int, sync_id: str, reason: str, *, fault: str,
                marks: dict[str, VolumeState] | None = None):
@@ -257,8 +304,11 @@ class Driver:
         faults.point("after-record-begin")
 
     def _do_PeerBegin(self, a: P.PeerBegin, run):
-        res = self.peer.begin(a.group, a.generation, a.sync_id, a.base_generation, a.base_id,
-                              list(a.remotes), self.peer.link)
+        run.begun = self.peer.begin_start(a.group, a.generation, a.sync_id, a.base_generation, a.base_id,
+                                          list(a.remotes), self.peer.link)
+
+    def _do_PeerBegun(self, a: P.PeerBegun, run):
+        res = run.begun()
         run.view = cycle.PeerView.from_dict(res.get("view", {}))
         for remote, v in res["volumes"].items():
             run.exports[remote] = ExportInfo(**v["export"])

@@ -46,6 +46,16 @@ class PeerBegin(Action):
 
 
 @dataclasses.dataclass(frozen=True)
+class PeerBegun(Action):
+    """Wait for the backup's answer to PeerBegin (sent before the cut: the two sides work at once)."""
+    group: str
+    generation: int
+
+    def describe(self):
+        return f"backup: answers that sync point {self.generation} is in flight and its exports are up"
+
+
+@dataclasses.dataclass(frozen=True)
 class Cut(Action):
     """Snapshot every primary volume at one instant, thin and thick in one suspension."""
     requests: tuple[tuple[str, str, str], ...]   # (back-end, origin path, snapshot name)
@@ -93,6 +103,20 @@ class Commit(Action):
 
     def describe(self):
         return f"commit sync point {self.generation} of {self.group} here"
+
+
+@dataclasses.dataclass(frozen=True)
+class Confirm(Action):
+    """Nothing was written to any volume since sync point ``generation`` was cut (the change sources
+    know it from metadata): the backup's image is the group's image now, so that sync point is
+    confirmed current, without a snapshot, a send, or a new sync point."""
+    group: str
+    generation: int
+    sync_id: str
+
+    def describe(self):
+        return (f"nothing written to any volume since sync point {self.generation} was cut: confirm it "
+                f"current (no snapshot, nothing to send)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -394,10 +394,11 @@ def remove_all(lvs_: list[tuple[str, str]]) -> int:
     return len(present)
 
 
-def set_access(lvs_: list[LV], *, writable: bool, drop_tags: tuple[str, ...] = (), add_tag: str = "") -> int:
+def set_access(lvs_: list[LV], *, writable: bool, drop_tags: tuple[str, ...] = (), add_tag: str = "") -> list[LV]:
     """Permission (and optionally a tag swap) of several LVs, with ONE lvchange for those whose
     permission changes (and one for those needing only the tags); LVs already so are skipped.
-    Returns the number of commands run."""
+    Returns the LVs as they now are (permission and tags), for a caller that changes them again
+    later without reading a report in between."""
     want = "w" if writable else "r"
     perm, tags_only = [], []
     for lv in lvs_:
@@ -406,7 +407,6 @@ def set_access(lvs_: list[LV], *, writable: bool, drop_tags: tuple[str, ...] = (
             perm.append(lv)
         elif retag:
             tags_only.append(lv)
-    runs = 0
     for batch, flags in ((perm, ["-p", "rw" if writable else "r"]), (tags_only, [])):
         if not batch:
             continue
@@ -416,8 +416,11 @@ def set_access(lvs_: list[LV], *, writable: bool, drop_tags: tuple[str, ...] = (
         if add_tag:
             argv += ["--addtag", add_tag]
         _lvm(*argv, *[lv.full_name for lv in batch])
-        runs += 1
-    return runs
+    perm_char = "w" if writable else "r"
+    return [dataclasses.replace(lv, attr=lv.attr[:1] + perm_char + lv.attr[2:],
+                                tags=tuple(t for t in lv.tags if t not in drop_tags)
+                                + ((add_tag,) if add_tag and add_tag not in lv.tags else ()))
+            for lv in lvs_]
 
 
 def rename(vg: str, old: str, new: str) -> None:

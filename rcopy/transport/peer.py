@@ -63,6 +63,23 @@ def _error_class(name: str, code: int) -> type[E.RcopyError]:
     return E.PeerError
 
 
+class Pending:
+    """A request sent whose answer is read later (``Peer.request``)."""
+
+    def __init__(self, peer: "Peer", rid: int, timeout: float):
+        self.peer, self.rid, self.timeout = peer, rid, timeout
+        self.done, self.value, self.error = False, None, None
+
+    def result(self):
+        if self.peer._pending is self:
+            self.peer._settle()
+        if not self.done:
+            raise TargetUnreachable(target=self.peer.target.name, detail="the channel closed before the answer")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class Peer:
     """A live channel to one target's agent. Use as a context manager; ``link`` is the link in use."""
 
@@ -72,6 +89,7 @@ class Peer:
         self.channel: Channel | None = None
         self.link = ""
         self.client_cert: tuple[str, str, str] | None = None
+        self._pending: Pending | None = None
         failures, refused = [], []
         for link in target.links:
             try:
@@ -106,10 +124,32 @@ class Peer:
             self.channel = None
 
     def call(self, op: str, *, timeout: float = CALL_TIMEOUT, **args):
+        return self.request(op, timeout=timeout, **args).result()
+
+    def request(self, op: str, *, timeout: float = CALL_TIMEOUT, **args) -> "Pending":
+        """Send a request now and answer later: the primary cuts while the backup begins. At most one
+        request is outstanding: the next request (or ``result``) reads the previous answer first."""
+        self._settle()
         if self.channel is None:
             raise TargetUnreachable(target=self.target.name, detail="the channel was closed")
         rid = next(self._ids)
         self.channel.send(json.dumps({"id": rid, "op": op, "args": args}))
+        self._pending = Pending(self, rid, timeout)
+        return self._pending
+
+    def _settle(self) -> None:
+        p, self._pending = getattr(self, "_pending", None), None
+        if p is None or p.done:
+            return
+        p.done = True
+        try:
+            p.value = self._reply(p.rid, p.timeout)
+        except E.RcopyError as e:
+            p.error = e
+
+    def _reply(self, rid: int, timeout: float):
+        if self.channel is None:
+            raise TargetUnreachable(target=self.target.name, detail="the channel was closed")
         line = self.channel.receive(timeout)
         try:
             reply = json.loads(line)
@@ -130,15 +170,24 @@ class Peer:
         return self.call("status", group=group)
 
     def begin(self, group, generation, sync_id, base_generation, base_id, remotes, bind) -> dict:
-        """``client_cert`` (set by the session: certificate file, key file, PEM) goes to the backup, which
-        admits only its holder to the export; the files are what the NBD client presents."""
+        return self.begin_start(group, generation, sync_id, base_generation, base_id, remotes, bind)()
+
+    def begin_start(self, group, generation, sync_id, base_generation, base_id, remotes, bind):
+        """Send ``begin``; returns the function that waits for its answer. ``client_cert`` (set by the
+        session: certificate file, key file, PEM) goes to the backup, which admits only its holder to
+        the export; the files are what the NBD client presents."""
         cert = self.client_cert
-        res = self.call("begin", group=group, generation=generation, sync_id=sync_id, base_generation=base_generation,
-                        base_id=base_id, remotes=remotes, bind=bind, client_cert=cert[2] if cert else "")
-        for v in res.get("volumes", {}).values():
-            if cert:
-                v["export"]["client_cert"] = [cert[0], cert[1]]
-        return res
+        pending = self.request("begin", group=group, generation=generation, sync_id=sync_id,
+                               base_generation=base_generation, base_id=base_id, remotes=remotes, bind=bind,
+                               client_cert=cert[2] if cert else "")
+
+        def answer() -> dict:
+            res = pending.result()
+            for v in res.get("volumes", {}).values():
+                if cert:
+                    v["export"]["client_cert"] = [cert[0], cert[1]]
+            return res
+        return answer
 
     def commit(self, group, generation, sync_id) -> dict:
         return self.call("commit", group=group, generation=generation, sync_id=sync_id)

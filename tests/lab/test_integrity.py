@@ -1,7 +1,6 @@
 """Issue 11 in the lab: the secondary is never lost. Secondaries are read-only between syncs and carry
 the sync point they hold; a thick rollback snapshot survives a full resync cut by the link; a read error
 under a primary volume marks it stale and rolls the group back. Through the CLI, real LVM and dm."""
-import json
 import time
 
 import pytest
@@ -109,7 +108,7 @@ sh("vgcreate", "-qq", "-s", "1m", "rcopyerr", "/dev/mapper/flaky")
 sh("lvcreate", "-qq", "-y", "-Wy", "-Zy", "-L", "32m", "-n", "vol", "rcopyerr")
 fill_random("/dev/rcopyerr/vol", 32, seed=5)
 """)
-    run_guest(lab, f'vg()\nthick_volume("errsec", 32)', "backup")
+    run_guest(lab, 'vg()\nthick_volume("errsec", 32)', "backup")
     rc(lab, "target", "create", "backup", "--link", "backup")
     rc(lab, "target", "create", "primary", "--link", "primary", host="backup")
     rc(lab, "group", "create", "g", "--target", "backup", "--policy", "auto_recover")

@@ -141,6 +141,45 @@ def test_mixed_group_is_cut_at_one_instant_over_six_syncs(clean_lab):
     rc(lab, "verify", "g")
 
 
+def test_a_sync_with_nothing_written_confirms_the_sync_point_and_any_write_makes_a_new_one(clean_lab):
+    """Issue 15: nothing written to either volume since sync point 1 (thin_delta against the live
+    origin, the thick base's empty COW table): the sync confirms 1 current, takes no snapshot and
+    sends nothing. A write to one volume, even of the bytes it already held, makes a new sync point
+    of the whole group."""
+    lab = clean_lab
+    g = group(lab)
+    cut1 = g["sync_point"]["cut"]
+    rc(lab, "sync", "g", "--wait")
+    g = status(lab)
+    rep = g["last_sync"]
+    assert rep["confirmed"] and g["sync_point"]["generation"] == 1 and g["sync_point"]["cut"] > cut1, g
+    assert set(rep["phases"]) == {"check"} and rep["bytes_sent"] == 0, rep
+    assert not {"lvcreate", "lvremove", "lvchange"} & set(rep["commands_by_tool"]), rep["commands_by_tool"]
+    assert "confirmed current" in rc(lab, "status").stdout
+    assert status(lab, "backup")["sync_point"]["generation"] == 1
+    assert_secondaries_equal_sync_point(lab, 1)
+    # the same bytes written back over thin block 5: a write all the same
+    run_guest(lab, f"""
+p = '/dev/{VG}/thinvol'
+with open(p, 'rb') as f:
+    f.seek(5 * BLOCK)
+    same = f.read(BLOCK)
+write_blocks(p, {{5: same}})
+""")
+    assert "nothing written" not in rc(lab, "sync", "g", "--dry-run").stdout
+    rc(lab, "sync", "g", "--wait")
+    g = status(lab)
+    assert g["sync_point"]["generation"] == 2 and not g["last_sync"]["confirmed"]
+    assert [v["full_reason"] for v in g["volumes"]] == ["", ""]
+    assert_secondaries_equal_sync_point(lab, 2)
+    write_random(lab, 3, seed=77)                     # both written: an ordinary delta, then quiet again
+    rc(lab, "sync", "g", "--wait")
+    rc(lab, "sync", "g", "--wait")
+    g = status(lab)
+    assert g["sync_point"]["generation"] == 3 and g["last_sync"]["confirmed"]
+    rc(lab, "verify", "g")
+
+
 def test_sigkill_inside_the_cut_leaves_no_origin_suspended(clean_lab):
     """Issue 10: the primary's rcopy killed between suspend and resume; the next rcopy command resumes
     the origins, and the next sync completes by delta."""
@@ -165,6 +204,7 @@ def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
     group(lab, agent=AGENT)
     before = {v: sha(lab, "backup", dev(v)) for v in VOLS}
     write_random(lab, 2000, seed=5)
+    lab.throttle("primary", "16mbit")         # ~8 s of sending: the cut below lands inside it
     lab.run("primary", "nohup rcopy sync g --wait </dev/null >/tmp/sync.out 2>&1 & echo $! >/tmp/sync.pid")
     for _ in range(600):
         if status(lab)["syncing"]:
@@ -172,6 +212,7 @@ def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
         time.sleep(0.2)
     lab.link(False)
     lab.run("primary", "while kill -0 $(cat /tmp/sync.pid) 2>/dev/null; do sleep 1; done", timeout=600)
+    lab.throttle("primary", None)
     g = status(lab)
     assert g["state"] == "stopped" and g["reason"], g
     lab.run("backup", "for i in $(seq 300); do rcopy status --json | grep -q '\"syncing_generation\": 0' && exit 0; "

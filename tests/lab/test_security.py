@@ -93,6 +93,7 @@ def test_a_changed_or_unknown_host_key_of_the_backup_stops_the_sync_with_the_fix
     assert "knows no host key" in err and "ssh-keyscan -H backup >> /root/.ssh/known_hosts" in err, err
     # the fix the message names (after checking the fingerprint), then a sync goes through again
     lab.run("primary", "ssh-keyscan -H backup >>/root/.ssh/known_hosts 2>/dev/null")
+    write_random(lab, 4, seed=62)               # something to send (a quiet group is only confirmed)
     rc(lab, "sync", "g", "--wait")
     g = status(lab)
     assert (g["state"], g["fault"], g["sync_point"]["generation"]) == ("started", "", 2), g

@@ -84,6 +84,10 @@ class FakeChanges:
     def changed(self, old, new, *, block_size=BLOCK):
         return coalesce(_blocks(self.snapper.data(old.path), self.snapper.data(new.path)))
 
+    def unchanged_since(self, base, origin):
+        """The fake compares content (the real sources know from metadata whether anything was written)."""
+        return self.snapper.data(base.path) == self.snapper.data(origin)
+
 
 class FakeSender:
     """Writes extents into the backup's disks; ``fail_on`` names a volume whose send loses the link."""
@@ -149,7 +153,7 @@ class LocalPeer:
             # The agent process died: its locks go with it (those of syncs it serves, and the one this
             # call took; never close other fds, their numbers may have been reused).
             self.closed = True
-            for fd in set(self.fds) | {fd for fd, _, _ in self.agent.active.values()}:
+            for fd in set(self.fds) | {fd for fd, *_ in self.agent.active.values()}:
                 try:
                     os.close(fd)
                 except OSError:
@@ -168,6 +172,18 @@ class LocalPeer:
     def begin(self, group, generation, sync_id, base_generation, base_id, remotes, bind):
         return self.call("begin", group=group, generation=generation, sync_id=sync_id,
                          base_generation=base_generation, base_id=base_id, remotes=remotes, bind=bind)
+
+    def begin_start(self, *args):
+        """Synchronous here: the answer is ready (or its error raised) when asked for."""
+        try:
+            res = self.begin(*args)
+        except Exception as e:
+            err = e
+
+            def fail():
+                raise err
+            return fail
+        return lambda: res
 
     def commit(self, group, generation, sync_id):
         return self.call("commit", group=group, generation=generation, sync_id=sync_id)

@@ -1,6 +1,7 @@
 """The sync cycle with fakes: design.md §2.3-2.5 rules as unit tests (rollback on interrupt, full sync
 when the base is missing or refused, refusal while a sync runs, two-phase commit order, reconcile after
 a crash in every window). The backup is the real Agent over its own Store; see engine_fakes.py."""
+import dataclasses
 import os
 
 import pytest
@@ -203,6 +204,7 @@ def test_two_phase_commit_order(rig, monkeypatch):
         return real_commit(*a)
 
     monkeypatch.setattr(rig.peer, "commit", commit)
+    rig.write("/p/a", 0, b"x" * 4096)
     del rig.log[:]
     rig.sync()
     kinds = [e[0] if e[0] != "peer" else e[1] for e in rig.log]
@@ -212,20 +214,61 @@ def test_two_phase_commit_order(rig, monkeypatch):
     assert rig.a.group("g").generation == 2
 
 
+def test_a_sync_with_nothing_written_confirms_the_sync_point_without_a_snapshot(rig):
+    """Issue 15: nothing written to any volume since sync point n was cut: n is the group's image now.
+    No begin, cut, send or new sync point; n's cut time moves to this check (the lag restarts), and
+    the next write makes the next sync a delta from the same base."""
+    rig.sync(Event.START)
+    cut1 = rig.a.committed_point("g").cut
+    del rig.log[:]
+    report = rig.sync()
+    assert report.generation == 1 and report.plan == [f"1. {P.Confirm('g', 1, rig.a.group('g').sync_id).describe()}"]
+    assert set(report.phases) == {"check"} and report.volumes == {"a": (0, ""), "b": (0, "")}
+    assert [e for e in rig.log if e[0] != "peer" or e[1] not in ("status",)] == []   # asked, changed nothing
+    g = rig.a.group("g")
+    assert g.generation == 1 and g.state is GroupState.STARTED and rig.a.committed_point("g").cut > cut1
+    assert rig.b.group("g").generation == 1
+    rig.assert_consistent()
+    rig.write("/p/b", 4096, b"y" * 4096)
+    report = rig.sync()
+    assert report.generation == 2 and report.volumes["b"] == (4096, "") and report.volumes["a"] == (0, "")
+    rig.assert_consistent()
+
+
+def test_one_volume_written_cuts_the_whole_group_and_full_never_confirms(rig):
+    rig.sync(Event.START)
+    rig.write("/p/a", 0, b"z" * 4096)
+    assert rig.sync().generation == 2            # b unchanged, a written: one new sync point for both
+    rig.assert_consistent()
+    assert rig.sync(full="sync --full").generation == 3
+    rig.assert_consistent()
+    assert "nothing written" in P.render(rig.driver.plan("g"))          # --dry-run says the same
+    assert "full sync" in P.render(rig.driver.plan("g", full="sync --full"))
+
+
+def test_a_backup_that_does_not_hold_the_sync_point_is_never_confirmed(rig):
+    rig.sync(Event.START)
+    rig.b.put_group(dataclasses.replace(rig.b.group("g"), sync_id="other"))   # the backup lost its state
+    rig.connect()
+    report = rig.sync()
+    assert report.generation == 2 and all("does not hold" in why for _, why in report.volumes.values())
+    rig.assert_consistent()
+
+
 def test_plan_is_data_and_says_full_or_delta():
     g = Group("g", "t", generation=3, sync_id="abc", state=GroupState.STARTED)
     vols = [VolumePair("g", "a", "/p/a", "/b/a", 1, state=VolumeState.SYNCED, last_sync=1.0),
             VolumePair("g", "b", "/p/b", "/b/b", 1, state=VolumeState.NEW)]
     view = PeerView(generation=3, sync_id="abc", volumes={"/b/a": "synced", "/b/b": "synced"})
     plan = plan_sync(g, vols, 4, "new", {"a": None, "b": None}, view)
-    assert [a.kind for a in plan] == ["RecordBegin", "PeerBegin", "Cut", "Send", "Send", "PeerCommit",
-                                      "Commit", "DeleteSnapshots"]
-    assert plan[3].base == "rcopy.g.a.P3" and plan[3].source == "rcopy.g.a.P4"
-    assert plan[4].base is None and "new" in plan[4].reason
+    assert [a.kind for a in plan] == ["RecordBegin", "PeerBegin", "Cut", "PeerBegun", "Send", "Send",
+                                      "PeerCommit", "Commit", "DeleteSnapshots"]
+    assert plan[4].base == "rcopy.g.a.P3" and plan[4].source == "rcopy.g.a.P4"
+    assert plan[5].base is None and "new" in plan[5].reason
     assert "full sync" in P.render(plan)
     # the backup's facts decide too: a secondary it does not hold at sync point 3 goes full
     other = plan_sync(g, vols, 4, "new", {"a": None, "b": None}, PeerView(generation=3, sync_id="zzz"))
-    assert other[3].base is None and "does not hold sync point 3" in other[3].reason
+    assert other[4].base is None and "does not hold sync point 3" in other[4].reason
 
 
 # -- crash windows: the process dies (no abort, no cleanup), restarts, reconciles, converges -------------

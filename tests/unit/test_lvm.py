@@ -156,3 +156,22 @@ def test_create_secondary_refuses_with_the_reason_and_creates_nothing(monkeypatc
     with pytest.raises(getattr(errors, err), match=text.replace("(", r"\(").replace(")", r"\)")):
         backends.create_secondary(spec, name, size, used)
     assert fake.made == []
+
+
+def test_protect_from_what_an_earlier_protect_left_reads_no_report_and_flips_the_permission(monkeypatch):
+    """The agent's commit makes the secondaries read-only from what its begin's protect returned
+    (no lvs after its lvremove): the LVs it hands back must say rw, or the commit would skip them."""
+    from rcopy import backends
+    rows = {lv.path: lv for lv in lvm.parse_lvs_json(_report(lv_attr="Vri-a-tz--", lv_tags="rcopy:g:1:aa"))}
+    ran, asked = [], []
+    monkeypatch.setattr(lvm, "by_path", lambda p: asked.append(p) or rows[p])
+    monkeypatch.setattr(lvm, "_lvm", lambda *a, **k: ran.append(a))
+    pairs = [("thin", "/dev/vg0/data")]
+    known = backends.resolve(pairs)
+    held = backends.protect(pairs, writable=True, known=known)
+    assert asked == ["/dev/vg0/data"] and ran == [("lvchange", "-qq", "-p", "rw", "vg0/data")]
+    assert held["/dev/vg0/data"].attr[1] == "w"
+    backends.protect(pairs, writable=False, group="g", mark="rcopy:g:2:bb", known=held)
+    assert asked == ["/dev/vg0/data"]                     # still the one report read before the change
+    assert ran[1] == ("lvchange", "-qq", "-p", "r", "--deltag", "rcopy:g:1:aa", "--addtag", "rcopy:g:2:bb",
+                      "vg0/data")
