@@ -193,8 +193,10 @@ class Driver:
             view = dataclasses.replace(view, pending_generation=0, pending_id="")
         actions = cycle.reconcile(g, vols, view)
         self.execute(actions, _Run())
-        # the backup's view is still current when reconcile changed nothing: the sync may use it
-        self.view = view if not fence and all(isinstance(a, P.Note) for a in actions) else None
+        # the backup's view is still current when reconcile settled nothing in flight (deleting an old
+        # P(n-1) here, which it always asks, changes nothing there): the sync may use it
+        settled = any(isinstance(a, (P.PeerAbort, P.Commit, P.Abort)) for a in actions)
+        self.view = view if not fence and not settled else None
         if fence:
             g = roles.fenced(self.store.group(name), g.target)
             self.store.put_group(g)

@@ -358,6 +358,19 @@ class Demo:
                           set(rep.get("phases", {})) == {"begin", "cut", "send", "commit"}
                           and rep.get("commands", 0) > 0 and rep.get("peer_commands", 0) > 0)
         self.prove_equal(2, "after delta sync 2")
+        # nothing written since: no snapshot, no send, sync point 2 confirmed current (the lag restarts)
+        t = time.monotonic()
+        self.sh("primary", "rcopy sync g --wait", label="rcopy sync g --wait    (nothing written since sync point 2)")
+        took = time.monotonic() - t
+        q, _ = self.status("primary")
+        rep = q["last_sync"]
+        self.claims.claim(f"a sync with nothing written confirms sync point 2 current in {took:.1f} s: no snapshot, "
+                          f"nothing sent, {rep.get('commands')} commands on the primary "
+                          f"({', '.join(f'{k} {v}' for k, v in sorted(rep.get('commands_by_tool', {}).items()))}), "
+                          f"lag restarted: {q.get('lag_seconds')} s",
+                          bool(rep.get("confirmed")) and q["sync_point"]["generation"] == 2
+                          and rep.get("bytes_sent") == 0 and q["sync_point"]["cut"] > g["sync_point"]["cut"]
+                          and not {"lvcreate", "lvremove"} & set(rep.get("commands_by_tool", {})), f"status: {excerpt(q)}")
         self.sh("primary", "rcopy status", head=12, tail=0)
 
     def link_cut(self) -> None:

@@ -233,6 +233,7 @@ def test_a_sync_with_nothing_written_confirms_the_sync_point_without_a_snapshot(
     report = rig.sync()
     assert report.generation == 2 and report.volumes["b"] == (4096, "") and report.volumes["a"] == (0, "")
     rig.assert_consistent()
+    assert rig.sync().confirmed and rig.a.group("g").generation == 2     # quiet again, past reconcile's cleanup
 
 
 def test_one_volume_written_cuts_the_whole_group_and_full_never_confirms(rig):
