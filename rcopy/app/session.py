@@ -166,7 +166,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
             fill_kinds(store, group)
             resume_origins(store, group)
             with connect_or_stop(store, g) as peer:
-                peer.client_cert = client_certificate(certs)
+                peer.certify = lambda: client_certificate(certs)     # made when begin needs it
                 d = driver(store, peer, progress)
                 d.reconcile(group)
                 report = d.sync(group, event=event, full=full, confirm=confirm)

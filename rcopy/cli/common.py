@@ -9,6 +9,10 @@ def print_json(obj):
 
 
 def print_report(report):
+    if report.confirmed:
+        print(f"group {report.group}: nothing written since sync point {report.generation}: confirmed current "
+              f"in {report.seconds:.1f} s (no snapshot, nothing sent)")
+        return
     full = [f"{v} ({why})" for v, (_, why) in report.volumes.items() if why]
     print(f"group {report.group}: sync point {report.generation} committed, {report.bytes_sent} bytes sent "
           f"in {report.seconds:.1f} s" + (f"; full: {', '.join(full)}" if full else ""))

@@ -88,7 +88,10 @@ class Peer:
         self._ids = itertools.count(1)
         self.channel: Channel | None = None
         self.link = ""
-        self.client_cert: tuple[str, str, str] | None = None
+        # (file, key file, PEM) of this session's client certificate, made on first use by ``certify``
+        # (a sync that only confirms its sync point never makes one)
+        self._client_cert: tuple[str, str, str] | None = None
+        self.certify = None
         self._pending: Pending | None = None
         failures, refused = [], []
         for link in target.links:
@@ -111,6 +114,16 @@ class Peer:
             raise TargetUnreachable(target=target.name, detail="; ".join(failures) or "no links")
         for r in refused:
             log.warning("%s (reached it on link %s)", r, self.link)
+
+    @property
+    def client_cert(self) -> tuple[str, str, str] | None:
+        if self._client_cert is None and self.certify is not None:
+            self._client_cert = self.certify()
+        return self._client_cert
+
+    @client_cert.setter
+    def client_cert(self, value: tuple[str, str, str] | None) -> None:
+        self._client_cert = value
 
     def __enter__(self):
         return self
