@@ -67,7 +67,9 @@ class ChangeSource(Protocol):
 
     def unchanged_since(self, base: Snapshot, origin: str) -> bool:
         """True only when nothing was written to ``origin`` since ``base`` was taken, known from
-        metadata without a new snapshot or a data read; False when something was, or it cannot tell."""
+        metadata without a new snapshot or a data read; False when something was, or it cannot tell.
+        An optional ``check_commands`` attribute says how many external commands it runs (cheapest
+        asked first)."""
 
 
 class Backend(Protocol):

@@ -43,6 +43,8 @@ def _invalid(lv: lvm.LV) -> SnapshotInvalid:
 class CowChanges:
     """Implements rcopy.ports.ChangeSource for classic dm-snapshots."""
 
+    check_commands = 0        # unchanged_since reads the COW table: no command
+
     def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
         a, b = lvm.by_path(old.path), lvm.by_path(new.path)
         if not (a.is_cow_snapshot and b.is_cow_snapshot and a.vg == b.vg and a.origin == b.origin):

@@ -78,6 +78,8 @@ def candidates(old: lvm.LV, new: lvm.LV) -> list[Extent]:
 class ThinChanges:
     """Implements rcopy.ports.ChangeSource for thin snapshots."""
 
+    check_commands = 1        # unchanged_since runs one thin_delta
+
     def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
         a, b = lvm.by_path(old.path), lvm.by_path(new.path)
         if a.volume_size != b.volume_size:

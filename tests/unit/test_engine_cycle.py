@@ -3,6 +3,7 @@ when the base is missing or refused, refusal while a sync runs, two-phase commit
 a crash in every window). The backup is the real Agent over its own Store; see engine_fakes.py."""
 import dataclasses
 import os
+import types
 
 import pytest
 
@@ -425,3 +426,25 @@ def test_an_export_that_refuses_our_certificate_stops_the_group_as_auth_not_link
     assert ei.value.exit_code == 20 and "did not admit this sync's client certificate" in str(ei.value)
     g = rig.a.group("g")
     assert (g.state, g.fault) == (GroupState.STOPPED, "auth") and "clocks" in g.reason
+
+
+def test_the_quiet_check_asks_the_answers_that_cost_no_command_first_and_stops_at_a_written_volume(rig):
+    rig.sync(Event.START)
+    asked = []
+
+    class Source:
+        def __init__(self, cost, quiet):
+            self.check_commands, self.quiet = cost, quiet
+
+        def unchanged_since(self, base, origin):
+            asked.append(origin)
+            return self.quiet
+
+    real = rig.driver.backend("fake")
+    kinds = {"thinlike": Source(1, True), "thicklike": Source(0, False)}
+    backends = {k: types.SimpleNamespace(changes=c, snapshotter=real.snapshotter) for k, c in kinds.items()}
+    rig.driver.backend = lambda kind: backends.get(kind, real)
+    a, b = rig.a.volumes("g")
+    vols = [dataclasses.replace(a, backend="thinlike"), dataclasses.replace(b, backend="thicklike")]
+    assert rig.driver.unchanged(rig.a.group("g"), vols) is False
+    assert asked == [b.local]                     # the free answer said "written": no thin_delta ran
