@@ -170,10 +170,10 @@ class Driver:
         source (metadata only); any doubt, or an error, answers no and the sync runs as usual."""
         # the answers that cost no command first (a thick base's COW table is a read; a thin pool's
         # delta is a thin_delta): a volume found written ends the questions
-        cost = lambda v: getattr(self.backend(v.backend).changes, "check_commands", 1)
-        for v in sorted(volumes, key=cost):
+        asked = sorted(((self.backend(v.backend), v) for v in volumes),
+                       key=lambda bv: getattr(bv[0].changes, "check_commands", 1))
+        for backend, v in asked:
             _, _, name = cycle.base_snap(g, v, g.generation)
-            backend = self.backend(v.backend)
             ask = getattr(backend.changes, "unchanged_since", None)
             base = backend.snapshotter.find(v.local, name)
             try:

@@ -121,10 +121,6 @@ class Peer:
             self._client_cert = self.certify()
         return self._client_cert
 
-    @client_cert.setter
-    def client_cert(self, value: tuple[str, str, str] | None) -> None:
-        self._client_cert = value
-
     def __enter__(self):
         return self
 
@@ -151,7 +147,7 @@ class Peer:
         return self._pending
 
     def _settle(self) -> None:
-        p, self._pending = getattr(self, "_pending", None), None
+        p, self._pending = self._pending, None
         if p is None or p.done:
             return
         p.done = True
@@ -182,13 +178,10 @@ class Peer:
     def status(self, group: str) -> dict:
         return self.call("status", group=group)
 
-    def begin(self, group, generation, sync_id, base_generation, base_id, remotes, bind) -> dict:
-        return self.begin_start(group, generation, sync_id, base_generation, base_id, remotes, bind)()
-
     def begin_start(self, group, generation, sync_id, base_generation, base_id, remotes, bind):
-        """Send ``begin``; returns the function that waits for its answer. ``client_cert`` (set by the
-        session: certificate file, key file, PEM) goes to the backup, which admits only its holder to
-        the export; the files are what the NBD client presents."""
+        """Send ``begin``; returns the function that waits for its answer. ``client_cert`` (made by the
+        session's ``certify``: certificate file, key file, PEM) goes to the backup, which admits only
+        its holder to the export; the files are what the NBD client presents."""
         cert = self.client_cert
         pending = self.request("begin", group=group, generation=generation, sync_id=sync_id,
                                base_generation=base_generation, base_id=base_id, remotes=remotes, bind=bind,
