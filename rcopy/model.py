@@ -176,7 +176,7 @@ class SyncPoint:
                 "started": self.started, "ended": self.ended, "cut": self.cut}
 
 
-ALERT_KINDS = ("over_period", "link_down", "target_failed", "stale", "space")
+ALERT_KINDS = ("over_period", "link_down", "target_failed", "stale", "space", "device")
 
 
 @dataclasses.dataclass(frozen=True)

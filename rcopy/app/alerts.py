@@ -10,9 +10,10 @@ message, since) that ``rcopy status alerts`` lists and ``rcopy metrics`` counts:
 | target_failed | target | every link of the target is down | any link answers again |
 | stale | group/volume | a volume is stale or failed (a read error; its next sync is full) | the volume is synced again |
 | space | group | the space guard dropped the group's base snapshots from a full thin pool (rcopy.app.space) | the group's next sync commits (new bases) |
+| device | group/volume | a sending group's volume device is gone, resized or read-only (rcopy.app.devices; the group stops) | the device is back as admitted |
 
 Each newly raised alert goes to syslog (``syslog.syslog``, ident ``rcopy``, facility daemon) at
-LOG_WARNING (over_period, link_down, stale) or LOG_ERR (target_failed, space), and its clearing at
+LOG_WARNING (over_period, link_down, stale) or LOG_ERR (target_failed, space, device), and its clearing at
 LOG_NOTICE, whichever process raised it (the daemon, or an administrator's ``rcopy sync``): journald
 keeps them with that priority (``journalctl -t rcopy -p warning``). They are also logged on the
 ``rcopy.alerts`` logger at INFO (the daemon's stderr), never on a command's stderr, whose errors stay
@@ -31,7 +32,8 @@ from rcopy.state import Store
 log = logging.getLogger("rcopy.alerts")
 
 PRIORITY = {"over_period": syslog.LOG_WARNING, "link_down": syslog.LOG_WARNING, "stale": syslog.LOG_WARNING,
-            "target_failed": syslog.LOG_ERR, "space": syslog.LOG_ERR}
+            "target_failed": syslog.LOG_ERR, "space": syslog.LOG_ERR,
+            "device": syslog.LOG_ERR}
 
 
 def _syslog(priority: int, text: str) -> None:

@@ -7,7 +7,8 @@ so a manual ``rcopy sync`` and the daemon never run one group twice. On a backup
 whose agent was killed (its lock is free), and on every system it keeps thin pools from filling with
 rcopy's own snapshots (rcopy.app.space). Each loop it also refreshes the alerts that follow recorded
 states (rcopy.app.alerts) and, with ``--metrics-file``, rewrites the Prometheus textfile
-(rcopy.app.metrics). Logs go to stderr (the journal under systemd); alerts also go to syslog with
+(rcopy.app.metrics). Before starting anything it stops the groups whose volume devices are gone, resized
+or read-only (rcopy.app.devices); a udev event on a block device wakes the loop at once. Logs go to stderr (the journal under systemd); alerts also go to syslog with
 their priority (rcopy.app.alerts).
 """
 from __future__ import annotations
@@ -30,12 +31,15 @@ class Service:
     def __init__(self, store, sync: Callable, *, settle: Callable | None = None,
                  probe: Callable[[str], bool] = links.route_up, clock: Callable[[], float] = time.time,
                  guard: Callable[[], list] | None = None, guard_every: float = 5.0,
-                 abandoned: Callable | None = None, observe: Callable[[], None] | None = None):
+                 abandoned: Callable | None = None, observe: Callable[[], None] | None = None,
+                 devices: Callable[[], list] | None = None):
         self.store, self.sync, self.probe, self.clock = store, sync, probe, clock
         self.settle = settle or (lambda group: None)
         self.guard, self.guard_every, self._guarded = guard, guard_every, 0.0   # rcopy.app.space
         self.abandoned = abandoned                                               # Agent.rollback_abandoned
         self.observe_fn = observe             # alerts that follow states, the metrics textfile (each loop)
+        self.devices = devices                # rcopy.app.devices.check
+        self.wake = threading.Event()         # set by the udev watch (or a signal): loop again now
         self.running: dict[str, threading.Thread] = {}
         self.recover_attempt: dict[str, float] = {}
 
@@ -90,6 +94,19 @@ class Service:
             log.warning("space guard: %s", e)
             return []
 
+    def watch_devices(self) -> list:
+        """Each loop, before anything starts: stop the groups whose volume devices changed (rcopy.app.devices)."""
+        if self.devices is None:
+            return []
+        try:
+            stopped = self.devices()
+        except (RcopyError, OSError) as e:
+            log.warning("device watch: %s", e)
+            return []
+        for group, reason in stopped:
+            log.warning("group %s stopped: %s", group, reason)
+        return stopped
+
     def observe(self) -> None:
         """Each loop: refresh the alerts that follow recorded states and write the metrics textfile."""
         if self.observe_fn is None:
@@ -120,9 +137,14 @@ class Service:
     def serve(self, tick: float = 1.0, stop: threading.Event | None = None):
         stop = stop or threading.Event()
         log.info("rcopy daemon serving %s", self.store.dir)
+        due = 0.0
         while not stop.is_set():
-            self.tick()
-            self.guard_space()
-            self.observe()
-            stop.wait(tick)
+            self.watch_devices()              # every loop: a udev wake-up looks at the devices only
+            if time.monotonic() >= due:
+                self.tick()
+                self.guard_space()
+                self.observe()
+                due = time.monotonic() + tick
+            self.wake.wait(max(0.0, due - time.monotonic()))
+            self.wake.clear()
         self.wait()

@@ -15,7 +15,7 @@ import signal
 import tempfile
 
 from rcopy import backends
-from rcopy.app import alerts
+from rcopy.app import alerts, devices
 from rcopy.engine.driver import Driver, SyncReport
 from rcopy.engine.states import Event, transition
 from rcopy.errors import AuthFailed, Busy, PermissionDenied, RcopyError
@@ -136,9 +136,12 @@ def resume_origins(store: Store, group: str) -> list[str]:
 def check(store: Store, group: str, event: Event) -> Group:
     """Refuse at once what the group's state does not allow (before forking a background run). A sync
     in flight is judged by the lock, not by the record: a record without a lock holder is a crashed
-    sync that reconcile settles."""
+    sync that reconcile settles. A volume whose device is gone or resized is refused here too."""
     transition(as_judged(store, group), event)
-    return store.group(group)
+    g = store.group(group)
+    if g.sends:
+        devices.require(store, group, record=False)
+    return g
 
 
 def as_judged(store: Store, group: str) -> Group:
@@ -169,6 +172,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
                 peer.certify = lambda: client_certificate(certs)     # made when begin needs it
                 d = driver(store, peer, progress)
                 d.reconcile(group)
+                devices.require(store, group)        # a volume gone or resized stops here, before any cut
                 report = d.sync(group, event=event, full=full, confirm=confirm)
         store.set_report(group, {**report.as_dict(), "commands": book.commands,
                                  "commands_by_tool": dict(book.by_tool)})

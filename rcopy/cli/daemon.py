@@ -52,7 +52,7 @@ def do_daemon(args):
             raise PermissionDenied(f"cannot write the unit into {args.unit_dir}: {e.strerror}: run as root") from None
         print(f"installed {path}; start it with: systemctl daemon-reload && systemctl enable --now rcopy")
         return 0
-    from rcopy.app import space
+    from rcopy.app import devices, space
     from rcopy.app.agent import Agent
     from rcopy.app.service import Service
     from rcopy.app.session import open_store, run_sync, settle_locked
@@ -74,15 +74,37 @@ def do_daemon(args):
     service = Service(store, lambda group: run_sync(Store(store.dir), group, event=Event.SYNC),
                       settle=lambda group: settle_locked(Store(store.dir), group),
                       guard=lambda: space.guard(store), abandoned=Agent(store).rollback_abandoned,
-                      observe=observe)
+                      observe=observe, devices=lambda: devices.check(store))
     if args.once:
+        service.watch_devices()
         service.guard_space()
         service.tick()
         service.wait()
         service.observe()
         return 0
     stop = threading.Event()
+
+    def finish(*_):
+        stop.set()
+        service.wake.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    service.serve(args.tick, stop)
+        signal.signal(sig, finish)
+    watch = _watch_udev(service)
+    try:
+        service.serve(args.tick, stop)
+    finally:
+        if watch is not None:
+            watch.stop()
     return 0
+
+
+def _watch_udev(service):
+    """Wake the daemon's loop on every block device event (its device check then looks at once); without
+    udev's netlink (a container) the loop's own look each tick still finds the same faults."""
+    from rcopy.sys import udev
+    try:
+        return udev.watch_block(lambda action, devnode: service.wake.set())
+    except OSError as e:
+        logging.getLogger("rcopy.daemon").warning("no udev events (%s): devices are looked at every tick", e)
+        return None

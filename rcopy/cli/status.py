@@ -24,7 +24,7 @@ VOLUME = ``{name, local, remote, size, backend (thin, cow, file), state, percent
 bytes_done (acknowledged by the backup), bytes_total (what the sync writes: an estimate until the change
 scan ends), last_sync, bytes_sent, bytes_changed (by the last completed sync), full_reason ("" for a
 delta)}``,
-ALERT = ``{kind (over_period, link_down, target_failed, stale, space), object, group, message, since}``
+ALERT = ``{kind (over_period, link_down, target_failed, stale, space, device), object, group, message, since}``
 (rcopy.app.alerts). ``status alerts [NAME] [--json]`` prints ``{system, alerts [ALERT...]}``, NAME
 filtering by group, target or object.
 TARGET = ``{name, agent, links [{address, state}]}``. ``status links`` prints only targets' links.

@@ -26,6 +26,10 @@ def backend_name(path: str) -> tuple[str, str]:
         raise Refused(f"{path} is not an LVM logical volume: rcopy snapshots thin or thick LVs "
                       f"(or regular files)")
     lv = lvm.by_path(path)
+    if lv.lock_type:
+        raise Refused(f"{path} is in VG {lv.vg}, shared through lvmlockd (lock type {lv.lock_type}): other hosts "
+                      "may write it, and no snapshot here would hold their writes; rcopy replicates LVs of "
+                      "local VGs")
     if lv.is_cow_snapshot or lv.segtype == "thin-pool" or dev.dm_layer:
         raise Refused(f"{path} is an LVM-internal or snapshot LV ({lv.segtype}): give the origin volume")
     return ("thin" if lv.is_thin else "cow"), f"lv:{lv.uuid}"

@@ -26,7 +26,7 @@ FIELDS = ("vg_name", "lv_name", "lv_path", "lv_dm_path", "lv_attr", "lv_size", "
           "pool_lv", "thin_id", "chunk_size", "lv_active", "lv_skip_activation", "lv_snapshot_invalid",
           "lv_merging", "lv_merge_failed", "lv_device_open", "lv_suspended", "snap_percent",
           "vg_extent_size", "origin_size", "lv_uuid", "lv_tags", "vg_free", "data_percent", "metadata_percent",
-          "zero")
+          "zero", "vg_lock_type")
 TIMEOUT = 120.0
 
 
@@ -69,6 +69,7 @@ class LV:
     metadata_percent: float = 0.0   # thin pool: metadata space used
     zero: bool = False              # thin pool: new blocks are zeroed (-Zy); without it a partial write
                                     # to a new block leaves stale data in the rest of the block
+    lock_type: str = ""             # the VG's lvmlockd lock type (sanlock, dlm, idm): "" for a local VG
 
     @property
     def volume_size(self) -> int:
@@ -146,7 +147,7 @@ def parse_lvs_json(text: str) -> list[LV]:
             origin_size=_int(r.get("origin_size")), uuid=r.get("lv_uuid", ""),
             tags=tuple(t for t in str(r.get("lv_tags", "")).split(",") if t), vg_free=_int(r.get("vg_free")),
             data_percent=_float(r.get("data_percent")), metadata_percent=_float(r.get("metadata_percent")),
-            zero=_flag(r.get("zero", ""))))
+            zero=_flag(r.get("zero", "")), lock_type=str(r.get("vg_lock_type", "")).strip()))
     return out
 
 

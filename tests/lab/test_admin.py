@@ -3,8 +3,13 @@
 The primary's VG and LV names carry hyphens (device-mapper doubles them: vg--prod-app--db), its thin pool
 is shared with another thin LV and that LV's snapshot; the backup has LVs of its own. `group admit
 --create` makes the secondaries (thin in VG/POOL, thick in VG), refusing a name that exists and space
-that is short. Syncs and verify pass, and nothing rcopy was not given changes (hashes).
+that is short. Syncs and verify pass, and nothing rcopy was not given changes (hashes). Then the daemon's
+device watch: app-db's device removed under it (dmsetup remove) stops the group with the reason at the
+udev event, and the group starts again once the LV is re-activated.
 """
+import json
+import time
+
 import pytest
 
 from tests.lab.dm_guest import run_guest
@@ -91,3 +96,26 @@ def test_create_secondaries_on_hyphenated_names_in_a_shared_pool(clean_lab):
         assert sha(lab, "backup", f"/dev/vg-dr/{sec}") == sha(lab, "primary", f"/dev/vg-prod/rcopy.g.{prim}.P2"), prim
     assert _hashes(lab, OTHERS) == before
     assert lab.run("primary", "dmsetup info -c --noheadings -o name,suspended").stdout.count("Suspended") == 0
+
+    # The daemon's device watch. Its tick is 10 minutes, so only the udev event can wake it in time.
+    lab.run("primary", "nohup rcopy daemon --tick 600 >/tmp/daemon.log 2>&1 & echo $! >/tmp/daemon.pid")
+    time.sleep(3)                                          # its first loop (and the udev monitor) are up
+    lab.run("primary", "dmsetup remove vg--prod-app--db")
+    for _ in range(120):
+        g = status(lab)
+        if g["state"] == "stopped":
+            break
+        time.sleep(0.5)
+    log = lab.run("primary", "kill $(cat /tmp/daemon.pid); sleep 1; cat /tmp/daemon.log").stdout
+    assert g["state"] == "stopped", (g, log[-800:])
+    assert g["reason"] == ("device /dev/vg-prod/app-db of volume app-db is gone (removed or deactivated): bring it "
+                           "back as admitted, then 'rcopy group start g'"), g["reason"]
+    assert "ALERT device g/app-db" in log and "no udev events" not in log, log[-800:]
+    alerts = json.loads(rc(lab, "status", "alerts", "--json").stdout)["alerts"]
+    assert [(a["kind"], a["object"]) for a in alerts] == [("device", "g/app-db")], alerts
+    why = _refused(lab, 13, "group", "start", "g")         # still gone: refused before anything is cut
+    assert why.endswith("is gone (removed or deactivated): bring it back as admitted, then 'rcopy group start g'")
+    lab.run("primary", "lvchange -qq -ay vg-prod/app-db")
+    rc(lab, "group", "start", "g", "--wait")
+    assert status(lab)["state"] == "started" and json.loads(rc(lab, "status", "alerts", "--json").stdout)["alerts"] == []
+    rc(lab, "verify", "g")

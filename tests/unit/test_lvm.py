@@ -175,3 +175,20 @@ def test_protect_from_what_an_earlier_protect_left_reads_no_report_and_flips_the
     assert asked == ["/dev/vg0/data"]                     # still the one report read before the change
     assert ran[1] == ("lvchange", "-qq", "-p", "r", "--deltag", "rcopy:g:1:aa", "--addtag", "rcopy:g:2:bb",
                       "vg0/data")
+
+
+def test_an_lv_of_a_vg_shared_through_lvmlockd_is_refused_at_admit(monkeypatch, tmp_path):
+    """Issue 14: a shared VG's LV may be active and written on other hosts; a snapshot here would miss it."""
+    from rcopy.snapshot import select
+    from rcopy.sys.udev import BlockDevice
+    (shared,) = lvm.parse_lvs_json(_report(vg_name="vg-san", vg_lock_type="sanlock"))
+    (local,) = lvm.parse_lvs_json(_report(vg_name="vg-san"))
+    assert shared.lock_type == "sanlock" and local.lock_type == ""
+    monkeypatch.setattr(select.udev, "device", lambda p: BlockDevice(p, "dm-3", 253, 3, 1 << 20, 512, "disk",
+                                                                      "vg--san-data", "vg-san", "data"))
+    found = {"lv": shared}
+    monkeypatch.setattr(select.lvm, "by_path", lambda p: found["lv"])
+    with pytest.raises(Refused, match=r"is in VG vg-san, shared through lvmlockd \(lock type sanlock\)"):
+        select.backend_name(str(tmp_path))
+    found["lv"] = local
+    assert select.backend_name(str(tmp_path))[0] == "thin"

@@ -165,12 +165,12 @@ def test_slow_flush_is_not_a_timeout(tmp_path):
     flush_timeout instead, and a flush that outlasts even that still fails as a timeout."""
     srv = nbdkit.start("eval", "get_size=echo 1048576", "pwrite=cat >/dev/null", "can_write=exit 0",
                        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
-                       "can_flush=exit 0", "flush=sleep 2")
-    try:
-        with NbdClient("127.0.0.1", srv.port, timeout=0.5, flush_timeout=60) as c:
+                       "can_flush=exit 0", "flush=sleep 4")
+    try:       # timeouts leave the eval plugin's shell-per-callback handshake room on a loaded machine
+        with NbdClient("127.0.0.1", srv.port, timeout=2, flush_timeout=60) as c:
             c.pwrite(b"f" * 4096, 0)
             c.flush()
-        with NbdClient("127.0.0.1", srv.port, timeout=0.2, flush_timeout=0.2) as c:
+        with NbdClient("127.0.0.1", srv.port, timeout=2, flush_timeout=2) as c:
             with pytest.raises(NbdTimeout):
                 c.flush()
     finally:
