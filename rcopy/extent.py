@@ -28,8 +28,9 @@ def coalesce(extents: Iterable[Extent], *, gap: int = 0, max_length: int | None 
 
     Zero and data extents are never merged with each other. A gap is only bridged between data extents
     (sending a little unchanged data beats another request); the bridged bytes are read from the new
-    snapshot, so they are correct, only redundant. ``max_length`` caps a merged extent (e.g. the NBD
-    server's maximum payload). Input must be sorted and non-overlapping: this is checked, because an
+    snapshot, so they are correct, only redundant. ``max_length`` caps a merged data extent, so a
+    consumer that reads each one streams instead of waiting for the end of a long run; zero extents
+    carry no payload and merge without a cap. Input must be sorted and non-overlapping: this is checked, because an
     out-of-order list means a parser bug upstream and silently merging it would hide lost blocks.
     """
     cur: Extent | None = None
@@ -41,7 +42,7 @@ def coalesce(extents: Iterable[Extent], *, gap: int = 0, max_length: int | None 
         if cur is not None and e.zero == cur.zero:
             allowed = gap if not e.zero else 0
             merged_len = e.end - cur.offset
-            if e.offset - cur.end <= allowed and (max_length is None or merged_len <= max_length):
+            if e.offset - cur.end <= allowed and (max_length is None or e.zero or merged_len <= max_length):
                 cur = Extent(cur.offset, merged_len, cur.zero)
                 continue
         if cur is not None:

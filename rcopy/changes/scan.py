@@ -34,6 +34,7 @@ from rcopy.extent import Extent, coalesce
 
 CHUNK_SIZE = 8 << 20          # bytes per compare call (buffered) or per read (O_DIRECT)
 PIECE_SIZE = 256 << 10        # buffered: read and compared in C piece by piece, still in the CPU cache
+STREAM_RUN = 32 << 20         # longest extent yielded (see _coalesced)
 DEPTH = 2                     # chunks in flight, each on its own thread (2 cores here)
 _DIRECT_ALIGN = 4096   # O_DIRECT offsets/lengths are aligned to this (covers 512 and 4K sector disks)
 READER_THREAD = "rcopy-scan-reader"
@@ -202,8 +203,11 @@ def _spans(ranges: Iterable[Extent], size: int, block_size: int) -> Iterator[tup
 
 
 def _coalesced(extents: Iterator[Extent]) -> Iterator[Extent]:
+    """Merged runs, each at most STREAM_RUN long: an uncapped merge of a volume that is all data would
+    read it whole before yielding its one extent, and the sender would then read it all again from disk
+    (a full sync read 2x the volume); capped, the sender reads each run while it is still cached."""
     try:
-        yield from coalesce(extents)
+        yield from coalesce(extents, max_length=STREAM_RUN)
     finally:
         extents.close()   # stops the worker threads even when our caller stops early
 

@@ -78,7 +78,8 @@ def plan(extents: Iterable[Extent], geo: Geometry, *, max_request: int = 1 << 20
     zcap = _ZERO_CAP // align * align
     size = geo.size
     try:
-        yield from _plan(coalesce(extents, gap=gap), align, cap, zcap, size)
+        # capped like the scanner's runs: the plan streams, it never waits for the end of a long run
+        yield from _plan(coalesce(extents, gap=gap, max_length=_DEAL), align, cap, zcap, size)
     except ValueError as e:         # coalesce's check: unsorted or overlapping input
         raise BadExtentList(str(e)) from None
 
