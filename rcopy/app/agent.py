@@ -38,7 +38,7 @@ import sys
 import time
 
 from rcopy import __version__, backends, faults
-from rcopy.app.session import fill_kinds
+from rcopy.app.local import fill_kinds
 from rcopy.names import snapshot_name, volume_name
 from rcopy.engine.states import Event, transition
 from rcopy.errors import Busy, NotFound, RcopyError, Refused, StateError

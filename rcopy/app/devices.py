@@ -1,7 +1,7 @@
 """The daemon's device watch: a sending group whose volume's device is removed, resized or made read-only
 stops with the reason, before its next sync tries to cut it.
 
-Each daemon loop looks at every sending group's volumes (``udev.presence``: stat and sysfs, no exec), and
+Each daemon loop looks at every sending group's volumes (``nodes.presence``: stat and sysfs, no exec), and
 a pyudev monitor wakes the loop at once when a block device changes (rcopy.app.service). A fault raises a
 ``device`` alert on the volume and stops the group with fault ``device``, which auto_recover never
 retries: the administrator brings the device back as it was admitted and starts the group. The lock is
@@ -18,10 +18,10 @@ from rcopy.app import alerts
 from rcopy.errors import DeviceError
 from rcopy.model import GroupState, VolumePair
 from rcopy.state import Store
-from rcopy.sys import udev
+from rcopy.sys import nodes
 
 
-def fault(v: VolumePair, seen: udev.Presence) -> str:
+def fault(v: VolumePair, seen: nodes.Presence) -> str:
     """Why ``v`` can not be replicated as admitted, or "" when its device is as it was."""
     if not seen.present:
         return f"device {v.local} of volume {v.name} is gone (removed or deactivated)"
@@ -36,7 +36,7 @@ class DeviceChanged(DeviceError):
     """group {group} stopped: {why}: bring it back as admitted, then 'rcopy group start {group}'"""
 
 
-def require(store: Store, group: str, look: Callable[[str], udev.Presence] = udev.presence, *,
+def require(store: Store, group: str, look: Callable[[str], nodes.Presence] = nodes.presence, *,
             record: bool = True) -> None:
     """Before a sync cuts (the caller holds the lock): a volume whose device is gone or resized stops the
     group with its reason (DeviceChanged) instead of failing half-way through the send. A read-only
@@ -54,7 +54,7 @@ def require(store: Store, group: str, look: Callable[[str], udev.Presence] = ude
             alerts.clear(store, "device", f"{group}/{v.name}", "the device is back as admitted")
 
 
-def check(store: Store, look: Callable[[str], udev.Presence] = udev.presence) -> list[tuple[str, str]]:
+def check(store: Store, look: Callable[[str], nodes.Presence] = nodes.presence) -> list[tuple[str, str]]:
     """Raise or clear each sending group's device alerts; stop each group with a faulty device.
     Returns (group, reason) for each group stopped now."""
     stopped = []

@@ -11,6 +11,6 @@ def register(sub):
 
 def do_agent(args):
     from rcopy.app.agent import serve
-    from rcopy.app.session import open_store
+    from rcopy.app.local import open_store
 
     return serve(open_store(), sys.stdin, sys.stdout)

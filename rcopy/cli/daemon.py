@@ -55,7 +55,8 @@ def do_daemon(args):
     from rcopy.app import devices, space
     from rcopy.app.agent import Agent
     from rcopy.app.service import Service
-    from rcopy.app.session import open_store, run_sync, settle_locked
+    from rcopy.app.local import open_store
+    from rcopy.app.session import run_sync, settle_locked
     from rcopy.engine.states import Event
     from rcopy.state import Store
 

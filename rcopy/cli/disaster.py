@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 
 from rcopy.app import dr, progress
-from rcopy.app.session import as_judged, open_store
+from rcopy.app.local import open_store
+from rcopy.app.session import as_judged
 from rcopy.cli.common import print_report
 from rcopy.engine import roles
 from rcopy.errors import Declined

@@ -7,7 +7,8 @@ import os
 
 from rcopy import backends
 from rcopy.app import session
-from rcopy.app.session import connect, open_store
+from rcopy.app.local import open_store
+from rcopy.app.session import connect
 from rcopy.cli.common import start_sync
 from rcopy.engine.cycle import bases
 from rcopy.names import volume_name

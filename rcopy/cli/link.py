@@ -1,7 +1,7 @@
 """``rcopy link add|remove TARGET ADDR``: the replication links of a target (3PAR RCIP links)."""
 from __future__ import annotations
 
-from rcopy.app.session import open_store
+from rcopy.app.local import open_store
 from rcopy.model import check_link
 
 

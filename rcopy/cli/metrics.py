@@ -12,6 +12,6 @@ def register(sub):
 
 def do_metrics(args):
     from rcopy.app import metrics
-    from rcopy.app.session import open_store
+    from rcopy.app.local import open_store
     sys.stdout.write(metrics.render(open_store()))
     return 0

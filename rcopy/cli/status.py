@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 
 from rcopy.app import dr, metrics
-from rcopy.app.session import open_store
+from rcopy.app.local import open_store
 from rcopy.sys import lvm
 from rcopy.cli.common import print_json
 from rcopy.engine.schedule import next_start

@@ -1,7 +1,8 @@
 """``rcopy sync GROUP [--wait] [--full] [--dry-run]``: resync now (3PAR syncrcopy)."""
 from __future__ import annotations
 
-from rcopy.app.session import open_store, plan
+from rcopy.app.local import open_store
+from rcopy.app.session import plan
 from rcopy.cli.common import start_sync
 from rcopy.engine.plan import render
 from rcopy.engine.states import Event

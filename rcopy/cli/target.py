@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from rcopy.app.session import open_store
+from rcopy.app.local import open_store
 from rcopy.cli.common import print_json
 from rcopy.model import Target, check_link, check_name
 

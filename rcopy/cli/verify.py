@@ -3,7 +3,8 @@ the last sync point, and report any difference (exit 15 when one differs)."""
 from __future__ import annotations
 
 from rcopy import backends
-from rcopy.app.session import connect, open_store
+from rcopy.app.local import open_store
+from rcopy.app.session import connect
 from rcopy.cli.common import print_json
 from rcopy.engine.cycle import base_snap
 from rcopy.errors import NotFound, Refused, SyncFailed, WrongRole

@@ -127,32 +127,6 @@ def wait_for(path: str, *, timeout: float = 30.0, poll: float = 0.1) -> BlockDev
         time.sleep(poll)
 
 
-@dataclasses.dataclass(frozen=True)
-class Presence:
-    """What the kernel says of a volume's node right now, from stat and two sysfs files (no udev query,
-    no exec: cheap enough for every daemon loop). A regular file (the host simulator's volumes) counts
-    as present with its length."""
-    present: bool
-    size: int = 0
-    read_only: bool = False
-
-
-def presence(path: str) -> Presence:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return Presence(False)
-    if stat.S_ISREG(st.st_mode):
-        return Presence(True, st.st_size)
-    if not stat.S_ISBLK(st.st_mode):
-        return Presence(False)
-    sysdir = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    if not os.path.isdir(sysdir):            # a node left behind by a device that is gone
-        return Presence(False)
-    return Presence(True, _read_int(os.path.join(sysdir, "size"), 0) * SECTOR,
-                    _read_int(os.path.join(sysdir, "ro"), 0) == 1)
-
-
 def watch_block(on_event) -> "pyudev.MonitorObserver":
     """Call ``on_event(action, devnode)`` from a pyudev monitor thread for every block device event
     (add, remove, change: a resize or a read-only flip). The caller stops it with ``.stop()``. OSError

@@ -11,7 +11,7 @@ from rcopy.app import devices
 from rcopy.app.service import Service
 from rcopy.model import Group, GroupState, Role, Target, VolumePair
 from rcopy.state import Store
-from rcopy.sys.udev import Presence, presence
+from rcopy.sys.nodes import Presence, presence
 
 from tests.unit.test_cli_replication import SIZE as SIZE_FILE, needs_nbdkit_mark, snap, two_systems
 

@@ -53,7 +53,8 @@ udevadm settle --timeout=30   # closing the disks after the discard made udev re
 # root's ssh between the VMs checks host keys as on a real installation (rcopy's agent command insists
 # on it; the image's ssh config turned checking off): the peers' keys as they answer now. Also undoes
 # what tests/lab/test_security.py changes: a wrong known host key, a restricted key for rcopy's agent.
-printf 'Host primary backup\n    User root\n    LogLevel ERROR\n    BatchMode yes\n    ConnectTimeout 10\n' \
+# KexAlgorithms: why, in recipe/ssh_config.
+printf 'Host primary backup\n    User root\n    LogLevel ERROR\n    BatchMode yes\n    ConnectTimeout 10\n    KexAlgorithms curve25519-sha256\n' \
   >/root/.ssh/config
 if grep -q '^restrict,' /root/.ssh/authorized_keys; then
   grep -v '^restrict,' /root/.ssh/authorized_keys >/root/.ssh/authorized_keys.new
