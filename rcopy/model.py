@@ -135,6 +135,7 @@ class Link:
     target: str
     address: str
     state: LinkState = LinkState.UNKNOWN
+    since: float = 0.0             # when it was last found in this state (0: never probed)
 
 
 @dataclasses.dataclass(frozen=True)

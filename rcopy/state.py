@@ -37,6 +37,8 @@ full_reason, backend, device_id, PRIMARY KEY(grp, name))``
 ``alerts(kind, object, grp, message, since, PRIMARY KEY(kind, object))`` (v4)
     the alerts raised and not yet cleared (rcopy.app.alerts); ``groups.alert`` (v1) is no longer
     written: v4 moved its text here.
+``links.since`` (v5)
+    when the link was last found in its present state (Unix seconds; 0: never probed).
 
 Locks: ``locks/<group>.lock`` held with ``flock(LOCK_EX|LOCK_NB)`` for the duration of a sync (on the
 primary by the syncing process, on the backup by the agent serving it); the kernel drops it when the
@@ -61,7 +63,7 @@ from rcopy.model import (Alert, Group, GroupState, Link, LinkState, Role, SyncPo
                          check_name)
 
 DEFAULT_DIR = "/var/lib/rcopy"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -102,7 +104,10 @@ INSERT INTO alerts SELECT CASE WHEN alert LIKE 'thin pool%' THEN 'space' ELSE 'o
     CASE WHEN last_sync_end > 0 THEN last_sync_end ELSE strftime('%s', 'now') END FROM groups WHERE alert <> '';
 UPDATE groups SET alert = ''
 """
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
+_SCHEMA_V5 = """
+ALTER TABLE links ADD COLUMN since REAL NOT NULL DEFAULT 0
+"""
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
 
 
 def state_dir(explicit: str | None = None) -> str:
@@ -268,9 +273,12 @@ class Store:
         with self.tx() as db:
             db.execute("DELETE FROM links WHERE target=? AND address=?", (target, address))
 
-    def set_link_state(self, target: str, address: str, state: LinkState):
+    def set_link_state(self, target: str, address: str, state: LinkState, now: float | None = None):
+        """Record what a probe or a connect found; ``since`` moves only when the state changes."""
+        now = time.time() if now is None else now
         with self.tx() as db:
-            db.execute("UPDATE links SET state=? WHERE target=? AND address=?", (state.value, target, address))
+            db.execute("UPDATE links SET since=CASE WHEN state<>? OR since=0 THEN ? ELSE since END, state=? "
+                       "WHERE target=? AND address=?", (state.value, now, state.value, target, address))
 
     # -- groups and volumes -------------------------------------------------------------------------
     def add_group(self, g: Group):

@@ -27,7 +27,8 @@ delta)}``,
 ALERT = ``{kind (over_period, link_down, target_failed, stale, space, device), object, group, message, since}``
 (rcopy.app.alerts). ``status alerts [NAME] [--json]`` prints ``{system, alerts [ALERT...]}``, NAME
 filtering by group, target or object.
-TARGET = ``{name, agent, links [{address, state}]}``. ``status links`` prints only targets' links.
+TARGET = ``{name, agent, links [{address, state, since}]}`` (since: when the link was last found in
+that state, Unix seconds, null before any probe). ``status links`` prints only targets' links.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def _next(g) -> float | None:
 
 def target_dict(store, t) -> dict:
     return {"name": t.name, "agent": t.agent_template,
-            "links": [{"address": l.address, "state": l.state.value} for l in store.links(t.name)]}
+            "links": [{"address": l.address, "state": l.state.value, "since": l.since or None}
+                      for l in store.links(t.name)]}
 
 
 def _duration(seconds: float) -> str:
@@ -170,6 +172,7 @@ def do_status(args):
             print(f"  {v['name']:<16} {v['local']:<28} {v['remote']:<28} {state:<12} {_when(v['last_sync']):<19} "
                   f"{v['bytes_sent']:>12}  {note}")
     for t in out.get("targets", []):
-        links = ", ".join(f"{l['address']} {l['state']}" for l in t["links"])
+        links = ", ".join(f"{l['address']} {l['state']}" + (f" since {_when(l['since'])}" if l["since"] else "")
+                          for l in t["links"])
         print(f"\nTarget {t['name']}  links: {links}  agent: {t['agent']}")
     return 0

@@ -208,6 +208,29 @@ def test_stale_and_link_alerts_follow_the_recorded_states(tmp_path, monkeypatch)
     assert [(a.kind, a.object) for a in store.alerts()] == [("link_down", "t/l2")]
 
 
+def test_a_link_state_records_since_when_it_holds(tmp_path):
+    """``rcopy status links`` says since when a link is up or down: the time moves on a change only."""
+    from rcopy.model import LinkState, Target
+    store = Store(str(tmp_path / "A"))
+    store.add_target(Target("t", ("l1", "l2")))
+    assert [(l.state, l.since) for l in store.links("t")] == [(LinkState.UNKNOWN, 0.0)] * 2
+    store.set_link_state("t", "l1", LinkState.UP, now=100.0)
+    store.set_link_state("t", "l1", LinkState.UP, now=160.0)          # still up: since stays
+    assert store.links("t")[0].since == 100.0
+    store.set_link_state("t", "l1", LinkState.DOWN, now=200.0)
+    assert (store.links("t")[0].state, store.links("t")[0].since) == (LinkState.DOWN, 200.0)
+    store.close()
+
+
+@needs_nbdkit_mark
+def test_status_shows_since_when_each_link_is_in_its_state(sys2):
+    s = sys2
+    [link] = json.loads(s.rcopy("status", "links", "--json").stdout)["targets"][0]["links"]
+    assert link["state"] == "up" and 0 < time.time() - link["since"] < 3600, link
+    text = s.rcopy("status", "links").stdout
+    assert f"127.0.0.1 up since {time.strftime('%Y-%m-%d', time.localtime(link['since']))}" in text, text
+
+
 def test_a_sync_still_running_past_its_period_raises_over_period(tmp_path, monkeypatch):
     import syslog
     from rcopy.model import Group, GroupState
@@ -229,6 +252,7 @@ def test_state_v3_alert_text_moves_into_the_alerts_table(tmp_path):
     with sqlite3.connect(db) as c:                                   # make it a version 3 database with an alert
         c.execute("DROP TABLE alerts")
         c.execute("ALTER TABLE sync_points DROP COLUMN cut")
+        c.execute("ALTER TABLE links DROP COLUMN since")
         c.execute("INSERT INTO groups (name, target, role, mode, state, alert, last_sync_end) VALUES "
                   "('g', 't', 'primary', 'periodic', 'started', 'thin pool vg/pool is 95% full', 100)")
         c.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
