@@ -66,6 +66,7 @@ def test_power_cut_mid_sync_failover_recover_keeps_the_primarys_writes_then_rest
     point2 = shas(lab, "backup")
     write_random(lab, "primary", 2000, seed=2)               # never replicated: ~8 MiB per volume
     before_cut = shas(lab, "primary")
+    lab.throttle("primary", "16mbit")                         # ~8 s of sending: the power cut lands inside it
     rc(lab, "sync", "g")                                      # in the background
     wait_for(lab, "backup", lambda g: g["syncing_generation"] == 3, "sync point 3 begin")
     start = sectors_written(lab)
@@ -134,6 +135,7 @@ def test_planned_migration_with_a_backup_crash_in_recover_never_goes_full(clean_
         r = rc(lab, *args, host=host, check=False)
         assert r.returncode == code, (args, r.returncode, r.stderr)
     write_random(lab, "backup", 600, seed=6)
+    lab.throttle("backup", "16mbit")                          # the crash below lands inside the reverse send
     lab.run("backup", "nohup rcopy group recover g -f >/tmp/recover.log 2>&1 &")
     wait_for(lab, "primary", lambda g: g["syncing_generation"] == 3, "the reverse sync begin")
     lab.crash("backup")                                       # mid-recover

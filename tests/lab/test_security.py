@@ -23,6 +23,9 @@ def test_only_the_primary_of_the_session_reaches_the_export(clean_lab):
     # a long sync: the thick volume goes full (its P1 overflows), the thin one a whole-volume delta
     run_guest(lab, f"fill_random('/dev/{VG}/thickvol', {MIB}, seed=51)\n"
                    f"fill_random('/dev/{VG}/thinvol', {MIB}, seed=52)", "primary")
+    # ~2 MB/s on the link: the export stays up while every intruder below is tried, however fast the
+    # sync's own start has become (unthrottled, it once ended first)
+    lab.throttle("primary", "16mbit")
     lab.run("primary", "nohup rcopy sync g --wait </dev/null >/tmp/sync.out 2>&1 & echo $! >/tmp/sync.pid")
     port = None
     for _ in range(600):
@@ -63,7 +66,8 @@ def test_only_the_primary_of_the_session_reaches_the_export(clean_lab):
         r = lab.run(host, f"timeout 60 {cmd}", check=False)
         assert r.returncode != 0 and "export-size" not in r.stdout and "thickvol" not in r.stdout, (what, r.stdout)
     still = lab.run("backup", "ss -Hltn").stdout
-    assert f"169.254.77.2:{port}" in still, "the sync ended before every intruder was tried: grow the volumes"
+    assert f"169.254.77.2:{port}" in still, "the sync ended before every intruder was tried: slow the link more"
+    lab.throttle("primary", None)
     lab.run("primary", "while kill -0 $(cat /tmp/sync.pid) 2>/dev/null; do sleep 1; done", timeout=900)
     g = status(lab)
     assert g["state"] == "started" and g["sync_point"]["generation"] == 2, lab.run("primary", "cat /tmp/sync.out").stdout
