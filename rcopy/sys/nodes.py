@@ -10,7 +10,8 @@ import stat
 SECTOR = 512
 
 
-def _read_int(path: str, default: int) -> int:
+def read_int(path: str, default: int) -> int:
+    """An integer sysfs attribute, or ``default`` when it is missing or not a number."""
     try:
         with open(path) as f:
             return int(f.read().strip())
@@ -39,5 +40,5 @@ def presence(path: str) -> Presence:
     sysdir = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     if not os.path.isdir(sysdir):            # a node left behind by a device that is gone
         return Presence(False)
-    return Presence(True, _read_int(os.path.join(sysdir, "size"), 0) * SECTOR,
-                    _read_int(os.path.join(sysdir, "ro"), 0) == 1)
+    return Presence(True, read_int(os.path.join(sysdir, "size"), 0) * SECTOR,
+                    read_int(os.path.join(sysdir, "ro"), 0) == 1)

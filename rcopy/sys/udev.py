@@ -14,8 +14,8 @@ import time
 import pyudev
 
 from rcopy.errors import DeviceError, NotFound
+from rcopy.sys.nodes import SECTOR, read_int
 
-SECTOR = 512
 
 
 class DeviceNotFound(NotFound):
@@ -57,24 +57,16 @@ def _context() -> pyudev.Context:
 def _to_block_device(dev: pyudev.Device) -> BlockDevice:
     props = dev.properties
     sysdir = dev.sys_path
-    lbs = _read_int(os.path.join(sysdir, "queue", "logical_block_size"), SECTOR)
+    lbs = read_int(os.path.join(sysdir, "queue", "logical_block_size"), SECTOR)
     holders_dir = os.path.join(sysdir, "holders")
     holders = tuple(sorted(os.listdir(holders_dir))) if os.path.isdir(holders_dir) else ()
     return BlockDevice(
         devnode=dev.device_node or "", sys_name=dev.sys_name,
         major=os.major(dev.device_number), minor=os.minor(dev.device_number),
-        size=_read_int(os.path.join(sysdir, "size"), 0) * SECTOR, logical_block_size=lbs,
+        size=read_int(os.path.join(sysdir, "size"), 0) * SECTOR, logical_block_size=lbs,
         devtype=props.get("DEVTYPE", ""), dm_name=props.get("DM_NAME", "") or _read_str(sysdir, "dm/name"),
         dm_vg=props.get("DM_VG_NAME", ""), dm_lv=props.get("DM_LV_NAME", ""),
         dm_layer=props.get("DM_LV_LAYER", ""), holders=holders)
-
-
-def _read_int(path: str, default: int) -> int:
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return default
 
 
 def _read_str(sysdir: str, rel: str) -> str:
