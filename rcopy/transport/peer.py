@@ -93,6 +93,7 @@ class Peer:
         self._client_cert: tuple[str, str, str] | None = None
         self.certify = None
         self._pending: Pending | None = None
+        self._open_sync = False       # a begin the agent has not answered commit or abort for
         failures, refused = [], []
         for link in target.links:
             try:
@@ -128,8 +129,10 @@ class Peer:
         self.close()
 
     def close(self):
+        """Close the channel; wait for the agent to exit only when its EOF has a sync to roll back."""
         if self.channel is not None:
-            self.channel.close()
+            unanswered = self._pending is not None and not self._pending.done
+            self.channel.close(wait=self._open_sync or unanswered)
             self.channel = None
 
     def call(self, op: str, *, timeout: float = CALL_TIMEOUT, **args):
@@ -183,6 +186,7 @@ class Peer:
         session's ``certify``: certificate file, key file, PEM) goes to the backup, which admits only
         its holder to the export; the files are what the NBD client presents."""
         cert = self.client_cert
+        self._open_sync = True
         pending = self.request("begin", group=group, generation=generation, sync_id=sync_id,
                                base_generation=base_generation, base_id=base_id, remotes=remotes, bind=bind,
                                client_cert=cert[2] if cert else "")
@@ -196,12 +200,16 @@ class Peer:
         return answer
 
     def commit(self, group, generation, sync_id) -> dict:
-        return self.call("commit", group=group, generation=generation, sync_id=sync_id)
+        res = self.call("commit", group=group, generation=generation, sync_id=sync_id)
+        self._open_sync = False
+        return res
 
     def abort(self, group, generation, sync_id, reason) -> dict:
         # short: on a dead link the agent rolls back by itself (EOF, or its idle timeout)
-        return self.call("abort", group=group, generation=generation, sync_id=sync_id, reason=reason,
-                         timeout=ABORT_TIMEOUT)
+        res = self.call("abort", group=group, generation=generation, sync_id=sync_id, reason=reason,
+                        timeout=ABORT_TIMEOUT)
+        self._open_sync = False
+        return res
 
     def ping(self) -> dict:
         return self.call("ping", timeout=PING_TIMEOUT)

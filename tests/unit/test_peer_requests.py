@@ -54,3 +54,25 @@ def test_an_answer_the_closed_channel_never_gave_is_a_link_error(peer):
     peer.close()
     with pytest.raises(Exception, match="unreachable"):
         answer()
+
+
+@pytest.mark.parametrize("ends_with, waits", [("commit", False), ("abort", False), (None, True)])
+def test_close_waits_for_the_agent_only_when_its_eof_has_a_sync_to_roll_back(tmp_path, ends_with, waits):
+    """The agent's exit (ssh, interpreter) costs ~0.5-0.9 s in the lab: a session whose sync was
+    committed or aborted does not wait for it; one that leaves a begin open does (the rollback on EOF)."""
+    import time
+    done = tmp_path / "exited"
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT + f"time.sleep(2.0)\nopen({str(done)!r}, 'w').close()\n")
+    with Peer(Target("b", ("127.0.0.1",), f"{sys.executable} {script}")) as p:
+        p.begin_start("g", 2, "id", 1, "base", [], "127.0.0.1")()
+        if ends_with == "commit":
+            p.commit("g", 2, "id")
+        elif ends_with == "abort":
+            p.abort("g", 2, "id", "failed")
+    assert done.exists() == waits
+    for _ in range(200):                 # without waiting, the agent still finishes on its own
+        if done.exists():
+            break
+        time.sleep(0.05)
+    assert done.exists()
