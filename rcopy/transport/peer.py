@@ -105,10 +105,10 @@ class Peer:
                 failures.append(f"{link}: {e}")
                 if isinstance(e, ChannelClosed) and e.host_key:
                     refused.append(HOST_KEY_ERRORS[e.host_key](target=target.name, link=link))
-                self.close()
+                self.close(wait=True)
             except E.ToolError as e:
                 failures.append(f"{link}: {e}")
-                self.close()
+                self.close(wait=True)
         else:
             if refused:         # the administrator's to fix: not a dead link that auto_recover retries
                 raise refused[0]
@@ -128,11 +128,13 @@ class Peer:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self):
-        """Close the channel; wait for the agent to exit only when its EOF has a sync to roll back."""
+    def close(self, *, wait: bool | None = None):
+        """Close the channel. By default wait for the agent to exit (or kill it after a while) only when
+        its EOF has a sync to roll back; a connect that failed always reaps what it started."""
         if self.channel is not None:
-            unanswered = self._pending is not None and not self._pending.done
-            self.channel.close(wait=self._open_sync or unanswered)
+            if wait is None:
+                wait = self._open_sync or (self._pending is not None and not self._pending.done)
+            self.channel.close(wait=wait)
             self.channel = None
 
     def call(self, op: str, *, timeout: float = CALL_TIMEOUT, **args):
