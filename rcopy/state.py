@@ -519,8 +519,21 @@ class Store:
 
     def held(self, group: str) -> bool:
         """Does some process hold the group's lock right now (a sync or an operation really runs)? A
-        sync recorded in flight with no holder is a crash left behind. Takes the lock for an instant
-        when it is free: never call it in a loop beside a starting sync."""
+        sync recorded in flight with no holder is a crash left behind. Read from /proc/locks, so looking
+        never takes the lock (a ``watch rcopy status`` must not make a starting sync Busy); only where
+        that file cannot answer is the lock taken for an instant."""
+        check_name("group", group)
+        try:
+            st = os.stat(os.path.join(self.dir, "locks", f"{group}.lock"))
+        except FileNotFoundError:
+            return False
+        try:
+            with open(PROC_LOCKS) as f:
+                seen = flock_listed(f.read(), st.st_ino, os.major(st.st_dev), os.minor(st.st_dev))
+        except OSError:
+            seen = None
+        if seen is not None:
+            return seen
         fd = self.try_lock(group)
         if fd is None:
             return True
@@ -534,3 +547,27 @@ class Store:
                 return int(f.read().strip() or 0) or None
         except (OSError, ValueError):
             return None
+
+
+PROC_LOCKS = "/proc/locks"
+
+
+def flock_listed(text: str, inode: int, major: int, minor: int) -> bool | None:
+    """Is a flock on this inode held, per /proc/locks (``1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF``,
+    hexadecimal device numbers; ``->`` lines are waiters)? None when only the inode matches: the
+    kernel lists the superblock's device, which btrfs subvolumes report differently from stat."""
+    loose = False
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        try:
+            maj, mnr, ino = fields[5].split(":")
+            if int(ino) != inode:
+                continue
+            if (int(maj, 16), int(mnr, 16)) == (major, minor):
+                return True
+        except ValueError:
+            continue
+        loose = True
+    return None if loose else False

@@ -2,7 +2,8 @@
 
 Each tick it reads the groups from the store, records which links answer the kernel's routing
 (rcopy.sys.netlink), and starts, in a thread per group, the syncs that are due (rcopy.engine.schedule)
-or that auto_recover may retry now that a link is back. A sync takes the group lock like the CLI does,
+or that auto_recover may retry now that a link is back (at once when the kernel reports an interface
+up, rcopy.sys.netlink.CarrierWatch). A sync takes the group lock like the CLI does,
 so a manual ``rcopy sync`` and the daemon never run one group twice. On a backup it rolls back a sync
 whose agent was killed (its lock is free), and on every system it keeps thin pools from filling with
 rcopy's own snapshots (rcopy.app.space). Each loop it also refreshes the alerts that follow recorded
@@ -42,6 +43,7 @@ class Service:
         self.wake = threading.Event()         # set by the udev watch (or a signal): loop again now
         self.running: dict[str, threading.Thread] = {}
         self.recover_attempt: dict[str, float] = {}
+        self.came_up = ""                     # an interface the carrier watch saw come up, not yet acted on
 
     def links_up(self, target: str) -> bool:
         up = False
@@ -54,10 +56,18 @@ class Service:
                 up = up or ok
         return up
 
+    def carrier_up(self, ifname: str) -> None:
+        """An interface came up (rcopy.sys.netlink.CarrierWatch): auto_recover retries now, not at the
+        end of its RECOVER_RETRY wait."""
+        self.came_up = ifname
+        self.recover_attempt.clear()
+        self.wake.set()
+
     def tick(self) -> list[tuple[str, str]]:
         """Start what is due; return (group, why) for each sync started."""
         now = self.clock()
         started = []
+        came_up, self.came_up = self.came_up, ""
         for name in [n for n, t in self.running.items() if not t.is_alive()]:
             del self.running[name]
         for g in self.store.groups():
@@ -71,9 +81,13 @@ class Service:
             elif scheduler.needs_settle(g, live) and now - self.recover_attempt.get(g.name, 0.0) >= scheduler.RECOVER_RETRY:
                 self.recover_attempt[g.name] = now
                 why = "reconcile"
-            elif scheduler.should_recover(g, now, self.recover_attempt.get(g.name, 0.0)) and self.links_up(g.target):
+            elif scheduler.should_recover(g, now, self.recover_attempt.get(g.name, 0.0)):
+                # the next look is RECOVER_RETRY away, or as soon as an interface comes up
                 self.recover_attempt[g.name] = now
-                why = "auto_recover"
+                if not self.links_up(g.target):
+                    log.info("group %s: auto_recover waits for a link to %s", g.name, g.target)
+                    continue
+                why = f"auto_recover: {came_up} came up" if came_up else "auto_recover"
             else:
                 continue
             t = threading.Thread(target=self._run, args=(g.name, why), name=f"sync-{g.name}", daemon=True)

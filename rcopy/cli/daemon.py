@@ -91,12 +91,12 @@ def do_daemon(args):
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, finish)
-    watch = _watch_udev(service)
+    watches = [w for w in (_watch_udev(service), _watch_carrier(service)) if w is not None]
     try:
         service.serve(args.tick, stop)
     finally:
-        if watch is not None:
-            watch.stop()
+        for w in watches:
+            w.stop()
     return 0
 
 
@@ -108,4 +108,17 @@ def _watch_udev(service):
         return udev.watch_block(lambda action, devnode: service.wake.set())
     except OSError as e:
         logging.getLogger("rcopy.daemon").warning("no udev events (%s): devices are looked at every tick", e)
+        return None
+
+
+def _watch_carrier(service):
+    """Wake auto_recover the moment an interface comes up; without netlink events (pyroute2 missing, a
+    restricted container) it retries every RECOVER_RETRY seconds as before."""
+    from rcopy.engine.schedule import RECOVER_RETRY
+    from rcopy.sys import netlink
+    try:
+        return netlink.CarrierWatch(service.carrier_up)
+    except Exception as e:                    # ImportError, OSError from the netlink socket
+        logging.getLogger("rcopy.daemon").warning("no link events (%s): auto_recover retries every %.0f s",
+                                                  e, RECOVER_RETRY)
         return None

@@ -9,7 +9,9 @@ sync_point {generation, id, cut (Unix seconds of its cut; 0: never synced)} (gen
 synced), lag_seconds (seconds since the cut of the last committed sync point: the recovery point now;
 null before the first; on a backup measured from its own begin of that point, slightly earlier),
 last_sync_seconds (duration of the last completed sync, null: none), last_sync_bytes_sent (payload),
-last_sync_bytes_changed (data and zero runs found changed; null: no sync yet), syncing (bool), syncing_generation,
+last_sync_bytes_changed (data and zero runs found changed; null: no sync yet), syncing (bool), busy (bool: a
+process holds the group right now: a sync starting, running or finishing, a reconcile, an agent serving
+it; what to wait for before reading the volumes), syncing_generation,
 last_sync_start, last_sync_end (Unix seconds, 0: never), next_sync (Unix seconds of the next
 periodic sync, null: on demand only), last_sync REPORT ({} before the first), failover_point (the sync
 point this system took over at, 0: none), kept {volume path: [snapshot names]} (F: failover bases, K:
@@ -50,13 +52,9 @@ def register(sub):
     p.set_defaults(func=do_status)
 
 
-def _live(store, g) -> bool:
-    """Is someone really syncing this group? (A crashed sync leaves pending state but no lock holder.)"""
-    return bool(g.pending_generation) and store.held(g.name)
-
-
 def group_dict(store, g, now: float | None = None) -> dict:
-    live = _live(store, g)
+    busy = store.held(g.name)
+    live = bool(g.pending_generation) and busy   # a crashed sync leaves its record but no lock holder
     vols = []
     for v in store.volumes(g.name):
         state = v.state.value
@@ -79,6 +77,7 @@ def group_dict(store, g, now: float | None = None) -> dict:
             "policies": sorted(g.policies), "state": g.state.value, "reason": reason, "fault": g.fault,
             "alert": "; ".join(a["message"] for a in group_alerts), "alerts": group_alerts,
             "sync_point": {"generation": g.generation, "id": g.sync_id, "cut": f["cut"]}, "syncing": live,
+            "busy": busy,
             "lag_seconds": f["lag_seconds"], "last_sync_seconds": f["last_sync_seconds"],
             "last_sync_bytes_sent": f["last_sync_bytes_sent"], "last_sync_bytes_changed": f["last_sync_bytes_changed"],
             "syncing_generation": g.pending_generation, "last_sync_start": g.last_sync_start,

@@ -7,9 +7,13 @@ has ``no_over_per_alert``, as on 3PAR). Hence
 """
 from __future__ import annotations
 
+import os
+
 from rcopy.model import RECOVERABLE, Group, GroupState, format_period
 
-RECOVER_RETRY = 30.0      # seconds between auto_recover attempts while the target stays unreachable
+# seconds between auto_recover's looks at a target that stays unreachable; a link the kernel reports up
+# ends the wait at once (the daemon's carrier watch)
+RECOVER_RETRY = float(os.environ.get("RCOPY_RECOVER_RETRY", "30"))
 
 
 def next_start(period: int | None, prev_start: float, prev_end: float) -> float | None:

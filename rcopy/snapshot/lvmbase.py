@@ -14,7 +14,9 @@ from typing import Sequence
 from rcopy.ports import Snapshot
 from rcopy.errors import Busy, Refused
 from rcopy.snapshot.cut import CutPart, take
-from rcopy.sys import lvm, udev
+from rcopy.sys import dmsetup, lvm, udev
+
+CLOSE_WAIT = 15.0      # seconds a rollback waits for the last opener of its origin to let go
 
 log = logging.getLogger("rcopy.snapshot")
 
@@ -144,7 +146,9 @@ class LvmSnapshotter:
             log.info("rollback of %s: snapshot already gone (merged before)", snap.name)
             return
         if not lv.merging:
-            if o.open:
+            # An export of a killed agent lets go a moment after it (nbdkit --exit-with-parent): wait
+            # for that rather than mark a secondary failed that a few seconds would have rolled back.
+            if o.open and not dmsetup.wait_closed(o.dm_name, CLOSE_WAIT):
                 raise Busy(f"cannot roll back {o.path} to {snap.name}: the volume is open; close it "
                            f"(unmount, stop its export) and retry")
             lvm.merge(o.vg, snap.name)

@@ -5,7 +5,7 @@ These are the calls of every sync's cut (suspend and resume each origin, two thi
 of thin change detection (reserve/release the metadata snapshot): run through ``dmsetup`` they cost a
 process each, 0.3-1 s in the TCG lab and 5-20 ms on hardware (issue 15 counted 8 per sync on the
 primary, 6 on the backup). The ioctl is the one dmsetup itself uses (linux/dm-ioctl.h, interface
-version 4); only the three commands rcopy needs are spoken. Errors come back typed as the dmsetup
+version 4); only the commands rcopy needs are spoken. Errors come back typed as the dmsetup
 wrapper's (:mod:`rcopy.sys.dmsetup`), which delegates here.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ CONTROL = "/dev/mapper/control"
 # padding, dev, name[128], uuid[129], data[7]: 312 bytes, no implicit padding.
 HEADER = struct.Struct("=3IIIIiIIIQ128s129s7s")
 VERSION = (4, 0, 0)                 # the kernel accepts any 4.x caller asking for 4.0.0
-DEV_SUSPEND, TARGET_MSG = 6, 14     # DM_DEV_SUSPEND_CMD, DM_TARGET_MSG_CMD
+DEV_SUSPEND, DEV_STATUS, TARGET_MSG = 6, 7, 14     # DM_DEV_SUSPEND_CMD, DM_DEV_STATUS_CMD, DM_TARGET_MSG_CMD
 SUSPEND_FLAG, NOFLUSH_FLAG = 1 << 1, 1 << 11
 BUFFER_FULL_FLAG, DATA_OUT_FLAG = 1 << 8, 1 << 16
 MSG_HEADER = struct.Struct("=Q")    # struct dm_target_msg: sector, then the message text
@@ -80,6 +80,11 @@ def suspend(name: str, *, flush: bool = True) -> None:
 
 def resume(name: str) -> None:
     _call(DEV_SUSPEND, pack(name))
+
+
+def open_count(name: str) -> int:
+    """How many openers the device has now (DM_DEV_STATUS; what ``dmsetup info`` shows as Open)."""
+    return HEADER.unpack_from(_call(DEV_STATUS, pack(name)))[6]
 
 
 def message(name: str, msg: str, sector: int = 0) -> str:

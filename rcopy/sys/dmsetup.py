@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import os
 import stat
+import time
 
 from rcopy.errors import NotFound, ToolError
 from rcopy.sys.run import Result, describe, run
@@ -186,6 +187,22 @@ def resume(name: str) -> None:
     """Resume NAME (releasing queued I/O); resuming a running device is a no-op."""
     from rcopy.sys import dm_ioctl
     _ioctl(name, "resume", dm_ioctl.resume)
+
+
+def open_count(name: str) -> int:
+    """How many openers NAME has right now (no process started)."""
+    from rcopy.sys import dm_ioctl
+    return _ioctl(name, "status", dm_ioctl.open_count)
+
+
+def wait_closed(name: str, seconds: float, poll: float = 0.2) -> bool:
+    """Wait up to ``seconds`` for NAME to have no opener; True once it has none."""
+    deadline = time.monotonic() + seconds
+    while open_count(name):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
 
 
 def message(name: str, msg: str, sector: int = 0) -> str:

@@ -49,7 +49,10 @@ while True:
             time.sleep(0.2)
     time.sleep(0.01)
 """
-DAEMON = "pgrep -f '[r]copy daemon' >/dev/null || (nohup rcopy daemon >>/var/log/rcopy-daemon.log 2>&1 &)"
+# "$d", not the word: this shell's own command line must not match the pattern it looks for (it did,
+# and the campaign ran without daemons: a killed agent's sync stayed in flight on the backup)
+DAEMON_UP = "pgrep -f '^[^ ]*python[^ ]* [^ ]*rcopy daemon' >/dev/null"
+DAEMON = f"d=daemon; {DAEMON_UP} || (nohup rcopy $d >>/var/log/rcopy-daemon.log 2>&1 &)"
 # sectors 8-24 MiB of the thick volume's data (the writer's block 0 stays readable)
 ERROR_ON = f"""set -e
 dev={VG}-thickvol-real; dmsetup info $dev >/dev/null 2>&1 || dev={VG}-thickvol
@@ -108,6 +111,8 @@ class Campaign:
         self.sh("primary", "rcopy group start g --wait", timeout=900)
         for h in ("primary", "backup"):
             self.sh(h, DAEMON)
+            self.sh(h, f"for i in $(seq 50); do {DAEMON_UP} && exit 0; sleep 0.2; done; "
+                       "echo rcopy daemon did not start >&2; exit 1")
         self.ready = True
 
     # -- one run -----------------------------------------------------------------------------------
@@ -174,16 +179,19 @@ class Campaign:
             self.sh("backup", f"lvremove -qq -y {VG}/filler")
 
     def settle(self, timeout: float = 300.0):
-        """No sync in flight on either side (the agent gives up 20 s after its primary went silent; the
-        primary's daemon reconciles a crashed sync within 30 s)."""
+        """No sync in flight on either side and nobody holding the group (the agent gives up 20 s after
+        its primary went silent; the backup's daemon rolls back a killed agent's sync; the primary's
+        reconciles a crashed one within 30 s). ``busy`` matters: a sync still connecting has recorded
+        nothing yet, and one that goes on after the look would race the hashes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             a, b = self.status("primary"), self.status("backup")
-            if not a["syncing_generation"] and not b["syncing_generation"]:
+            if not (a["syncing_generation"] or b["syncing_generation"] or a["busy"] or b["busy"]):
                 return a, b
             time.sleep(2)
-        raise Lost(f"a sync stayed in flight for {timeout:.0f} s: primary {a['syncing_generation']}, "
-                   f"backup {b['syncing_generation']} ({a['reason']} / {b['reason']})")
+        raise Lost(f"a sync stayed in flight for {timeout:.0f} s: primary {a['syncing_generation']} "
+                   f"(busy {a['busy']}), backup {b['syncing_generation']} (busy {b['busy']}) "
+                   f"({a['reason']} / {b['reason']})")
 
     def check_one_point(self) -> int:
         b = self.status("backup")

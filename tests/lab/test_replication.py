@@ -218,8 +218,22 @@ def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
     lab.run("backup", "for i in $(seq 300); do rcopy status --json | grep -q '\"syncing_generation\": 0' && exit 0; "
                       "sleep 1; done; exit 1", timeout=400)
     assert {v: sha(lab, "backup", dev(v)) for v in VOLS} == before      # the whole group at sync point 1
+    # auto_recover: the daemon, started while the link is down, resumes the group by itself when the
+    # kernel reports the link up (its carrier watch), by delta
+    # (its next look on its own would be 10 minutes away: only the link event can start the sync below)
+    lab.run("primary", "RCOPY_RECOVER_RETRY=600 nohup rcopy daemon >/tmp/daemon.log 2>&1 </dev/null & "
+                       "echo $! >/tmp/daemon.pid")
+    lab.run("primary", "for i in $(seq 300); do grep -q 'auto_recover waits' /tmp/daemon.log && exit 0; sleep 0.5; "
+                       "done; exit 1", timeout=200)
     lab.link(True)
-    rc(lab, "sync", "g", "--wait")
+    lab.run("primary", "for i in $(seq 300); do rcopy status --json | python3 -c 'import json, sys; "
+                       "g = json.load(sys.stdin)[\"groups\"][0]; sys.exit(g[\"state\"] != \"started\" or "
+                       "g[\"sync_point\"][\"generation\"] != 2 or g[\"busy\"])' && exit 0; sleep 1; done; exit 1",
+            timeout=600)
+    lab.run("primary", "kill $(cat /tmp/daemon.pid)")
+    daemon_log = lab.run("primary", "cat /tmp/daemon.log").stdout
+    assert f"sync (auto_recover: {lab.run('primary', 'cat /run/lab-link').stdout.strip()} came up)" in daemon_log, \
+        daemon_log
     g = status(lab)
     assert g["state"] == "started" and [v["full_reason"] for v in g["volumes"]] == ["", ""]
     rc(lab, "verify", "g")

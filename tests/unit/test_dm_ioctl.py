@@ -11,6 +11,23 @@ def test_requests_and_header_match_linux_dm_ioctl_h():
     assert dm_ioctl.HEADER.size == 312
     assert dm_ioctl.request(dm_ioctl.DEV_SUSPEND) == 0xC138FD06          # DM_DEV_SUSPEND
     assert dm_ioctl.request(dm_ioctl.TARGET_MSG) == 0xC138FD0E           # DM_TARGET_MSG
+    assert dm_ioctl.request(dm_ioctl.DEV_STATUS) == 0xC138FD07           # DM_DEV_STATUS
+
+
+def test_open_count_is_read_from_the_reply_and_waited_out(monkeypatch):
+    counts = [2, 1, 0]
+
+    def call(cmd, buf):
+        assert cmd == dm_ioctl.DEV_STATUS and dm_ioctl.HEADER.unpack_from(buf)[11].rstrip(b"\0") == b"vg-lv"
+        f = list(dm_ioctl.HEADER.unpack_from(buf))
+        f[6] = counts.pop(0) if counts else 0
+        dm_ioctl.HEADER.pack_into(buf, 0, *f)
+        return buf
+    monkeypatch.setattr(dm_ioctl, "_call", call)
+    assert dmsetup.open_count("vg-lv") == 2
+    assert dmsetup.wait_closed("vg-lv", 5, poll=0) is True and counts == []
+    counts[:] = [1] * 1000
+    assert dmsetup.wait_closed("vg-lv", 0, poll=0) is False
 
 
 def test_a_message_is_laid_out_after_the_header_with_its_sector():

@@ -1,6 +1,9 @@
 """The periodic schedule: next = max(previous start + period, previous end), the over-period alert,
 auto_recover, and the daemon's tick with a fake sync."""
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -100,8 +103,67 @@ def test_service_tick_starts_due_syncs_and_recovers_when_links_return(tmp_path):
     assert ("down", "auto_recover") in svc.tick()
     svc.wait()
     assert sorted(calls) == ["down", "due", "due"] and settled == ["crashed"]
+    # within RECOVER_RETRY of that attempt nothing is retried, unless the carrier watch saw a link come up
+    assert not [w for g, w in svc.tick() if g == "down"]
+    svc.wait()
+    svc.carrier_up("eth1")
+    assert svc.wake.is_set()
+    assert ("down", "auto_recover: eth1 came up") in svc.tick()
+    svc.wait()
+    assert not [w for g, w in svc.tick() if g == "down"]        # one attempt per event
+    svc.wait()
     assert [l.state.value for l in store.links("t")] == ["up"]
     store.close()
+
+
+def test_rtnetlink_link_messages_are_parsed_and_an_up_transition_fires_once():
+    import struct
+    from rcopy.sys import netlink
+
+    def attr(kind, value):
+        raw = struct.pack("=HH", 4 + len(value), kind) + value
+        return raw + b"\0" * (-len(raw) % 4)
+
+    def newlink(name, oper, kind=netlink.RTM_NEWLINK):
+        body = struct.pack("=BxHiII", 0, 1, 2, 0, 0) + attr(netlink.IFLA_IFNAME, name.encode() + b"\0") \
+            + attr(netlink.IFLA_OPERSTATE, bytes([oper]))
+        return struct.pack("=IHHII", 16 + len(body), kind, 0, 0, 0) + body
+
+    data = newlink("eth1", netlink.IF_OPER_UP) + newlink("eth2", 2) + newlink("eth9", 6, kind=24)
+    assert netlink.link_states(data) == [("eth1", True), ("eth2", False)]
+    assert netlink.link_states(data[:30]) == []                   # a torn message is dropped, not misread
+
+    class _Sock:
+        def settimeout(self, t): pass
+        def recv(self, n): raise OSError(9, "closed")
+        def close(self): pass
+    seen = []
+    w = netlink.CarrierWatch(seen.append, sock=_Sock())
+    for name, up in [("eth1", False), ("eth1", True), ("eth1", True), ("eth1", False), ("eth1", True)]:
+        w.seen(name, up)
+    w.stop()
+    assert seen == ["eth1", "eth1"] and not w.thread.is_alive()
+
+
+def test_the_carrier_watch_hears_a_real_interface_come_up(tmp_path):
+    """A veth pair in a network namespace of its own (unshare): the kernel's events, not a fake."""
+    script = tmp_path / "watch.py"
+    script.write_text(
+        "import subprocess, time\n"
+        "from rcopy.sys.netlink import CarrierWatch\n"
+        "seen = []\n"
+        "w = CarrierWatch(seen.append)\n"
+        "subprocess.run('ip link add rcv0 type veth peer name rcv1 && ip link set rcv0 up && ip link set rcv1 up',"
+        " shell=True, check=True)\n"
+        "for _ in range(400):\n"
+        "    if {'rcv0', 'rcv1'} <= set(seen): break\n"
+        "    time.sleep(0.05)\n"
+        "w.stop()\n"
+        "print(sorted(set(seen)))\n")
+    r = subprocess.run(["unshare", "--net", sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == "['rcv0', 'rcv1']"
 
 
 def test_the_space_guard_names_what_is_over_and_nothing_under():

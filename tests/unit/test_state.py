@@ -131,3 +131,32 @@ def test_group_lock_is_exclusive_across_processes_and_dies_with_its_holder(store
         p.wait()
     with store.lock("g"):                     # the kernel dropped the dead holder's lock
         pass
+
+
+def test_held_looks_at_proc_locks_without_taking_the_lock(store, monkeypatch):
+    assert store.held("g") is False                        # no lock file yet
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, store.dir], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "True"
+        assert store.held("g") is True
+        holder = store.lock_holder("g")
+        assert holder == p.pid
+    finally:
+        p.kill()
+        p.wait()
+    taken = []
+    monkeypatch.setattr(store, "try_lock", lambda g: taken.append(g))
+    assert store.held("g") is False                        # free, and found so without a try_lock
+    assert taken == []
+    assert store.lock_holder("g") == holder                # nobody overwrote the holder's pid
+
+
+def test_flock_listed_reads_the_kernels_lines():
+    from rcopy.state import flock_listed
+    text = ("1: OFDLCK ADVISORY  READ -1 fe:00:77 201 201\n"
+            "2: FLOCK  ADVISORY  WRITE 4242 fe:01:77 0 EOF\n"
+            "3: -> FLOCK  ADVISORY  WRITE 4343 fe:02:88 0 EOF\n")
+    assert flock_listed(text, 77, 0xfe, 1) is True
+    assert flock_listed(text, 88, 0xfe, 2) is False         # a waiter holds nothing
+    assert flock_listed(text, 77, 0xfe, 9) is None          # the inode only: the caller asks the lock itself
+    assert flock_listed(text, 99, 0xfe, 1) is False
