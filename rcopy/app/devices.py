@@ -45,13 +45,12 @@ def require(store: Store, group: str, look: Callable[[str], nodes.Presence] = no
     for v in store.volumes(group):
         seen = look(v.local)
         why = fault(v, dataclasses.replace(seen, read_only=False))
+        if record and (why or not seen.read_only):
+            _alert(store, group, v, why)
         if why:
             if record:
-                alerts.raise_(store, "device", f"{group}/{v.name}", why, group)
                 _record(store, group, why)
             raise DeviceChanged(group=group, why=why)
-        if record and not seen.read_only:
-            alerts.clear(store, "device", f"{group}/{v.name}", "the device is back as admitted")
 
 
 def check(store: Store, look: Callable[[str], nodes.Presence] = nodes.presence) -> list[tuple[str, str]]:
@@ -64,16 +63,22 @@ def check(store: Store, look: Callable[[str], nodes.Presence] = nodes.presence) 
         faults = []
         for v in store.volumes(g.name):
             why = fault(v, look(v.local))
+            _alert(store, g.name, v, why)
             if why:
-                alerts.raise_(store, "device", f"{g.name}/{v.name}", why, g.name)
                 faults.append(why)
-            else:
-                alerts.clear(store, "device", f"{g.name}/{v.name}", "the device is back as admitted")
         if faults and not (g.state is GroupState.STOPPED and g.fault == "device"):
             reason = _stop(store, g.name, faults[0])
             if reason:
                 stopped.append((g.name, reason))
     return stopped
+
+
+def _alert(store: Store, group: str, v: VolumePair, why: str) -> None:
+    """The volume's ``device`` alert raised with ``why``, or cleared when ``why`` is empty."""
+    if why:
+        alerts.raise_(store, "device", f"{group}/{v.name}", why, group)
+    else:
+        alerts.clear(store, "device", f"{group}/{v.name}", "the device is back as admitted")
 
 
 def _stop(store: Store, group: str, why: str) -> str:
