@@ -112,13 +112,13 @@ def _watch_udev(service):
 
 
 def _watch_carrier(service):
-    """Wake auto_recover the moment an interface comes up; without netlink events (pyroute2 missing, a
-    restricted container) it retries every RECOVER_RETRY seconds as before."""
+    """Wake auto_recover the moment an interface comes up; without a netlink socket (a restricted
+    container) it looks every RECOVER_RETRY seconds only."""
     from rcopy.engine.schedule import RECOVER_RETRY
     from rcopy.sys import netlink
     try:
         return netlink.CarrierWatch(service.carrier_up)
-    except Exception as e:                    # ImportError, OSError from the netlink socket
+    except OSError as e:                      # the netlink socket refused
         logging.getLogger("rcopy.daemon").warning("no link events (%s): auto_recover retries every %.0f s",
                                                   e, RECOVER_RETRY)
         return None
