@@ -382,8 +382,7 @@ class Agent:
         del self.active[group]
         os.close(fd)
         book = self.books.pop(group, None)
-        return {"committed": generation, "commands": book.commands if book else None,
-                "commands_by_tool": dict(book.by_tool) if book else {}}
+        return {"committed": generation, **(book.as_dict() if book else {"commands": None, "commands_by_tool": {}})}
 
     def op_abort(self, group: str, generation: int, sync_id: str, reason: str = ""):
         g = self._secondary(group)

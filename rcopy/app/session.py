@@ -125,8 +125,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
                 d.reconcile(group)
                 devices.require(store, group)        # a volume gone or resized stops here, before any cut
                 report = d.sync(group, event=event, full=full, confirm=confirm)
-        store.set_report(group, {**report.as_dict(), "commands": book.commands,
-                                 "commands_by_tool": dict(book.by_tool)})
+        store.set_report(group, {**report.as_dict(), **book.as_dict()})
         alerts.after_sync(store, group)
     finally:
         try:

@@ -19,8 +19,9 @@ a demoted primary's writes after its last sync point, kept until the administrat
 volumes [VOLUME...]}``, role one of primary, secondary, primary-rev, secondary-rev, and fault also
 "failover" (fenced: the backup took over),
 REPORT = ``{generation, seconds, bytes_sent, bytes_changed, phases {begin, cut, send, commit; check when confirmed} (seconds; send includes
-change detection), commands (external commands this system ran), commands_by_tool {tool: n},
-peer_commands (the backup's), volumes {name: {bytes_sent, bytes_changed, full_reason}}, plan [executed actions],
+change detection), commands (external commands this system ran), processes (of those, the ones that
+started a process: LVM commands run in rcopy's lvm shell start none), commands_by_tool {tool: n},
+peer_commands, peer_processes (the backup's), volumes {name: {bytes_sent, bytes_changed, full_reason}}, plan [executed actions],
 confirmed (true: nothing was written since that sync point, which was confirmed current, not replaced)}``,
 VOLUME = ``{name, local, remote, size, backend (thin, cow, file), state, percent (while syncing),
 bytes_done (acknowledged by the backup), bytes_total (what the sync writes: an estimate until the change
@@ -43,6 +44,14 @@ from rcopy.cli.common import print_json
 from rcopy.engine.schedule import next_start
 from rcopy.model import format_period
 
+
+
+def _commands(rep: dict, side: str = "") -> str:
+    """'N' external commands, with how many were processes when some ran in the lvm shell."""
+    n, p = rep.get(side + "commands"), rep.get(side + "processes")
+    if n is None:
+        return "-"
+    return f"{n} ({p} processes)" if p is not None and p != n else str(n)
 
 def register(sub):
     p = sub.add_parser("status", help="show groups, volumes, targets and links (like showrcopy)")
@@ -152,12 +161,11 @@ def do_status(args):
             phases = " ".join(f"{k} {v:.1f}" for k, v in rep.get("phases", {}).items())
             if rep.get("confirmed"):
                 print(f"  last sync: point {rep.get('generation')} confirmed current (nothing written since its "
-                      f"cut), {rep.get('seconds', 0):.1f} s ({phases}), commands here {rep.get('commands', '-')}")
+                      f"cut), {rep.get('seconds', 0):.1f} s ({phases}), commands here {_commands(rep)}")
             else:
                 print(f"  last sync: point {rep.get('generation')}, {rep.get('seconds', 0):.1f} s ({phases}), "
                       f"{rep.get('bytes_changed', 0)} bytes changed, {rep.get('bytes_sent', 0)} bytes sent, "
-                      f"commands here {rep.get('commands', '-')}, "
-                      f"on {g['target']} {rep.get('peer_commands', '-')}")
+                      f"commands here {_commands(rep)}, on {g['target']} {_commands(rep, 'peer_')}")
         for a in g["alerts"]:
             print(f"  ALERT {a['kind']} since {_when(a['since'])}: {a['message']}")
         if g["failover_point"]:

@@ -80,6 +80,7 @@ class SyncReport:
     plan: list[str] = dataclasses.field(default_factory=list)           # the executed plan, rendered
     changed: dict[str, int] = dataclasses.field(default_factory=dict)   # name -> bytes changed (data + zeroes)
     confirmed: bool = False                  # nothing written since sync point n: n confirmed current
+    peer_processes: int | None = None        # of peer_commands, the processes it started (LVM's shell starts none)
 
     @property
     def bytes_sent(self) -> int:
@@ -93,7 +94,7 @@ class SyncReport:
         return {"generation": self.generation, "seconds": round(self.seconds, 3), "bytes_sent": self.bytes_sent,
                 "bytes_changed": self.bytes_changed,
                 "phases": {k: round(v, 3) for k, v in self.phases.items()}, "peer_commands": self.peer_commands,
-                "peer_commands_by_tool": self.peer_commands_by_tool,
+                "peer_commands_by_tool": self.peer_commands_by_tool, "peer_processes": self.peer_processes,
                 "volumes": {n: {"bytes_sent": b, "full_reason": r, "bytes_changed": self.changed.get(n, 0)}
                             for n, (b, r) in self.volumes.items()},
                 "plan": self.plan, "confirmed": self.confirmed}
@@ -112,6 +113,7 @@ class _Run:
     done: list[P.Action] = dataclasses.field(default_factory=list)
     peer_commands: int | None = None
     peer_commands_by_tool: dict[str, int] = dataclasses.field(default_factory=dict)
+    peer_processes: int | None = None
     marks: dict[str, VolumeState] = dataclasses.field(default_factory=dict)    # volume -> state after an abort
     heartbeat: tuple[threading.Event, threading.Thread] | None = None
     begun: Callable[[], dict] | None = None          # waits for the backup's answer to PeerBegin
@@ -261,7 +263,8 @@ class Driver:
                 raise sync_failed(f"group {name}: {reason}", e) from e
             self.execute(actions[split + 1:], run)
         return SyncReport(name, generation, run.stats, time.monotonic() - t0, run.phases, run.peer_commands,
-                          run.peer_commands_by_tool, P.lines(run.done), run.changed)
+                          run.peer_commands_by_tool, P.lines(run.done), run.changed,
+                          peer_processes=run.peer_processes)
 
     def _confirm(self, g: Group, when: float, t0: float, run: _Run) -> SyncReport:
         """Nothing was written since sync point n: confirm it current as of ``when`` (plan_confirm)."""
@@ -416,6 +419,7 @@ class Driver:
         res = self.peer.commit(a.group, a.generation, a.sync_id) or {}
         run.peer_commands = res.get("commands")
         run.peer_commands_by_tool = res.get("commands_by_tool") or {}
+        run.peer_processes = res.get("processes")
         faults.point("after-peer-commit")
 
     def _do_Commit(self, a: P.Commit, run):

@@ -160,7 +160,7 @@ class Shell:
                 err = errors(parse(self._exchange("lastlog", t0 + timeout)[1])) if rc else ""
             except _Late:
                 self.close()
-                _record(argv, -1, "", f"timeout after {timeout}s (lvm shell)", time.monotonic() - t0)
+                _record(argv, -1, "", f"timeout after {timeout}s (lvm shell)", time.monotonic() - t0, process=False)
                 raise CommandTimeout(cmd=" ".join(argv), timeout=timeout) from None
             except (OSError, ValueError) as e:
                 self.close()
@@ -172,7 +172,7 @@ class Shell:
                 raise
         stdout = json.dumps({k: v for k, v in doc.items() if k != "log"}) if "report" in doc else ""
         return _record(argv, rc, stdout, err or ("" if not rc else out.decode(errors="replace")),
-                       time.monotonic() - t0)
+                       time.monotonic() - t0, process=False)
 
     @property
     def alive(self) -> bool:

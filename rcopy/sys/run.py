@@ -105,18 +105,25 @@ def describe(res: Result) -> str:
 
 class Ledger:
     """Counts the external commands run inside a ``with ledger():`` block (rcopy status reports them
-    per sync: on real hardware each LVM command costs 50-300 ms, in the TCG lab 0.3-1 s)."""
+    per sync: on real hardware each LVM command costs 50-300 ms, in the TCG lab 0.3-1 s), and of those
+    the ``processes`` started (an LVM command in the process's lvm shell starts none)."""
 
     def __init__(self):
         self.commands = 0
+        self.processes = 0
         self.by_tool: collections.Counter = collections.Counter()
         self._mutex = threading.Lock()
 
-    def add(self, argv: tuple[str, ...]):
+    def add(self, argv: tuple[str, ...], process: bool = True):
         tool = argv[1] if argv and argv[0] == "lvm" and len(argv) > 1 else (argv[0] if argv else "?")
         with self._mutex:
             self.commands += 1
+            self.processes += process
             self.by_tool[os.path.basename(tool)] += 1
+
+    def as_dict(self) -> dict:
+        """What a sync report carries: ``commands``, ``processes``, ``commands_by_tool``."""
+        return {"commands": self.commands, "processes": self.processes, "commands_by_tool": dict(self.by_tool)}
 
 
 _ledger: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar("rcopy_ledger", default=None)
@@ -134,11 +141,11 @@ def ledger(book: Ledger | None = None):
         _ledger.reset(token)
 
 
-def _record(argv, rc, out, err, seconds) -> Result:
+def _record(argv, rc, out, err, seconds, *, process: bool = True) -> Result:
     res = Result(argv, rc, out, err, seconds)
     book = _ledger.get()
     if book is not None:
-        book.add(tuple(argv))
+        book.add(tuple(argv), process)
     with _lock:
         _recorder.append(res)
     log.debug("ran %s rc=%s in %.3fs%s", " ".join(argv), rc, seconds,

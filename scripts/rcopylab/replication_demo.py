@@ -149,7 +149,7 @@ def excerpt(g: dict) -> dict:
                        for v in g["volumes"]]}
     if rep:
         out["last_sync"] = {k: rep[k] for k in ("generation", "seconds", "phases", "commands", "peer_commands",
-                                                "commands_by_tool", "plan") if k in rep}
+                                                "processes", "peer_processes", "commands_by_tool", "plan") if k in rep}
     return out
 
 
@@ -354,9 +354,13 @@ class Demo:
                           and all(changed <= v["bytes_sent"] <= 2 * changed for v in vols), f"status: {excerpt(g)}")
         rep = g["last_sync"]
         self.claims.claim(f"the sync's report gives seconds per phase ({phases(rep)} of {rep.get('seconds', 0):.1f} s) "
-                          f"and commands per side (primary {rep.get('commands')}, backup {rep.get('peer_commands')})",
+                          f"and commands per side (primary {rep.get('commands')}, backup {rep.get('peer_commands')}; "
+                          f"processes started {rep.get('processes')} and {rep.get('peer_processes')}: LVM's "
+                          f"commands ran in one lvm shell per side)",
                           set(rep.get("phases", {})) == {"begin", "cut", "send", "commit"}
-                          and rep.get("commands", 0) > 0 and rep.get("peer_commands", 0) > 0)
+                          and rep.get("commands", 0) > 0 and rep.get("peer_commands", 0) > 0
+                          and rep.get("processes", 0) < rep["commands"]
+                          and (rep.get("peer_processes") or 0) < rep["peer_commands"])
         self.prove_equal(2, "after delta sync 2")
         # nothing written since: no snapshot, no send, sync point 2 confirmed current (the lag restarts)
         t = time.monotonic()

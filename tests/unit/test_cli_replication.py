@@ -285,7 +285,8 @@ def test_dry_run_prints_the_plan_that_runs_and_status_reports_the_sync(sys2):
     assert set(rep["phases"]) == {"begin", "cut", "send", "commit"} and all(t >= 0 for t in rep["phases"].values())
     # the file back-end copies with cp: two P snapshots here, two R snapshots and nbdkit on the backup
     assert rep["commands_by_tool"].get("cp") == 2 and rep["commands"] >= 3
-    assert rep["peer_commands"] >= 3
+    assert rep["processes"] == rep["commands"]          # no LVM here: every command was a process
+    assert rep["peer_commands"] >= 3 and rep["peer_processes"] == rep["peer_commands"]
     assert "v1-img" in rep["volumes"] and "missing" in rep["volumes"]["v1-img"]["full_reason"]
 
 

@@ -46,6 +46,7 @@ def test_real_lvm_answers_reports_and_failures_through_one_shell(fresh):
     shell = lvm_shell._shell
     assert shell is not None and shell.alive
     assert book.commands == 3 and book.by_tool["lvs"] == 2 and book.by_tool["vgs"] == 1
+    assert book.processes == 0                            # all three in the shell
     with pytest.raises(lvm.LvmError, match="rcopy-no-such-vg"):
         lvm._lvm("vgs", "rcopy-no-such-vg")
     assert lvm_shell._shell is shell                      # the same process answered all of them
@@ -68,7 +69,9 @@ def test_a_forked_child_starts_its_own_shell_and_leaves_the_parents_alone(fresh)
 
 def test_switched_off_every_command_is_a_process(fresh, monkeypatch):
     monkeypatch.setenv("RCOPY_LVM_SHELL", "0")
-    assert lvm.lvs("rcopy-no-such-vg") == [] and lvm_shell._shell is None
+    with ledger() as book:
+        assert lvm.lvs("rcopy-no-such-vg") == [] and lvm_shell._shell is None
+    assert book.commands == book.processes == 1
 
 
 FAKE_LVM = """#!/bin/bash
