@@ -138,26 +138,44 @@ class Link:
     since: float = 0.0             # when it was last found in this state (0: never probed)
 
 
+LINK_TIMEOUT = 25          # s of silence that end a link (3PAR's heartbeat timeout)
+TARGET_TIMEOUT = 200       # s more, every link silent, before the target has failed (3PAR's)
+HEARTBEAT = 5              # s between the primary's pings, and ssh's ServerAliveInterval
+
+
+def check_timeout(what: str, seconds: int, low: int) -> int:
+    """A timeout in whole seconds, from ``low`` to one day."""
+    if not low <= seconds <= 86400:
+        raise UsageError(f"{what} {seconds} s is out of range: give {low} to 86400 seconds")
+    return seconds
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A peer system: its links and the command that runs its agent (``{link}`` is substituted)."""
+    """A peer system: its links, the command that runs its agent (``{link}`` is substituted; also
+    ``{alive_count}``: ssh's ServerAliveCountMax for the link timeout), and its two timeouts: a link
+    is down after ``link_timeout`` s without an answer, the target failed ``target_timeout`` s after
+    its last link went down (the agent rolls an open sync back after that long without a request)."""
 
     name: str
     links: tuple[str, ...]
     agent: str | None = None
+    link_timeout: int = LINK_TIMEOUT
+    target_timeout: int = TARGET_TIMEOUT
 
-    # ServerAlive*: ssh gives up 25 s after the link goes silent (3PAR's link heartbeat timeout).
+    # ServerAlive*: ssh gives up link_timeout s after the link goes silent (3PAR's link heartbeat timeout).
     # StrictHostKeyChecking=yes whatever ~/.ssh/config says: an unknown or changed host key is refused
     # (rcopy.transport.peer.HostKeyUnknown / HostKeyChanged name the fix), never accepted on first use
     DEFAULT_AGENT = ("ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10 "
-                     "-o ServerAliveInterval=5 -o ServerAliveCountMax=5 root@{link} rcopy agent")
+                     f"-o ServerAliveInterval={HEARTBEAT} -o ServerAliveCountMax={{alive_count}} root@{{link}} rcopy agent")
 
     @property
     def agent_template(self) -> str:
         return self.agent or self.DEFAULT_AGENT
 
     def agent_command(self, link: str) -> str:
-        return (self.agent or self.DEFAULT_AGENT).replace("{link}", check_link(link))
+        alive = str(max(1, -(-self.link_timeout // HEARTBEAT)))
+        return self.agent_template.replace("{link}", check_link(link)).replace("{alive_count}", alive)
 
 
 @dataclasses.dataclass(frozen=True)

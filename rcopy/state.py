@@ -6,12 +6,13 @@ committed transaction survives a host crash and a killed writer leaves the previ
 Each sync-point commit is ONE transaction (group generation, sync-point row, volume states together),
 which is what makes the two-phase commit of rcopy/DESIGN.md §4 recoverable (rcopy/engine/DESIGN.md).
 
-Schema (version 4, in ``meta.schema_version``; ``_MIGRATIONS[n]`` upgrades n-1 -> n):
+Schema (version 6, in ``meta.schema_version``; ``_MIGRATIONS[n]`` upgrades n-1 -> n):
 
 ``meta(key PRIMARY KEY, value)``
     ``schema_version``, ``system`` (this system's name; default the host name or $RCOPY_SYSTEM_NAME).
 ``targets(name PRIMARY KEY, agent)``
-    a peer system and its agent command (NULL: the default ssh command).
+    a peer system and its agent command (NULL: the default ssh command); ``link_timeout``,
+    ``target_timeout`` (v6) in seconds (rcopy.model.Target).
 ``links(target, address, state, PRIMARY KEY(target, address))``
     link addresses of a target, in the order given; state up / down / unknown.
 ``groups(name PRIMARY KEY, target, role, mode, period, policies, state, reason, generation, sync_id,
@@ -59,11 +60,11 @@ import time
 from typing import Iterator
 
 from rcopy.errors import AlreadyExists, Busy, NotFound, PermissionDenied, Refused, StateError
-from rcopy.model import (Alert, Group, GroupState, Link, LinkState, Role, SyncPoint, System, Target, VolumePair, VolumeState,
-                         check_name)
+from rcopy.model import (LINK_TIMEOUT, TARGET_TIMEOUT, Alert, Group, GroupState, Link, LinkState, Role, SyncPoint,
+                         System, Target, VolumePair, VolumeState, check_name)
 
 DEFAULT_DIR = "/var/lib/rcopy"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -107,7 +108,12 @@ UPDATE groups SET alert = ''
 _SCHEMA_V5 = """
 ALTER TABLE links ADD COLUMN since REAL NOT NULL DEFAULT 0
 """
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
+_SCHEMA_V6 = f"""
+ALTER TABLE targets ADD COLUMN link_timeout INTEGER NOT NULL DEFAULT {LINK_TIMEOUT};
+ALTER TABLE targets ADD COLUMN target_timeout INTEGER NOT NULL DEFAULT {TARGET_TIMEOUT}
+"""
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5,
+                               6: _SCHEMA_V6}
 
 
 def state_dir(explicit: str | None = None) -> str:
@@ -227,7 +233,8 @@ class Store:
         with self.tx() as db:
             if db.execute("SELECT 1 FROM targets WHERE name=?", (t.name,)).fetchone():
                 raise AlreadyExists(f"target {t.name} already exists: remove it first or pick another name")
-            db.execute("INSERT INTO targets VALUES (?, ?)", (t.name, t.agent))
+            db.execute("INSERT INTO targets (name, agent, link_timeout, target_timeout) VALUES (?, ?, ?, ?)",
+                       (t.name, t.agent, t.link_timeout, t.target_timeout))
             for i, a in enumerate(t.links):
                 db.execute("INSERT INTO links (target, address, seq) VALUES (?, ?, ?)", (t.name, a, i))
 
@@ -236,7 +243,17 @@ class Store:
         if not row:
             raise NotFound(f"no target {name}: create it with 'rcopy target create {name} --link ADDR'")
         links = tuple(r["address"] for r in self._q("SELECT address FROM links WHERE target=? ORDER BY seq", (name,)))
-        return Target(name, links, row[0]["agent"])
+        return Target(name, links, row[0]["agent"], row[0]["link_timeout"], row[0]["target_timeout"])
+
+    def set_target_timeouts(self, name: str, *, link_timeout: int | None = None,
+                            target_timeout: int | None = None) -> Target:
+        """Change a target's timeouts (None: keep); the next session uses them."""
+        t = self.target(name)
+        with self.tx() as db:
+            db.execute("UPDATE targets SET link_timeout=?, target_timeout=? WHERE name=?",
+                       (t.link_timeout if link_timeout is None else link_timeout,
+                        t.target_timeout if target_timeout is None else target_timeout, name))
+        return self.target(name)
 
     def targets(self) -> list[Target]:
         return [self.target(r["name"]) for r in self._q("SELECT name FROM targets ORDER BY name")]

@@ -22,7 +22,8 @@ Operations (all idempotent where a retry can happen):
 The agent holds the group's lock from ``begin`` to ``commit``/``abort``. If its stdin closes (the primary,
 ssh or the link died) with a sync uncommitted it rolls back by itself; at start it rolls back any sync
 left in flight whose lock nobody holds (the previous agent crashed). With a sync in flight and no
-request for RCOPY_AGENT_TIMEOUT seconds (default 200) it rolls back and exits; a stale agent still
+request for the target timeout (the primary's target's ``target_timeout``, sent in ``hello``; default
+200 s; RCOPY_AGENT_TIMEOUT on this side overrides it) it rolls back and exits; a stale agent still
 holding a group (its ssh session outlived a cut link) is stopped by the next agent the primary starts.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from rcopy.app.local import fill_kinds
 from rcopy.names import snapshot_name, volume_name
 from rcopy.engine.states import Event, transition
 from rcopy.errors import Busy, NotFound, RcopyError, Refused, StateError
-from rcopy.model import Group, GroupState, Role, VolumePair, VolumeState, check_name
+from rcopy.model import TARGET_TIMEOUT, Group, GroupState, Role, VolumePair, VolumeState, check_name
 from rcopy.state import Store
 from rcopy.sys import lvm, run
 from rcopy.sys.channel import ChannelTimeout, LineReader, LineTooLong
@@ -51,8 +52,9 @@ log = logging.getLogger("rcopy.agent")
 PROTOCOL = 1
 TAKEOVER_WAIT = 60.0
 # With a sync in flight, no request for this long means the primary or the link is gone: roll back and
-# exit (3PAR fails a target after 200 s without heartbeat; the primary pings every few seconds).
-IDLE_TIMEOUT = float(os.environ.get("RCOPY_AGENT_TIMEOUT", "200"))
+# exit (3PAR fails a target after 200 s without heartbeat; the primary pings every few seconds). The
+# primary's hello says its target timeout; RCOPY_AGENT_TIMEOUT set here wins over it.
+IDLE_TIMEOUT = float(os.environ.get("RCOPY_AGENT_TIMEOUT") or TARGET_TIMEOUT)
 
 
 def export_address(bind: str) -> str:
@@ -105,6 +107,7 @@ class Agent:
         # commands of this session not yet charged to a sync (start-up recovery, status): the next
         # begin takes them over, so a sync's count is everything its session cost the backup
         self.session = run.Ledger()
+        self.idle_timeout = IDLE_TIMEOUT
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def recover(self):
@@ -177,9 +180,11 @@ class Agent:
             return _error(rid, "StateError", 14, f"the agent on {self.store.system().name} failed: {e}")
 
     # -- operations ---------------------------------------------------------------------------------
-    def op_hello(self, protocol: int, peer: str = ""):
+    def op_hello(self, protocol: int, peer: str = "", idle_timeout: float | None = None):
         if protocol != PROTOCOL:
             raise Refused(f"protocol {protocol} not supported (this agent speaks {PROTOCOL}): install the same rcopy on both")
+        if idle_timeout and not os.environ.get("RCOPY_AGENT_TIMEOUT"):
+            self.idle_timeout = max(10.0, float(idle_timeout))
         return {"system": self.store.system().name, "protocol": PROTOCOL, "version": __version__}
 
     def op_ping(self):
@@ -506,14 +511,14 @@ def _error(rid, cls: str, code: int, message: str) -> dict:
 
 
 def _lines(fd: int, agent: Agent):
-    """Lines from fd; while a sync is in flight, stop after IDLE_TIMEOUT seconds without one. A line
+    """Lines from fd; while a sync is in flight, stop after the idle timeout without one. A line
     over the limit is skipped and answered with an error."""
     reader = LineReader(fd)
     while True:
         try:
-            line = reader.readline(IDLE_TIMEOUT if agent.active else None)
+            line = reader.readline(agent.idle_timeout if agent.active else None)
         except ChannelTimeout:
-            log.warning("no request for %.0f s with a sync in flight: the primary is gone", IDLE_TIMEOUT)
+            log.warning("no request for %.0f s with a sync in flight: the primary is gone", agent.idle_timeout)
             return
         except LineTooLong as e:
             yield e

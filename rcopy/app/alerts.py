@@ -7,7 +7,7 @@ message, since) that ``rcopy status alerts`` lists and ``rcopy metrics`` counts:
 | --- | --- | --- | --- |
 | over_period | group | a sync runs or ran longer than the period (policy over_per_alert, the default) | a sync commits within the period |
 | link_down | target/address | a link was found down (a failed connect, the daemon's route probe) | that link answers again |
-| target_failed | target | every link of the target is down | any link answers again |
+| target_failed | target | every link of the target is down, the last for the target's timeout (200 s) | any link answers again |
 | stale | group/volume | a volume is stale or failed (a read error; its next sync is full) | the volume is synced again |
 | space | group | the space guard dropped the group's base snapshots from a full thin pool (rcopy.app.space) | the group's next sync commits (new bases) |
 | device | group/volume | a sending group's volume device is gone, resized or read-only (rcopy.app.devices; the group stops) | the device is back as admitted |
@@ -85,8 +85,10 @@ def refresh(store: Store, now: float | None = None) -> None:
                 raise_(store, "link_down", obj, f"link {link.address} to target {t.name} is down")
             elif link.state is LinkState.UP:
                 clear(store, "link_down", obj, "the link answers")
-        if links and all(link.state is LinkState.DOWN for link in links):
-            raise_(store, "target_failed", t.name, f"target {t.name} is unreachable on every link")
+        down = [link for link in links if link.state is LinkState.DOWN]
+        if links and len(down) == len(links) and now - max(link.since for link in down) >= t.target_timeout:
+            raise_(store, "target_failed", t.name, f"target {t.name} is unreachable on every link for "
+                                                   f"{t.target_timeout} s or more (its target timeout)")
         elif any(link.state is LinkState.UP for link in links):
             clear(store, "target_failed", t.name, "a link answers")
     for g in store.groups():

@@ -1,11 +1,30 @@
-"""``rcopy target create|remove|list``: the peer systems this one replicates to (3PAR creatercopytarget)."""
+"""``rcopy target create|set|remove|list``: the peer systems this one replicates to (3PAR creatercopytarget,
+setrcopytarget)."""
 from __future__ import annotations
 
 import os
 
 from rcopy.app.local import open_store
 from rcopy.cli.common import print_json
-from rcopy.model import Target, check_link, check_name
+from rcopy.errors import UsageError
+from rcopy.model import LINK_TIMEOUT, TARGET_TIMEOUT, Target, check_link, check_name, check_timeout
+
+
+def _timeouts(parser, default: bool):
+    parser.add_argument("--link-timeout", type=int, metavar="S", default=LINK_TIMEOUT if default else None,
+                        help=f"seconds without an answer before a link is down (default {LINK_TIMEOUT})")
+    parser.add_argument("--target-timeout", type=int, metavar="S", default=TARGET_TIMEOUT if default else None,
+                        help=f"seconds after its last link went down before the target has failed and its "
+                             f"agent rolls back an open sync (default {TARGET_TIMEOUT})")
+
+
+def _checked(args) -> dict:
+    out = {}
+    if args.link_timeout is not None:
+        out["link_timeout"] = check_timeout("link timeout", args.link_timeout, 5)
+    if args.target_timeout is not None:
+        out["target_timeout"] = check_timeout("target timeout", args.target_timeout, 10)
+    return out
 
 
 def register(sub):
@@ -18,7 +37,12 @@ def register(sub):
     c.add_argument("--agent", metavar="CMD",
                    help=f"command running the target's agent on stdio; {{link}} is replaced by the link "
                         f"(default: '{Target.DEFAULT_AGENT}')")
+    _timeouts(c, default=True)
     c.set_defaults(func=do_create)
+    st = s.add_parser("set", help="change a target's link and target timeouts")
+    st.add_argument("name")
+    _timeouts(st, default=False)
+    st.set_defaults(func=do_set)
     r = s.add_parser("remove", help="forget a target (refused while a group uses it)")
     r.add_argument("name")
     r.set_defaults(func=do_remove)
@@ -30,7 +54,7 @@ def register(sub):
 def do_create(args):
     store = open_store()
     links = tuple(dict.fromkeys(check_link(a) for a in args.link))
-    store.add_target(Target(check_name("target", args.name), links, args.agent))
+    store.add_target(Target(check_name("target", args.name), links, args.agent, **_checked(args)))
     print(f"target {args.name} created with link(s) {', '.join(args.link)}")
     if not args.agent:
         print(authorized_keys_hint(args.name))
@@ -45,6 +69,15 @@ def authorized_keys_hint(target: str) -> str:
             f"on {target}:\n  restrict,command=\"rcopy agent\" {key}")
 
 
+def do_set(args):
+    changes = _checked(args)
+    if not changes:
+        raise UsageError("rcopy target set: give --link-timeout and/or --target-timeout")
+    t = open_store().set_target_timeouts(args.name, **changes)
+    print(f"target {t.name}: link timeout {t.link_timeout} s, target timeout {t.target_timeout} s "
+          f"(from the next sync's session)")
+
+
 def do_remove(args):
     open_store().remove_target(args.name)
     print(f"target {args.name} removed")
@@ -53,7 +86,8 @@ def do_remove(args):
 def do_list(args):
     targets = open_store().targets()
     if args.json:
-        print_json([{"name": t.name, "links": list(t.links), "agent": t.agent_template} for t in targets])
+        print_json([{"name": t.name, "links": list(t.links), "agent": t.agent_template,
+                     "link_timeout": t.link_timeout, "target_timeout": t.target_timeout} for t in targets])
         return
     for t in targets:
-        print(f"{t.name}\t{','.join(t.links)}\t{t.agent_template}")
+        print(f"{t.name}\t{','.join(t.links)}\t{t.link_timeout}s/{t.target_timeout}s\t{t.agent_template}")

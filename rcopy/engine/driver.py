@@ -30,13 +30,12 @@ from rcopy.ports import Backend, ExportInfo, Sender, Snapshot
 from rcopy.engine.states import Event, transition
 from rcopy.errors import AuthFailed, DeviceError, NoSpace, RcopyError, StateError, SyncFailed, WrongRole
 from rcopy.extent import Extent
-from rcopy.model import Group, VolumePair, VolumeState
+from rcopy.model import HEARTBEAT, Group, VolumePair, VolumeState
 
 log = logging.getLogger("rcopy.engine")
 
 MAX_IN_FLIGHT = 20          # volumes syncing at once per system (3PAR's figure)
 _SLOTS = threading.BoundedSemaphore(MAX_IN_FLIGHT)   # shared by every group this process syncs
-HEARTBEAT = 5.0             # seconds between pings to the agent during the data phase
 PHASES = ("begin", "cut", "send", "commit")
 
 
@@ -368,7 +367,8 @@ class Driver:
             try:
                 self.peer.ping()
             except RcopyError as e:
-                # the control channel is the link's heartbeat (ssh notices a silent link within 25 s):
+                # the control channel is the link's heartbeat (a ping unanswered for the target's link
+                # timeout, or ssh's ServerAlive, ends it):
                 # fail the sends now rather than after their own timeouts (a FLUSH may wait minutes)
                 log.info("heartbeat to the backup failed: %s", e)
                 self._cancel_sends(f"the backup stopped answering its heartbeat: {e}")

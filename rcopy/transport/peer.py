@@ -29,7 +29,6 @@ PROTOCOL = 1
 # login), and abort rolls back before it answers, so neither may be short (30 s failed in the lab).
 HELLO_TIMEOUT = 300.0
 ABORT_TIMEOUT = 300.0
-PING_TIMEOUT = 60.0
 CALL_TIMEOUT = 3600.0     # begin snapshots every secondary; a full copy-based snapshot can take long
 
 
@@ -99,7 +98,8 @@ class Peer:
             try:
                 self.channel = Channel(shlex.split(target.agent_command(link)))
                 self.link = link
-                self.hello = self.call("hello", timeout=HELLO_TIMEOUT, protocol=PROTOCOL, peer=system)
+                self.hello = self.call("hello", timeout=HELLO_TIMEOUT, protocol=PROTOCOL, peer=system,
+                                       idle_timeout=target.target_timeout)
                 break
             except E.LinkError as e:
                 failures.append(f"{link}: {e}")
@@ -214,4 +214,5 @@ class Peer:
         return res
 
     def ping(self) -> dict:
-        return self.call("ping", timeout=PING_TIMEOUT)
+        """The heartbeat: a link that stays silent for the target's link timeout is down."""
+        return self.call("ping", timeout=self.target.link_timeout)

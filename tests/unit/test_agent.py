@@ -274,3 +274,29 @@ def test_the_peer_filter_is_probed_once_per_boot_and_again_after_an_upgrade(tmp_
     os.utime(filt, ns=(1, 1))
     counted()
     assert probes == [1, 0, 1]
+
+
+@needs_nbdkit
+def test_the_primarys_target_timeout_from_hello_rolls_back_a_silent_sync(backup, monkeypatch):
+    tmp, sec = backup
+    before = sha(sec)
+    monkeypatch.delenv("RCOPY_AGENT_TIMEOUT", raising=False)
+    a = AgentProc(str(tmp / "B"))
+    assert a.call("hello", protocol=1, peer="primary", idle_timeout=10)["ok"]
+    _begin(a, sec)
+    with open(sec, "r+b") as f:
+        f.write(b"\xff" * 4096)
+    assert a.p.wait(timeout=120) == 0                    # the target's 10 s, not the default 200 s
+    assert sha(sec) == before and "no request for 10 s" in a.p.stderr.read()
+
+
+def test_rcopy_agent_timeout_on_the_backup_wins_over_hello(tmp_path, monkeypatch):
+    from rcopy.app import agent as agent_mod
+    store = Store(str(tmp_path / "B"))
+    a = agent_mod.Agent(store)
+    a.op_hello(1, "primary", idle_timeout=30)
+    assert a.idle_timeout == 30
+    monkeypatch.setenv("RCOPY_AGENT_TIMEOUT", "7")
+    b = agent_mod.Agent(store)
+    b.op_hello(1, "primary", idle_timeout=30)
+    assert b.idle_timeout == agent_mod.IDLE_TIMEOUT    # what the module read from the environment at start

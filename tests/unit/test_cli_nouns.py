@@ -144,3 +144,27 @@ def test_target_create_prints_the_restricted_authorized_keys_line(tmp_path):
                         "--link", "backup"], capture_output=True, text=True,
                        env={**os.environ, "RCOPY_ALLOW_NONROOT": "1", "HOME": str(tmp_path)})
     assert 'restrict,command="rcopy agent" ssh-ed25519 AAAAC3Nza root@primary' in r.stdout
+
+
+def test_target_timeouts_are_set_shown_and_checked(tmp_path):
+    s = _systems(tmp_path)
+    t = json.loads(s.rcopy("target", "list", "--json").stdout)[0]
+    assert (t["link_timeout"], t["target_timeout"]) == (25, 200)            # 3PAR's
+    s.rcopy("target", "set", "backup", "--link-timeout", "12", "--target-timeout", "60")
+    t = json.loads(s.rcopy("target", "list", "--json").stdout)[0]
+    assert (t["link_timeout"], t["target_timeout"]) == (12, 60)
+    for args in (["--link-timeout", "2"], ["--target-timeout", "999999"], []):
+        r = s.rcopy("target", "set", "backup", *args, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = s.rcopy("target", "create", "other", "--link", "h", "--link-timeout", "1", check=False)
+    assert r.returncode == 2 and "link timeout 1 s is out of range" in r.stderr
+    assert [t["name"] for t in json.loads(s.rcopy("target", "list", "--json").stdout)] == ["backup"]
+    assert s.rcopy("target", "set", "nobody", "--link-timeout", "30", check=False).returncode == 3
+
+
+def test_the_default_agent_command_gives_ssh_the_link_timeout():
+    from rcopy.model import Target
+    assert "-o ServerAliveInterval=5 -o ServerAliveCountMax=5 root@h rcopy agent" in Target("t", ("h",)).agent_command("h")
+    assert "ServerAliveCountMax=3 root@h" in Target("t", ("h",), link_timeout=12).agent_command("h")
+    custom = Target("t", ("h",), "ssh -o ServerAliveCountMax={alive_count} {link} rcopy agent", link_timeout=40)
+    assert custom.agent_command("h") == "ssh -o ServerAliveCountMax=8 h rcopy agent"

@@ -163,6 +163,10 @@ def test_link_down_and_target_failed_alerts_follow_the_link(sys2):
     r = s.rcopy("sync", "g", "--wait", check=False)
     assert r.returncode == 10 and r.stderr.count("\n") == 1          # errors stay one line
     kinds = {(a["kind"], a["object"]) for a in json.loads(s.rcopy("status", "alerts", "--json").stdout)["alerts"]}
+    assert kinds == {("link_down", "backup/127.0.0.1")}               # failed only after its target timeout
+    sql(s, "UPDATE links SET since=since-200 WHERE target='backup'")  # ... which has now passed
+    assert s.rcopy("sync", "g", "--wait", check=False).returncode == 10
+    kinds = {(a["kind"], a["object"]) for a in json.loads(s.rcopy("status", "alerts", "--json").stdout)["alerts"]}
     assert kinds == {("link_down", "backup/127.0.0.1"), ("target_failed", "backup")}
     assert len(json.loads(s.rcopy("status", "alerts", "backup", "--json").stdout)["alerts"]) == 2
     sql(s, "UPDATE targets SET agent=? WHERE name='backup'", agent)                  # back
@@ -195,12 +199,14 @@ def test_stale_and_link_alerts_follow_the_recorded_states(tmp_path, monkeypatch)
     store.add_group(Group("g", "t"))
     store.add_volume(VolumePair("g", "v", "/p/v", "/s/v", 4096, state=VolumeState.SYNCED))
     store.put_volume(dataclasses.replace(store.volumes("g")[0], state=VolumeState.STALE))
-    store.set_link_state("t", "l1", LinkState.DOWN)
-    alerts.refresh(store)
+    store.set_link_state("t", "l1", LinkState.DOWN, now=900.0)
+    alerts.refresh(store, now=901.0)
     assert {(a.kind, a.object) for a in store.alerts()} == {("stale", "g/v"), ("link_down", "t/l1")}
     assert [a.kind for a in store.alerts("g")] == ["stale"]
-    store.set_link_state("t", "l2", LinkState.DOWN)                  # every link: the target failed
-    alerts.refresh(store)
+    store.set_link_state("t", "l2", LinkState.DOWN, now=1000.0)      # every link down ...
+    alerts.refresh(store, now=1199.0)
+    assert {a.kind for a in store.alerts()} == {"stale", "link_down"}
+    alerts.refresh(store, now=1200.0)                                # ... for the target timeout: failed
     assert {a.kind for a in store.alerts()} == {"stale", "link_down", "target_failed"}
     store.set_link_state("t", "l1", LinkState.UP)                    # one link back: target answers again
     store.put_volume(dataclasses.replace(store.volumes("g")[0], state=VolumeState.SYNCED))
@@ -253,6 +259,8 @@ def test_state_v3_alert_text_moves_into_the_alerts_table(tmp_path):
         c.execute("DROP TABLE alerts")
         c.execute("ALTER TABLE sync_points DROP COLUMN cut")
         c.execute("ALTER TABLE links DROP COLUMN since")
+        c.execute("ALTER TABLE targets DROP COLUMN link_timeout")
+        c.execute("ALTER TABLE targets DROP COLUMN target_timeout")
         c.execute("INSERT INTO groups (name, target, role, mode, state, alert, last_sync_end) VALUES "
                   "('g', 't', 'primary', 'periodic', 'started', 'thin pool vg/pool is 95% full', 100)")
         c.execute("UPDATE meta SET value='3' WHERE key='schema_version'")

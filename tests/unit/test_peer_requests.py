@@ -76,3 +76,27 @@ def test_close_waits_for_the_agent_only_when_its_eof_has_a_sync_to_roll_back(tmp
             break
         time.sleep(0.05)
     assert done.exists()
+
+
+def test_hello_carries_the_target_timeout_and_a_ping_unanswered_for_the_link_timeout_is_a_link_error(tmp_path):
+    """The heartbeat: an agent that stops answering (a silent link: ssh may not notice for a while)
+    fails the ping after the target's link timeout, as a link error; hello told it the target timeout."""
+    from rcopy.errors import LinkError
+    script = tmp_path / "agent.py"
+    seen = tmp_path / "hello.json"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys, time
+        for line in sys.stdin:
+            req = json.loads(line)
+            if req["op"] == "ping":
+                time.sleep(600)                      # silence
+            if req["op"] == "hello":
+                open({str(seen)!r}, "w").write(json.dumps(req["args"]))
+            print(json.dumps({{"id": req["id"], "ok": True, "result": {{}}}}), flush=True)
+    """))
+    with Peer(Target("b", ("127.0.0.1",), f"{sys.executable} {script}", link_timeout=1, target_timeout=42)) as p:
+        with pytest.raises(LinkError, match="within 1 s"):
+            p.ping()
+        p.close(wait=False)
+    import json
+    assert json.loads(seen.read_text())["idle_timeout"] == 42
