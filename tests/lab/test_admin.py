@@ -1,5 +1,7 @@
 """Issue 14 in the lab: rcopy on an LVM set-up it did not make, with secondaries it makes itself.
 
+The primary's LVM sees only its PV through a devices file (``use_devicesfile = 1``), the backup's through
+a ``global_filter``: rcopy's LVM commands (one lvm shell per process) must honour what the admin set.
 The primary's VG and LV names carry hyphens (device-mapper doubles them: vg--prod-app--db), its thin pool
 is shared with another thin LV and that LV's snapshot; the backup has LVs of its own. `group admit
 --create` makes the secondaries (thin in VG/POOL, thick in VG), refusing a name that exists and space
@@ -43,6 +45,12 @@ sh("lvcreate", "-qq", "-y", "-Wy", "-Zy", "-L", "340m", "-n", "filler", "vg-dr")
 OUT["free"] = int(sh("vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", "vg-dr"))
 """
 
+# What the admin set (reset.sh puts the original lvmlocal.conf back).
+DEVICES_FILE = ("cp -n /etc/lvm/lvmlocal.conf /etc/lvm/lvmlocal.conf.lab && "
+                "printf 'devices {\\n\\tuse_devicesfile = 1\\n}\\n' >>/etc/lvm/lvmlocal.conf")
+FILTER = ("cp -n /etc/lvm/lvmlocal.conf /etc/lvm/lvmlocal.conf.lab && "
+          "printf 'devices {\\n\\tglobal_filter = [ \"a|^/dev/vdb$|\", \"r|.*|\" ]\\n}\\n' >>/etc/lvm/lvmlocal.conf")
+
 OTHERS = {"primary": ["/dev/vg-prod/other-1", "/dev/vg-prod/other-1-snap"], "backup": ["/dev/vg-dr/app-log"]}
 
 
@@ -59,7 +67,11 @@ def _refused(lab, code, *args):
 
 def test_create_secondaries_on_hyphenated_names_in_a_shared_pool(clean_lab):
     lab = clean_lab
+    lab.run("primary", DEVICES_FILE)
+    lab.run("backup", FILTER)
     run_guest(lab, PRIMARY, "primary")
+    assert lab.run("primary", "lvmdevices").stdout.count("/dev/vdb") == 1     # pvcreate listed its PV
+    assert "global_filter" in lab.run("backup", "lvmconfig devices/global_filter").stdout
     free = run_guest(lab, BACKUP, "backup")["free"]
     assert 32 << 20 < free < 96 << 20, free           # room for app-log's copy, not for app-big's
     lab.run("primary", "lvchange -qq -ay -K vg-prod/other-1-snap")

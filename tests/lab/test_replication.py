@@ -221,10 +221,14 @@ def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
     # auto_recover: the daemon, started while the link is down, resumes the group by itself when the
     # kernel reports the link up (its carrier watch), by delta
     # (its next look on its own would be 10 minutes away: only the link event can start the sync below)
+    rc(lab, "target", "set", "backup", "--target-timeout", "10")
     lab.run("primary", "RCOPY_RECOVER_RETRY=600 nohup rcopy daemon >/tmp/daemon.log 2>&1 </dev/null & "
                        "echo $! >/tmp/daemon.pid")
     lab.run("primary", "for i in $(seq 300); do grep -q 'auto_recover waits' /tmp/daemon.log && exit 0; sleep 0.5; "
                        "done; exit 1", timeout=200)
+    # every link down past the target's timeout (10 s here, 200 s by default): the target has failed
+    lab.run("primary", "for i in $(seq 120); do rcopy status alerts --json | grep -q '\"target_failed\"' && exit 0; "
+                       "sleep 1; done; exit 1", timeout=200)
     lab.link(True)
     lab.run("primary", "for i in $(seq 300); do rcopy status --json | python3 -c 'import json, sys; "
                        "g = json.load(sys.stdin)[\"groups\"][0]; sys.exit(g[\"state\"] != \"started\" or "
@@ -236,6 +240,7 @@ def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
         daemon_log
     g = status(lab)
     assert g["state"] == "started" and [v["full_reason"] for v in g["volumes"]] == ["", ""]
+    assert "ALERT target_failed backup" in daemon_log and "target_failed" not in rc(lab, "status", "alerts").stdout
     rc(lab, "verify", "g")
 
 
