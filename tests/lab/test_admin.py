@@ -70,7 +70,8 @@ def test_create_secondaries_on_hyphenated_names_in_a_shared_pool(clean_lab):
     lab.run("primary", DEVICES_FILE)
     lab.run("backup", FILTER)
     run_guest(lab, PRIMARY, "primary")
-    assert lab.run("primary", "lvmdevices").stdout.count("/dev/vdb") == 1     # pvcreate listed its PV
+    listed = lab.run("primary", "lvm lvmdevices").stdout.splitlines()
+    assert [line.split()[:2] for line in listed] == [["Device", "/dev/vdb"]], listed   # pvcreate listed its PV
     assert "global_filter" in lab.run("backup", "lvmconfig devices/global_filter").stdout
     free = run_guest(lab, BACKUP, "backup")["free"]
     assert 32 << 20 < free < 96 << 20, free           # room for app-log's copy, not for app-big's
