@@ -161,10 +161,8 @@ def _lvm(*args, check=True, timeout=TIMEOUT) -> Result:
     try:
         text = lvm_shell.line(argv[1:])
         shell = lvm_shell.get() if text is not None else None
-        if shell is None:
-            return run(argv, check=check, error=LvmError, timeout=timeout)
         try:
-            res = shell.run(argv, text, timeout)
+            res = shell.run(argv, text, timeout) if shell else run(argv, timeout=timeout)
         except lvm_shell.ShellUnavailable as e:
             raise LvmError(f"{' '.join(argv)}: {e}") from None
         if check and not res.ok:
