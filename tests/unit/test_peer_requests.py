@@ -85,11 +85,12 @@ def test_hello_carries_the_target_timeout_and_a_ping_unanswered_for_the_link_tim
     script = tmp_path / "agent.py"
     seen = tmp_path / "hello.json"
     script.write_text(textwrap.dedent(f"""
-        import json, sys, time
+        import json, sys
         for line in sys.stdin:
             req = json.loads(line)
             if req["op"] == "ping":
-                time.sleep(600)                      # silence
+                sys.stdin.read()                     # silence, until the primary closes the channel
+                sys.exit(0)
             if req["op"] == "hello":
                 open({str(seen)!r}, "w").write(json.dumps(req["args"]))
             print(json.dumps({{"id": req["id"], "ok": True, "result": {{}}}}), flush=True)
