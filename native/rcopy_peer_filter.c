@@ -1,6 +1,7 @@
-/* nbdkit filter "rcopy-peer": admit connections from one address only (allow=ADDR), refuse every other
- * one before the NBD handshake, and refuse to start without allow= (fail closed). rcopy's agent loads it
- * on the export so only the primary's link address gets as far as TLS (rcopy/transport/export.py).
+/* nbdkit filter "rcopy-peer": admit connections from the given addresses only (allow=ADDR, repeated for
+ * each of the primary's links, up to MAX_ALLOWED), refuse every other one before the NBD handshake, and
+ * refuse to start without allow= (fail closed). rcopy's agent loads it on the export so only the
+ * primary's link addresses get as far as TLS (rcopy/transport/export.py).
  * What nbdkit's own ip filter would do, but nbdkit 1.32.5's rejects every address rule. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -9,17 +10,24 @@
 
 #include <nbdkit-filter.h>
 
-static int family;                    /* AF_INET or AF_INET6 once allow= is set, 0 before */
-static unsigned char allowed[16];     /* the address, network order */
+#define MAX_ALLOWED 16
+
+static int nallowed;
+static int family[MAX_ALLOWED];                 /* AF_INET or AF_INET6 */
+static unsigned char allowed[MAX_ALLOWED][16];  /* the addresses, network order */
 
 static int peer_config(nbdkit_next_config *next, nbdkit_backend *nxdata, const char *key, const char *value)
 {
   if (strcmp(key, "allow") != 0)
     return next(nxdata, key, value);
-  if (inet_pton(AF_INET, value, allowed) == 1)
-    family = AF_INET;
-  else if (inet_pton(AF_INET6, value, allowed) == 1)
-    family = AF_INET6;
+  if (nallowed == MAX_ALLOWED) {
+    nbdkit_error("rcopy-peer: more than %d allow= addresses", MAX_ALLOWED);
+    return -1;
+  }
+  if (inet_pton(AF_INET, value, allowed[nallowed]) == 1)
+    family[nallowed++] = AF_INET;
+  else if (inet_pton(AF_INET6, value, allowed[nallowed]) == 1)
+    family[nallowed++] = AF_INET6;
   else {
     nbdkit_error("rcopy-peer: allow=%s is not an IPv4 or IPv6 address", value);
     return -1;
@@ -29,7 +37,7 @@ static int peer_config(nbdkit_next_config *next, nbdkit_backend *nxdata, const c
 
 static int peer_config_complete(nbdkit_next_config_complete *next, nbdkit_backend *nxdata)
 {
-  if (!family) {
+  if (!nallowed) {
     nbdkit_error("rcopy-peer: allow=ADDR is required");
     return -1;
   }
@@ -59,11 +67,12 @@ static int peer_preconnect(nbdkit_next_preconnect *next, nbdkit_backend *nxdata,
       a += 12;
     }
   }
-  if (fam == family && memcmp(a, allowed, fam == AF_INET ? 4 : 16) == 0)
-    return next(nxdata, readonly);
+  for (int i = 0; a && i < nallowed; i++)
+    if (fam == family[i] && memcmp(a, allowed[i], fam == AF_INET ? 4 : 16) == 0)
+      return next(nxdata, readonly);
   if (a)
     inet_ntop(fam, a, text, sizeof text);
-  nbdkit_error("rcopy-peer: connection from %s refused (only the primary's link address may connect)", text);
+  nbdkit_error("rcopy-peer: connection from %s refused (only the primary's link addresses may connect)", text);
   return -1;
 }
 
@@ -72,7 +81,7 @@ static struct nbdkit_filter filter = {
   .longname = "rcopy peer address fence",
   .config = peer_config,
   .config_complete = peer_config_complete,
-  .config_help = "allow=ADDR  the only address (IPv4 or IPv6) admitted",
+  .config_help = "allow=ADDR  an address (IPv4 or IPv6) admitted; repeat for several",
   .preconnect = peer_preconnect,
 };
 

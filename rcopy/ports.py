@@ -111,3 +111,17 @@ class ExportInfo:
     # blocks larger than the export can read-modify-write itself): the primary rounds its writes out
     # and reads the whole blocks from its snapshot. 0: any size.
     write_align: int = 0
+    # the same export on the backup's other links, (host, port) each: the sender spreads its connections
+    # over them and goes on over the others when one link is lost (design §2.9)
+    more: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self):
+        # over the control channel the tuples arrive as JSON lists
+        object.__setattr__(self, "more", tuple((str(h), int(p)) for h, p in self.more))
+        if self.client_cert is not None:
+            object.__setattr__(self, "client_cert", tuple(self.client_cert))
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        """Every (host, port) serving this export, the control channel's link first."""
+        return ((self.host, self.port), *self.more)

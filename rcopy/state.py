@@ -249,11 +249,12 @@ class Store:
                             target_timeout: int | None = None) -> Target:
         """Change a target's timeouts (None: keep); the next session uses them."""
         t = self.target(name)
+        t = dataclasses.replace(t, link_timeout=t.link_timeout if link_timeout is None else link_timeout,
+                                target_timeout=t.target_timeout if target_timeout is None else target_timeout)
         with self.tx() as db:
             db.execute("UPDATE targets SET link_timeout=?, target_timeout=? WHERE name=?",
-                       (t.link_timeout if link_timeout is None else link_timeout,
-                        t.target_timeout if target_timeout is None else target_timeout, name))
-        return self.target(name)
+                       (t.link_timeout, t.target_timeout, name))
+        return t
 
     def targets(self) -> list[Target]:
         return [self.target(r["name"]) for r in self._q("SELECT name FROM targets ORDER BY name")]

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import time
@@ -51,10 +52,6 @@ from rcopy.sys.channel import ChannelTimeout, LineReader, LineTooLong
 log = logging.getLogger("rcopy.agent")
 PROTOCOL = 1
 TAKEOVER_WAIT = 60.0
-# With a sync in flight, no request for this long means the primary or the link is gone: roll back and
-# exit (3PAR fails a target after 200 s without heartbeat; the primary pings every few seconds). The
-# primary's hello says its target timeout; RCOPY_AGENT_TIMEOUT set here wins over it.
-IDLE_TIMEOUT = float(os.environ.get("RCOPY_AGENT_TIMEOUT") or TARGET_TIMEOUT)
 
 
 def export_address(bind: str) -> str:
@@ -79,7 +76,38 @@ def primary_address() -> str | None:
 EXPORT_RMW_MAX = 64 * 1024
 
 
-def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "", granule: int = 0):
+def local_addresses(links) -> tuple[str, ...]:
+    """The links (host names or IP literals, as the primary names this system) that are addresses of
+    this host, numeric: where the export can listen besides the control channel's link. A name that
+    does not resolve, or an address this host does not hold, is left out (it cannot be bound)."""
+    found = []
+    for link in links:
+        try:
+            info = socket.getaddrinfo(link, None, type=socket.SOCK_STREAM)[0]
+            with socket.socket(info[0], socket.SOCK_STREAM) as s:
+                s.bind((info[4][0], 0))
+        except OSError as e:
+            log.info("link %s is not an address of this host (%s): no export on it", link, e)
+            continue
+        found.append(info[4][0].split("%")[0])
+    return tuple(found)
+
+
+def peer_addresses(links) -> tuple[str, ...]:
+    """The primary's link addresses as this system names them (its target record), numeric."""
+    found = []
+    for link in links:
+        try:
+            found.append(socket.getaddrinfo(link, None, type=socket.SOCK_STREAM)[0][4][0].split("%")[0])
+        except OSError:
+            log.info("link %s of the primary does not resolve: not admitted to the export", link)
+    return tuple(found)
+
+
+def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "", granule: int = 0,
+                      links: tuple[str, ...] = (), peers: tuple[str, ...] = ()):
+    """Export the volumes on the control channel's link and on every other link of ``links`` that is an
+    address here; admit the primary's address on the control link and ``peers`` (its other links)."""
     from rcopy.transport.export import Export
     host = export_address(bind)
     # TLS with a throw-away certificate pinned by the primary, admitting only the primary's own
@@ -88,8 +116,11 @@ def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "",
     if tls and not client_cert:
         raise Refused("the primary sent no client certificate for the export: install the same rcopy on both")
     # and a second fence: connections from any address but the primary's are closed before the handshake
+    first = primary_address()
+    allow = tuple(dict.fromkeys([first, *peer_addresses(peers)])) if first else ()
     ex = Export(volumes, host=host, tls=tls, client_cert_pem=client_cert or None,
-                minblock=granule if granule <= EXPORT_RMW_MAX else 0, allow_peer=primary_address())
+                minblock=granule if granule <= EXPORT_RMW_MAX else 0, allow_peers=allow,
+                more_hosts=local_addresses(l for l in links if l != bind))
     ex.start()
     if granule > EXPORT_RMW_MAX:
         ex.infos = {n: dataclasses.replace(i, write_align=granule) for n, i in ex.infos.items()}
@@ -107,7 +138,11 @@ class Agent:
         # commands of this session not yet charged to a sync (start-up recovery, status): the next
         # begin takes them over, so a sync's count is everything its session cost the backup
         self.session = run.Ledger()
-        self.idle_timeout = IDLE_TIMEOUT
+        # With a sync in flight, no request for this long means the primary or the link is gone: roll
+        # back and exit (3PAR fails a target after 200 s without heartbeat; the primary pings every few
+        # seconds). The primary's hello says its target timeout; RCOPY_AGENT_TIMEOUT here wins over it.
+        self.idle_fixed = bool(os.environ.get("RCOPY_AGENT_TIMEOUT"))
+        self.idle_timeout = float(os.environ.get("RCOPY_AGENT_TIMEOUT") or TARGET_TIMEOUT)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def recover(self):
@@ -183,7 +218,7 @@ class Agent:
     def op_hello(self, protocol: int, peer: str = "", idle_timeout: float | None = None):
         if protocol != PROTOCOL:
             raise Refused(f"protocol {protocol} not supported (this agent speaks {PROTOCOL}): install the same rcopy on both")
-        if idle_timeout and not os.environ.get("RCOPY_AGENT_TIMEOUT"):
+        if idle_timeout and not self.idle_fixed:
             self.idle_timeout = max(10.0, float(idle_timeout))
         return {"system": self.store.system().name, "protocol": PROTOCOL, "version": __version__}
 
@@ -215,6 +250,13 @@ class Agent:
         return {"exists": True, "generation": g.generation, "sync_id": g.sync_id,
                 "pending_generation": g.pending_generation, "pending_id": g.pending_id,
                 "state": g.state.value, "reason": g.reason, "role": g.role.value, "volumes": vols}
+
+    def _peer_links(self, g: Group) -> tuple[str, ...]:
+        """The primary's links as this system knows them (mirror config names both sides' targets)."""
+        try:
+            return self.store.target(g.target).links
+        except NotFound:
+            return ()
 
     def _secondary(self, group: str) -> Group:
         g = self.store.group(group)
@@ -286,7 +328,7 @@ class Agent:
         return {"dismissed": bool(v)}
 
     def op_begin(self, group: str, generation: int, sync_id: str, base_generation: int, base_id: str,
-                 remotes: list[str], bind: str, client_cert: str = ""):
+                 remotes: list[str], bind: str, client_cert: str = "", links: list[str] = ()):
         g = self._secondary(group)
         if group in self.active:
             raise Busy(f"group {group} already has a sync in flight on {self.store.system().name}")
@@ -321,7 +363,8 @@ class Agent:
                 self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced],
                          idle=True)                     # read-only until the protect below: nobody writes
                 held = backends.protect(pairs, writable=True, known=known)
-                export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert, granule)
+                export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert, granule,
+                                       links=tuple(links), peers=self._peer_links(g))
         except Exception:
             self.store.abort_sync(group, "begin failed", state=None)
             self.books.pop(group, None)

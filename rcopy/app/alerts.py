@@ -21,12 +21,13 @@ one line.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import syslog
 import time
 
 from rcopy.engine import schedule
-from rcopy.model import Alert, LinkState, VolumeState, format_period
+from rcopy.model import Alert, GroupState, LinkState, VolumeState, format_period
 from rcopy.state import Store
 
 log = logging.getLogger("rcopy.alerts")
@@ -72,6 +73,17 @@ def after_sync(store: Store, group: str) -> None:
     clear(store, "space", group, f"sync point {g.generation} made new base snapshots")
 
 
+def _say_target_failed(store: Store, t) -> None:
+    """A group stopped by its lost links says so in its own reason once the target has failed (what
+    3PAR's showrcopy shows); the fault stays "link", so auto_recover still resumes it."""
+    for g in store.groups():
+        if g.target == t.name and g.state is GroupState.STOPPED and g.fault == "link" \
+                and not g.reason.startswith("target failed"):
+            store.put_group(dataclasses.replace(
+                g, reason=f"target failed: {t.name} unreachable on every link for {t.target_timeout} s or more "
+                          f"({g.reason})"))
+
+
 def refresh(store: Store, now: float | None = None) -> None:
     """Raise or clear the alerts that follow recorded states: links, targets, stale volumes, and a sync
     still in flight past its period (raised at once, as 3PAR does; cleared by the next sync that commits
@@ -89,6 +101,7 @@ def refresh(store: Store, now: float | None = None) -> None:
         if links and len(down) == len(links) and now - max(link.since for link in down) >= t.target_timeout:
             raise_(store, "target_failed", t.name, f"target {t.name} is unreachable on every link for "
                                                    f"{t.target_timeout} s or more (its target timeout)")
+            _say_target_failed(store, t)
         elif any(link.state is LinkState.UP for link in links):
             clear(store, "target_failed", t.name, "a link answers")
     for g in store.groups():

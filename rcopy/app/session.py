@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import tempfile
 
 from rcopy import backends
@@ -36,10 +37,13 @@ def unwind_on_signals():
 
 
 def connect(store: Store, target_name: str):
-    """A Peer on the first link that answers; records link states as seen."""
+    """A Peer on the first link that answers, links last seen down tried last (each costs the ssh
+    ConnectTimeout); records link states as seen."""
     from rcopy.transport.peer import Peer, TargetUnreachable
 
     target = store.target(target_name)
+    down = {link.address for link in store.links(target_name) if link.state is LinkState.DOWN}
+    target = dataclasses.replace(target, links=tuple(sorted(target.links, key=lambda a: a in down)))
     try:
         peer = Peer(target, system=store.system().name)
     except TargetUnreachable:
@@ -78,6 +82,31 @@ def client_certificate(directory: str) -> tuple[str, str, str]:
     return cert, key, nbdkit.make_certificate(cert, key, "rcopy-primary")
 
 
+def record_data_links(store: Store, target_name: str, sender) -> None:
+    """What the data connections found: a link the sender lost is down (alert link_down; the sync
+    went on over the others), a link that carried a volume's data is up. The sender names links by
+    address, the target by the words it was given (host names or IP literals)."""
+    lost, used = getattr(sender, "lost_links", {}), getattr(sender, "used_links", set())
+    if not lost and not used:
+        return
+    for link in store.target(target_name).links:
+        addresses = _addresses(link)
+        if addresses & set(lost):
+            why = lost[next(iter(addresses & set(lost)))]
+            log.warning("link %s to target %s lost during the sync (%s): the data went over the others",
+                        link, target_name, why)
+            store.set_link_state(target_name, link, LinkState.DOWN)
+        elif addresses & used:
+            store.set_link_state(target_name, link, LinkState.UP)
+
+
+def _addresses(link: str) -> set[str]:
+    try:
+        return {i[4][0].split("%")[0] for i in socket.getaddrinfo(link, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return {link}
+
+
 def driver(store: Store, peer, progress=None) -> Driver:
     from rcopy.transport.sender import NbdSender
     return Driver(store, peer, backend=backends.get, cut=backends.cut, delete=backends.delete,
@@ -114,6 +143,7 @@ def plan(store: Store, group: str, *, full: str = ""):
 def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str = "", progress=None,
              lock_held: bool = False, confirm: bool = True) -> SyncReport:
     g = store.group(group)
+    d = None
     try:
         with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports(), \
                 tempfile.TemporaryDirectory(prefix="rcopy-client-") as certs:
@@ -129,6 +159,8 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
         alerts.after_sync(store, group)
     finally:
         try:
+            if d is not None:
+                record_data_links(store, g.target, d.sender)
             alerts.refresh(store)         # links seen down or up, volumes marked stale or synced again
         except RcopyError as e:           # never hides the sync's own outcome
             log.warning("group %s: alerts not refreshed: %s", group, e)

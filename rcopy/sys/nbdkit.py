@@ -22,7 +22,7 @@ from rcopy.sys.run import run, spawn
 
 PROBE_DIR = "/run/rcopy"
 _TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
-# rcopy's own nbdkit filter (native/rcopy_peer_filter.c, built by setup.py): admits one peer address
+# rcopy's own nbdkit filter (native/rcopy_peer_filter.c, built by setup.py): admits the primary's link addresses
 PEER_FILTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbdkit-rcopy-peer.so")
 log = logging.getLogger("rcopy")
 
@@ -111,16 +111,16 @@ def _stamp(path: str) -> str:
 
 def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | None = None,
           readonly: bool = False, tls_dir: str | None = None, verify_peer: bool = False,
-          filters: tuple[str, ...] = (), allow_peer: str | None = None,
+          filters: tuple[str, ...] = (), allow_peers: tuple[str, ...] = (),
           extra: tuple[str, ...] = (), ready_timeout: float = 15.0) -> NbdkitServer:
     """Start ``nbdkit PLUGIN ARGS`` listening on host:port (a free port when None) and wait until it
-    accepts connections. With ``allow_peer`` (an IP address) every connection from another address is
+    accepts connections. With ``allow_peers`` (IP addresses) every connection from another address is
     closed before the NBD handshake, by rcopy's peer filter; where nbdkit cannot load it, a warning, and
     the export relies on TLS (``verify_peer``) alone."""
-    if allow_peer:
+    if allow_peers:
         fence = peer_filter()
         if fence:
-            filters, plugin_args = (fence, *filters), (*plugin_args, f"allow={allow_peer}")
+            filters, plugin_args = (fence, *filters), (*plugin_args, *(f"allow={a}" for a in allow_peers))
         else:
             log.warning("nbdkit cannot load rcopy's peer filter (%s): the export on %s admits any address "
                         "and relies on TLS alone", PEER_FILTER, host)

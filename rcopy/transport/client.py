@@ -92,6 +92,11 @@ class NbdClient:
         self._reader = threading.Thread(target=self._read_loop, name=f"nbd-rx-{self.where}", daemon=True)
         self._reader.start()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or sent and not yet answered (the writer's view)."""
+        return self._submitted - self._finished
+
     # -- writer side ----------------------------------------------------------------------------
     def _raise_if_failed(self) -> None:
         if self._failed:

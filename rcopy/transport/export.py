@@ -1,12 +1,13 @@
 """The backup's side of the data path: export a set of volumes over NBD for the duration of one sync.
 
-One nbdkit (file plugin, ``dir=`` mode) serves every volume of the session as a named export: the
+One nbdkit (file plugin, ``dir=`` mode) per link address serves every volume of the session as a named
+export (several links: the primary spreads its connections over them, rcopy.transport.sender): the
 directory holds one symlink per volume (name -> device), and nbdkit follows them (checked on nbdkit
 1.32 with a symlink to a file; block devices are served the same way). Optionally TLS with a certificate
 made for this session, which the control channel hands to the primary to pin, and with the primary's own
 per-session certificate as the only client admitted (``--tls-verify-peer``): nobody else on the link or
-on the backup can read or write the secondaries during a sync. With ``allow_peer`` (the primary's link
-address) rcopy's nbdkit filter closes every connection from another address before the NBD handshake. The export names are never listed. nbdkit dies with its
+on the backup can read or write the secondaries during a sync. With ``allow_peers`` (the primary's link
+addresses) rcopy's nbdkit filter closes every connection from another address before the NBD handshake. The export names are never listed. nbdkit dies with its
 parent (``--exit-with-parent``), so a crashed agent leaves no writable export behind.
 """
 from __future__ import annotations
@@ -45,20 +46,23 @@ def device_size(path: str) -> int:
 
 
 class Export:
-    """Context manager: ``with Export({"data": "/dev/vg/data"}, host=addr, tls=True) as ex: ex.infos``."""
+    """Context manager: ``with Export({"data": "/dev/vg/data"}, host=addr, tls=True) as ex: ex.infos``.
+    ``more_hosts``: the backup's addresses on its other links, served by an nbdkit each (same volumes,
+    same certificate); an ExportInfo names them in ``more``."""
 
     def __init__(self, volumes: Mapping[str, str], *, host: str = "127.0.0.1", port: int | None = None,
                  tls: bool = False, readonly: bool = False, client_cert_pem: str | None = None,
-                 minblock: int = 0, allow_peer: str | None = None):
+                 minblock: int = 0, allow_peers: tuple[str, ...] = (), more_hosts: tuple[str, ...] = ()):
         for name in volumes:
             if not _NAME.match(name):
                 raise BadExportName(name=name)
         self.volumes = dict(volumes)
         self.host, self.port, self.tls, self.readonly = host, port, tls, readonly
+        self.more_hosts = tuple(h for h in dict.fromkeys(more_hosts) if h != host)
         self.client_cert_pem = client_cert_pem
         self.minblock = minblock
-        self.allow_peer = allow_peer
-        self.server: nbdkit.NbdkitServer | None = None
+        self.allow_peers = tuple(allow_peers)
+        self.servers: list[nbdkit.NbdkitServer] = []
         self.infos: dict[str, ExportInfo] = {}
         self._dir: str | None = None
 
@@ -80,23 +84,30 @@ class Export:
             # filter reads, modifies and writes the block around a smaller request): what a thin pool
             # without zeroing needs (rcopy.backends.write_granule)
             blocks = ("blocksize",) if self.minblock else ()
-            self.server = nbdkit.start("file", f"dir={vols}", "exportname-list=error",
-                                       *([f"minblock={self.minblock}"] if self.minblock else []),
-                                       host=self.host, port=self.port, readonly=self.readonly, tls_dir=tls_dir,
-                                       verify_peer=bool(self.client_cert_pem), filters=("exportname", *blocks),
-                                       allow_peer=self.allow_peer)
+            for i, host in enumerate((self.host, *self.more_hosts)):
+                self.servers.append(nbdkit.start(
+                    "file", f"dir={vols}", "exportname-list=error",
+                    *([f"minblock={self.minblock}"] if self.minblock else []),
+                    host=host, port=self.port if i == 0 else None, readonly=self.readonly, tls_dir=tls_dir,
+                    verify_peer=bool(self.client_cert_pem), filters=("exportname", *blocks),
+                    allow_peers=self.allow_peers))
         except BaseException:
             self.stop()
             raise
-        self.infos = {name: ExportInfo(host=self.host, port=self.server.port, name=name, size=size,
-                                       tls_cert_pem=pem) for name, size in sizes.items()}
+        first, more = self.servers[0], tuple((s.host, s.port) for s in self.servers[1:])
+        self.infos = {name: ExportInfo(host=first.host, port=first.port, name=name, size=size,
+                                       tls_cert_pem=pem, more=more) for name, size in sizes.items()}
         return self.infos
 
+    @property
+    def server(self) -> nbdkit.NbdkitServer | None:
+        """The export on the first link (the one the control channel came in on)."""
+        return self.servers[0] if self.servers else None
+
     def stop(self) -> None:
-        """Stop nbdkit and remove the session directory (certificate and key included). Idempotent."""
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        """Stop every nbdkit and remove the session directory (certificate and key included). Idempotent."""
+        while self.servers:
+            self.servers.pop().stop()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

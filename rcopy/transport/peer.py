@@ -191,7 +191,7 @@ class Peer:
         self._open_sync = True
         pending = self.request("begin", group=group, generation=generation, sync_id=sync_id,
                                base_generation=base_generation, base_id=base_id, remotes=remotes, bind=bind,
-                               client_cert=cert[2] if cert else "")
+                               client_cert=cert[2] if cert else "", links=list(self.target.links))
 
         def answer() -> dict:
             res = pending.result()

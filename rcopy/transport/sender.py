@@ -31,6 +31,7 @@ from rcopy.transport.nbd_errors import PayloadSourceError
 _SMALL = 256 << 10              # data requests up to this size are read into fresh bytes and batched
 _ZERO_CAP = 1 << 30             # WRITE_ZEROES carries no payload; keep its length well inside uint32
 _DEAL = 32 << 20                # about the bytes of large requests a connection takes from the plan at once
+_HAND_BACK_MAX = 4096           # pieces a connection may hold unacknowledged before it drains (failover)
 
 
 class SourceReadError(DeviceError):
@@ -120,13 +121,16 @@ class _Dealer:
         self._it = pieces
         self._lock = threading.Lock()
         self.stopped = False
+        self.exhausted = False          # every piece has been handed out
 
     def take(self) -> list[Piece]:
         with self._lock:
             if self.stopped:
                 return []
             out = list(itertools.islice(self._it, 8))
-            if out and sum(p[1] for p in out if not p[2]) <= _DEAL // 64:
+            if not out:
+                self.exhausted = True
+            elif sum(p[1] for p in out if not p[2]) <= _DEAL // 64:
                 out += itertools.islice(self._it, 1016)     # small requests: deal many at once
         return out
 
@@ -134,7 +138,15 @@ class _Dealer:
 @dataclasses.dataclass
 class NbdSender:
     """Implements rcopy.ports.Sender. ``connections`` is used only where the server allows
-    multi-conn; ``gap`` bridges data extents closer than that many bytes (redundant but correct bytes)."""
+    multi-conn; ``gap`` bridges data extents closer than that many bytes (redundant but correct bytes).
+
+    Several links (an export with ``more`` addresses, multi-conn): the connections are spread over the
+    links, at least one per link. A connection whose link is lost hands back every request it took
+    since it last had nothing in flight, the others send them again (the same bytes from the same
+    snapshot: a duplicate that lands late writes what is already there), and that link is not used
+    again by this sender (``lost_links``); the send fails only when no connection is left. Without
+    multi-conn a flush on one connection does not cover another's writes, so there is no such
+    failover: the link's loss fails the send as before."""
 
     connections: int = 2
     timeout: float = DEFAULT_TIMEOUT
@@ -147,89 +159,208 @@ class NbdSender:
 
     _live: set = dataclasses.field(default_factory=set, repr=False, compare=False)
     _live_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+    # host -> why: links this sender lost (the session marks them down and raises link_down)
+    lost_links: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    used_links: set = dataclasses.field(default_factory=set, repr=False, compare=False)   # hosts that carried a send
+    _cancelled: str = dataclasses.field(default="", repr=False, compare=False)
 
     def cancel(self, reason: str) -> None:
         """Fail every send in progress now (the link is known to be down): no one waits out a timeout."""
+        self._cancelled = reason
         with self._live_lock:
             live = list(self._live)
         for c in live:
             c.abort(reason)
 
-    def _open(self, export: ExportInfo) -> NbdClient:
-        if export.tls_cert_pem is None and not _loopback(export.host):
-            raise PlaintextRefused(host=export.host)
-        c = NbdClient(export.host, export.port, export.name, tls_cert_pem=export.tls_cert_pem,
+    def _lose(self, host: str, err: BaseException) -> None:
+        """Link ``host`` is gone: no new connection there, and every live one there fails now."""
+        with self._live_lock:
+            if host in self.lost_links:
+                return
+            self.lost_links[host] = str(err)
+            live = [c for c in self._live if c.host == host]
+        for c in live:
+            c.abort(f"link {host} lost: {err}")
+
+    def _open(self, export: ExportInfo, host: str | None = None, port: int | None = None) -> NbdClient:
+        host, port = (host, port) if host is not None else (export.host, export.port)
+        if export.tls_cert_pem is None and not _loopback(host):
+            raise PlaintextRefused(host=host)
+        c = NbdClient(host, port, export.name, tls_cert_pem=export.tls_cert_pem,
                       timeout=self.timeout, max_in_flight=self.max_in_flight, flush_timeout=self.flush_timeout,
                       client_cert=tuple(export.client_cert) if export.client_cert else None)
         with self._live_lock:
             self._live.add(c)
         return c
 
+    def _open_first(self, export: ExportInfo) -> NbdClient:
+        """The first connection: on the first link not known lost; a link that does not answer is lost
+        and the next is tried (the last one's error is the send's)."""
+        addresses = [a for a in export.addresses if a[0] not in self.lost_links] or list(export.addresses)
+        for i, (host, port) in enumerate(addresses):
+            try:
+                return self._open(export, host, port)
+            except RcopyError as e:
+                if e.kind != "link" or i == len(addresses) - 1 or self._cancelled:
+                    raise
+                self._lose(host, e)
+        raise AssertionError("unreachable")
+
+    def _more(self, export: ExportInfo, first: NbdClient) -> list[tuple[str, int]]:
+        """Where the other connections of a multi-conn export go: spread over its links not known lost,
+        the first's link included, at least one per link."""
+        links = [(first.host, first.port),
+                 *(a for a in export.addresses if a[0] not in self.lost_links and a[0] != first.host)]
+        return [links[i % len(links)] for i in range(1, max(self.connections, len(links)))]
+
+    def _forget(self, c: NbdClient) -> None:
+        c.close()
+        with self._live_lock:
+            self._live.discard(c)
+
     def send(self, source_path: str, extents: Iterable[Extent], export: ExportInfo, progress=None) -> int:
         """Write the extents, flush, and return the payload bytes sent. ``progress(n)`` is called with
         the bytes of extents (data and zeroes) the server has acknowledged so far."""
-        clients = [self._open(export)]
+        clients = [self._open_first(export)]
         try:
             geo = clients[0].geometry
             if geo.size != export.size or geo.readonly:
                 raise ExportMismatch("refusing to write", name=export.name, where=clients[0].where,
                                      got=geo.size, want=export.size)
-            if geo.can_multi_conn:
-                clients += [self._open(export) for _ in range(self.connections - 1)]
+            more = self._more(export, clients[0]) if geo.can_multi_conn else []
             try:
                 fd = os.open(source_path, os.O_RDONLY)
             except OSError as e:
                 raise SourceReadError(e.strerror, path=source_path, offset=0) from None
             try:
-                self._run(clients, fd, source_path, plan(extents, geo, max_request=self.max_request,
-                                                         gap=self.gap, write_align=export.write_align), progress)
+                alive = self._run(clients, more, export, fd, source_path,
+                                  plan(extents, geo, max_request=self.max_request, gap=self.gap,
+                                       write_align=export.write_align), progress)
             finally:
                 os.close(fd)
-            for c in clients:
+            for c in alive:
                 c.flush()
+            self.used_links.update(c.host for c in alive)
             if progress:
                 progress(sum(c.acked_bytes for c in clients))
             return sum(c.sent_payload for c in clients)
         finally:
-            for c in clients:
-                c.close()
-                with self._live_lock:
-                    self._live.discard(c)
+            for c in list(clients):
+                self._forget(c)
 
-    def _run(self, clients, fd, path, pieces, progress) -> None:
-        dealer = _Dealer(pieces)
-        errors: list[BaseException] = []
-
-        def work(client: NbdClient) -> None:
-            try:
-                _pump(client, dealer, fd, path)
-                client.drain()
-            except BaseException as e:          # handed to the calling thread below
-                dealer.stopped = True
-                errors.append(e)
-
-        # One writer thread per connection, even for one: this thread reports progress meanwhile.
-        threads = [threading.Thread(target=work, args=(c,), name="nbd-send", daemon=True) for c in clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.25)
+    def _run(self, clients: list[NbdClient], more: list[tuple[str, int]], export: ExportInfo, fd, path,
+             pieces, progress) -> list[NbdClient]:
+        """Send the plan over ``clients`` plus a connection to each of ``more``, each opened by its own
+        thread while the others already send: a link that does not answer delays nobody (its thread is
+        left behind once the plan is done, and closes what it opens late). Returns the connections
+        still up. In rounds (multi-conn only, ``more`` given): a connection that loses its link hands
+        back what it took, the next round deals that to the rest."""
+        failover = bool(more)
+        alive = list(clients)
+        lock = threading.Lock()
+        first = True
+        while True:
+            r = _Round(_Dealer(pieces))
+            ctx = (lock, clients, alive, export, fd, path, failover)
+            # One writer thread per connection, even for one: this thread reports progress meanwhile.
+            r.working = [threading.Thread(target=self._work, args=(r, c, None, ctx), name="nbd-send",
+                                          daemon=True) for c in alive]
+            openers = [threading.Thread(target=self._work, args=(r, None, w, ctx), name="nbd-open", daemon=True)
+                       for w in (more if first else [])]
+            first = False
+            for t in r.working + openers:
+                t.start()
+            while True:
+                with lock:
+                    busy = [t for t in r.working if t.is_alive()]
+                    opening = [t for t in openers if t.is_alive() and t not in r.working]
+                    if not busy and (not opening or r.dealer.exhausted or r.dealer.stopped):
+                        r.over = True               # openers still connecting are left behind
+                        break
+                (busy or opening)[0].join(0.25)
                 if progress:
                     progress(sum(c.acked_bytes for c in clients))
-        if errors:
-            # A lost link is what the engine retries on: report it before secondary failures.
-            errors.sort(key=lambda e: not (isinstance(e, RcopyError) and e.kind == "link"))
-            raise errors[0]
+            if r.errors:
+                # A lost link is what the engine retries on: report it before secondary failures.
+                r.errors.sort(key=lambda e: not (isinstance(e, RcopyError) and e.kind == "link"))
+                raise r.errors[0]
+            with lock:
+                gone = {c for c, _ in r.lost}
+                alive[:] = [c for c in alive if c not in gone]
+                if not alive:                       # never report success for pieces nobody sent
+                    raise r.lost[0][1]
+                if not r.handed_back:
+                    return list(alive)
+            pieces = iter(sorted(set(r.handed_back)))
+
+    def _work(self, r: "_Round", client: NbdClient | None, where: tuple[str, int] | None, ctx) -> None:
+        """A connection's thread in round ``r``: open it first when ``where`` is given, then send what
+        the dealer hands out. Failures go to ``r``; a survivable lost link hands back what it took."""
+        lock, clients, alive, export, fd, path, failover = ctx
+        if client is None:
+            try:
+                client = self._open(export, *where)
+            except BaseException as e:
+                with lock:
+                    if r.over:                      # too late to matter: the plan went without it
+                        return
+                if isinstance(e, RcopyError) and e.kind == "link" and not self._cancelled:
+                    self._lose(where[0], e)         # no connection there: the others do its share
+                else:
+                    r.dealer.stopped = True
+                    r.errors.append(e)
+                return
+            with lock:
+                if r.over:                          # too late: the plan was sent without it
+                    self._forget(client)
+                    return
+                clients.append(client)
+                alive.append(client)
+                r.working.append(threading.current_thread())
+        taken: list[Piece] = []
+        try:
+            _pump(client, r.dealer, fd, path, taken)
+            client.drain()
+        except BaseException as e:                  # handed to the calling thread
+            with lock:
+                survivable = (failover and isinstance(e, RcopyError) and e.kind == "link"
+                              and not self._cancelled and len(alive) - len(r.lost) > 1)
+                if survivable:
+                    r.lost.append((client, e))
+                    r.handed_back.extend(taken)
+            if survivable:
+                self._lose(client.host, e)
+                return
+            r.dealer.stopped = True
+            r.errors.append(e)
 
 
-def _pump(client: NbdClient, dealer: _Dealer, fd: int, path: str) -> None:
+@dataclasses.dataclass
+class _Round:
+    """One pass of the plan over the connections (the first, or one that resends what a lost link held)."""
+
+    dealer: _Dealer
+    working: list = dataclasses.field(default_factory=list)       # threads that have a connection
+    errors: list = dataclasses.field(default_factory=list)
+    lost: list = dataclasses.field(default_factory=list)          # (client, error): links lost this round
+    handed_back: list = dataclasses.field(default_factory=list)   # pieces to send again
+    over: bool = False
+
+
+def _pump(client: NbdClient, dealer: _Dealer, fd: int, path: str, taken: list[Piece]) -> None:
+    """Send what the dealer hands out; ``taken`` holds every piece not yet known acknowledged (it is
+    emptied whenever the connection has nothing in flight): what a lost link hands back."""
     big = memoryview(b"")                       # reusable read buffer, grown on first use
     write, sendfile = client.write, client.can_sendfile
     while True:
+        if len(taken) >= _HAND_BACK_MAX:
+            client.drain()                      # a pipeline bubble every few GiB bounds the list
+        if not client.in_flight:
+            taken.clear()
         pieces = dealer.take()
         if not pieces:
             return
+        taken.extend(pieces)
         for offset, length, zero in pieces:
             if zero:
                 client.zero(offset, length)

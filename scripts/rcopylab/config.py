@@ -12,7 +12,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]   # scripts/rcopylab/config.py -> the checkout
 HOSTS = ("primary", "backup")
-LINK_IPS = {"primary": "169.254.77.1", "backup": "169.254.77.2"}
+LINK_IPS = {"primary": "169.254.77.1", "backup": "169.254.77.2"}          # link 1
+LINK2_IPS = {"primary": "169.254.78.1", "backup": "169.254.78.2"}         # link 2 (a second NIC pair)
+LINKS = (1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +32,9 @@ class Config:
     def ssh_port(self, host: str) -> int:
         return self.base_port + HOSTS.index(host)
 
-    def link_port(self, host: str) -> int:
-        """UDP port the host's end of the replication link receives on."""
-        return self.base_port + 2 + HOSTS.index(host)
+    def link_port(self, host: str, n: int = 1) -> int:
+        """UDP port the host's end of replication link ``n`` (1 or 2) receives on."""
+        return self.base_port + 2 * n + HOSTS.index(host)
 
     def vm_dir(self, host: str) -> Path:
         return self.dir / host

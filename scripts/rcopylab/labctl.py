@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rcopylab import image as images
 from rcopylab import push as pusher
-from rcopylab.config import HOSTS, Config, load
+from rcopylab.config import HOSTS, LINKS, Config, load
 from rcopylab.errors import BootFailed, GuestHung, LabUsage, NotRunning
 from rcopy.sys.run import CommandTimeout
 from rcopylab.ssh import Ssh, shell_text
@@ -78,7 +78,8 @@ class Lab:
                 image = self.build()
                 self.cfg.dir.mkdir(parents=True, exist_ok=True)
                 (self.cfg.dir / "image").write_text(f"{image.dir}\n")
-                self._set_link_state(True)
+                for k in LINKS:
+                    self._set_link_state(True, k)
             for h in down:
                 self.vm(h).create_disks()
             self._both(self._boot, down)
@@ -102,8 +103,9 @@ class Lab:
         vm.boot()
         if not self.ssh(host).wait_ready(time.monotonic() + self.cfg.boot_timeout, vm.alive):
             raise BootFailed(host=host, seconds=self.cfg.boot_timeout, console=vm.console_tail())
-        if not self._link_state():
-            vm.set_link(False)
+        for k in LINKS:
+            if not self._link_state(k):
+                vm.set_link(False, k)
 
     def healthy(self) -> bool:
         try:
@@ -134,29 +136,33 @@ class Lab:
         self._require([host])
         return self.ssh(host).stream(cmd)
 
-    def link(self, up: bool) -> None:
-        """Cut (up=False) or restore the replication link, at both ends."""
-        self._set_link_state(up)
+    def link(self, up: bool, n: int | None = None) -> None:
+        """Cut (up=False) or restore replication link ``n`` (1 or 2; None: both), at both ends."""
+        ns = LINKS if n is None else (n,)
         live = [h for h in HOSTS if self.vm(h).alive()]
-        for h in live:
-            self.vm(h).set_link(up)
-        self._both(lambda h: self._wait_carrier(h, up), live)
+        for k in ns:
+            self._set_link_state(up, k)
+            for h in live:
+                self.vm(h).set_link(up, k)
+        self._both(lambda h: [self._wait_carrier(h, up, k) for k in ns], live)
 
     def throttle(self, host: str, rate: str | None) -> None:
         """Limit what ``host`` sends over the replication link to ``rate`` (tc's words, e.g. "16mbit"), or
         lift the limit (None). A test that must act in the middle of a transfer throttles it rather than
         race it: emulated disks run at a speed the host's load decides. ``reset`` lifts it too."""
+        # both links: a sync spread over them is throttled as a whole
         if rate is None:
-            self.run(host, "tc qdisc del dev $(cat /run/lab-link) root 2>/dev/null; rm -f /run/lab-throttle")
+            self.run(host, "for l in /run/lab-link /run/lab-link2; do tc qdisc del dev $(cat $l) root 2>/dev/null; "
+                           "done; rm -f /run/lab-throttle")
         else:
-            self.run(host, f"tc qdisc replace dev $(cat /run/lab-link) root tbf rate {rate} burst 64kb "
-                           f"latency 2s && touch /run/lab-throttle")
+            self.run(host, f"for l in /run/lab-link /run/lab-link2; do tc qdisc replace dev $(cat $l) root tbf "
+                           f"rate {rate} burst 64kb latency 2s || exit 1; done && touch /run/lab-throttle")
 
-    def _wait_carrier(self, host: str, up: bool) -> None:
+    def _wait_carrier(self, host: str, up: bool, n: int = 1) -> None:
         """Return once the guest itself sees the link state (its link watch lags qemu by up to ~1 s)."""
-        want = "up" if up else "down"
-        self.run(host, f"for i in $(seq 100); do [ $(cat /sys/class/net/$(cat /run/lab-link)/operstate) = {want} ] "
-                       f"&& exit 0; sleep 0.1; done; echo link still not {want} >&2; exit 1", timeout=60)
+        want, nic = "up" if up else "down", f"/run/lab-link{'' if n == 1 else n}"
+        self.run(host, f"for i in $(seq 100); do [ $(cat /sys/class/net/$(cat {nic})/operstate) = {want} ] "
+                       f"&& exit 0; sleep 0.1; done; echo link {n} still not {want} >&2; exit 1", timeout=60)
 
     def crash(self, host: str) -> None:
         self.vm(host).crash()
@@ -179,7 +185,7 @@ class Lab:
             raise NotRunning(host=stopped[0])
         if stopped:
             self._both(self._boot, stopped)
-        if not self._link_state():   # lab.link() is the only way the link goes down
+        if not all(self._link_state(k) for k in LINKS):   # lab.link() is the only way a link goes down
             self.link(True)
         script = RESET_SCRIPT.read_text()
         self._both(lambda h: self._reset_one(h, script))
@@ -210,7 +216,7 @@ class Lab:
             vm = self.vm(h)
             state = f"running (pid {vm.pid()})" if vm.alive() else "stopped"
             lines.append(f"{h}: {state}, ssh 127.0.0.1:{self.cfg.ssh_port(h)}, console {vm.console}")
-        lines.append(f"link: {'up' if self._link_state() else 'down'}; instance {self.cfg.dir}; image {self.image.dir}")
+        lines.append(f"links: {', '.join(f'{k} ' + ('up' if self._link_state(k) else 'down') for k in LINKS)}; instance {self.cfg.dir}; image {self.image.dir}")
         return lines
 
     # --- helpers -----------------------------------------------------------------------------------
@@ -219,13 +225,13 @@ class Lab:
             if not self.vm(h).alive():
                 raise NotRunning(host=h)
 
-    def _link_state(self) -> bool:
-        path = self.cfg.dir / "link"
+    def _link_state(self, n: int = 1) -> bool:
+        path = self.cfg.dir / f"link{'' if n == 1 else n}"
         return not path.exists() or path.read_text().strip() != "down"
 
-    def _set_link_state(self, up: bool) -> None:
+    def _set_link_state(self, up: bool, n: int = 1) -> None:
         self.cfg.dir.mkdir(parents=True, exist_ok=True)
-        (self.cfg.dir / "link").write_text("up\n" if up else "down\n")
+        (self.cfg.dir / f"link{'' if n == 1 else n}").write_text("up\n" if up else "down\n")
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -234,7 +240,7 @@ USAGE = """scripts/lab VERB ...   (instance: $RCOPY_LAB_DIR, default <repo>/.lab
   up                    boot both VMs (fresh disks for any not running), install the working tree
   push                  reinstall the working tree's rcopy into the running VMs
   run HOST -- CMD...    run CMD as root in HOST (primary|backup), stream output, exit with its status
-  link down|up          cut / restore the replication link
+  link down|up [N]      cut / restore replication link N (1 or 2; both without N)
   crash HOST            kill HOST at once (power cut); start HOST boots it again on the same disks
   start HOST
   reset                 start crashed VMs, link up, empty data disks, no rcopy state
@@ -247,7 +253,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         print(USAGE)
         raise SystemExit(0 if argv else 2)
     verb, rest = argv[0], argv[1:]
-    ns = argparse.Namespace(verb=verb, host=None, cmd=None, up=None)
+    ns = argparse.Namespace(verb=verb, host=None, cmd=None, up=None, link=None)
     if verb == "run":
         if len(rest) < 2 or rest[1] != "--" and len(rest) < 2:
             raise LabUsage("usage: scripts/lab run HOST -- CMD...")
@@ -261,9 +267,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
             raise LabUsage(f"usage: scripts/lab {verb} HOST")
         ns.host = rest[0]
     elif verb == "link":
-        if rest not in (["down"], ["up"]):
-            raise LabUsage("usage: scripts/lab link down|up")
-        ns.up = rest[0] == "up"
+        if not rest or rest[0] not in ("down", "up") or len(rest) > 2 or rest[1:] not in ([], ["1"], ["2"]):
+            raise LabUsage("usage: scripts/lab link down|up [1|2]")
+        ns.up, ns.link = rest[0] == "up", int(rest[1]) if len(rest) == 2 else None
     elif verb in ("build", "up", "push", "reset", "down", "status"):
         if rest:
             raise LabUsage(f"scripts/lab {verb} takes no arguments")
@@ -285,7 +291,7 @@ def main(argv=None) -> int:
         if ns.verb == "status":
             print("\n".join(lab.status()))
         elif ns.verb == "link":
-            lab.link(ns.up)
+            lab.link(ns.up, ns.link)
         elif ns.verb in ("crash", "start"):
             getattr(lab, ns.verb)(ns.host)
         else:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from rcopylab import qmp
-from rcopylab.config import HOSTS, LINK_IPS, Config
+from rcopylab.config import HOSTS, LINK2_IPS, LINK_IPS, Config
 from rcopylab.errors import LabError
 from rcopylab.image import Image
 from rcopy.sys.run import describe, run
@@ -67,7 +67,8 @@ class Vm:
         other = HOSTS[1 - HOSTS.index(self.host)]
         accel = ["-accel", "kvm", "-cpu", "host"] if self.cfg.accel == "kvm" else ["-accel", "tcg", "-cpu", self.cfg.cpu]
         cmdline = (f"console=ttyS0 root=/dev/vda rw panic=-1 net.ifnames=0 quiet mitigations=off "
-                   f"init=/usr/sbin/lab-init lab.host={self.host} lab.ip={LINK_IPS[self.host]}")
+                   f"init=/usr/sbin/lab-init lab.host={self.host} lab.ip={LINK_IPS[self.host]} "
+                   f"lab.ip2={LINK2_IPS[self.host]}")
         data = [a for name in DATA_DISKS for a in (
             "-drive", f"file={self.disk(name)},if=virtio,format=raw,cache=writeback,discard=unmap,detect-zeroes=unmap")]
         return ["qemu-system-x86_64", "-name", f"rcopy-lab-{self.host}", "-nodefaults", *accel, "-smp", "1",
@@ -79,6 +80,9 @@ class Vm:
                 "-netdev", f"socket,id=repl,udp=127.0.0.1:{self.cfg.link_port(other)},"
                            f"localaddr=127.0.0.1:{self.cfg.link_port(self.host)}",
                 "-device", f"virtio-net-pci,netdev=repl,mac=52:54:00:77:00:0{n}",
+                "-netdev", f"socket,id=repl2,udp=127.0.0.1:{self.cfg.link_port(other, 2)},"
+                           f"localaddr=127.0.0.1:{self.cfg.link_port(self.host, 2)}",
+                "-device", f"virtio-net-pci,netdev=repl2,mac=52:54:00:78:00:0{n}",
                 "-qmp", f"unix:{self.qmp},server=on,wait=off", "-serial", f"file:{self.console}",
                 "-pidfile", self.pidfile, "-daemonize"]
 
@@ -126,9 +130,9 @@ class Vm:
             self.crash()
         self.pidfile.unlink(missing_ok=True)
 
-    def set_link(self, up: bool) -> None:
-        """Carrier of the replication NIC; while down the guest sees NO-CARRIER and every frame is dropped."""
-        qmp.command(self.qmp, "set_link", name="repl", up=up)
+    def set_link(self, up: bool, n: int = 1) -> None:
+        """Carrier of replication NIC ``n``; while down the guest sees NO-CARRIER and every frame is dropped."""
+        qmp.command(self.qmp, "set_link", name="repl" if n == 1 else f"repl{n}", up=up)
 
     def hung_report(self, lines: int = 8) -> str:
         """What the console says about a hang: the kernel's hung-task reports ("blocked for more than

@@ -63,7 +63,7 @@ def test_scripts_lab_run_exits_with_the_commands_status(lab):
 @pytest.mark.parametrize("argv, words", [
     (["bogus"], "unknown verb 'bogus'"),
     (["run", "nosuch", "--", "true"], "no VM named 'nosuch'"),
-    (["link", "sideways"], "usage: scripts/lab link down|up"),
+    (["link", "sideways"], "usage: scripts/lab link down|up [1|2]"),
 ])
 def test_scripts_lab_refuses_bad_input_in_one_line(tmp_path, argv, words):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "RCOPY_LAB_DIR": str(tmp_path / "lab")}

@@ -235,6 +235,45 @@ def test_the_export_admits_only_the_primarys_address(tmp_path, monkeypatch):
 
 
 @needs_nbdkit
+def test_the_export_listens_on_every_link_of_this_host_and_admits_the_primarys_links(tmp_path, monkeypatch):
+    """Several links: the agent serves the same export on each link address the primary named that is
+    an address here (one not held here, or not resolving, is left out), and its fence admits the
+    primary's address on the control link plus the primary's other links from this system's target
+    record, nobody else."""
+    import socket
+    from rcopy.app.agent import _default_exporter
+    from rcopy.transport.client import NbdClient
+    (tmp_path / "vol").write_bytes(bytes(SIZE))
+    monkeypatch.setenv("SSH_CONNECTION", "127.0.0.1 40222 127.0.0.1 22")
+    ex = _default_exporter({"vol": str(tmp_path / "vol")}, "127.0.0.1",
+                           links=("127.0.0.1", "127.0.0.2", "192.0.2.7", "no-such-host.invalid"),
+                           peers=("127.0.0.3",))
+    try:
+        info = ex.infos["vol"]
+        assert [h for h, _ in info.addresses] == ["127.0.0.1", "127.0.0.2"]
+
+        def greeting(source, host, port):
+            with socket.socket() as s:
+                s.settimeout(10)
+                s.bind((source, 0))
+                s.connect((host, port))
+                return s.recv(8, socket.MSG_WAITALL)
+
+        for host, port in info.addresses:
+            assert greeting("127.0.0.4", host, port) == b""          # not a link of the primary
+            assert greeting("127.0.0.3", host, port) == b"NBDMAGIC"  # the primary's other link
+            assert greeting("127.0.0.1", host, port) == b"NBDMAGIC"
+        for i, (host, port) in enumerate(info.addresses):
+            with NbdClient(host, port, info.name, timeout=10) as c:
+                c.pwrite(bytes([65 + i]) * 4096, i * 4096)
+                c.flush()
+        assert (tmp_path / "vol").read_bytes()[:8192] == b"A" * 4096 + b"B" * 4096
+    finally:
+        ex.stop()
+    assert ex.servers == []
+
+
+@needs_nbdkit
 def test_the_peer_filter_fails_closed(tmp_path):
     """Without a valid allow= address nbdkit does not start at all: never an export open to everyone."""
     from rcopy.sys import nbdkit
@@ -299,4 +338,4 @@ def test_rcopy_agent_timeout_on_the_backup_wins_over_hello(tmp_path, monkeypatch
     monkeypatch.setenv("RCOPY_AGENT_TIMEOUT", "7")
     b = agent_mod.Agent(store)
     b.op_hello(1, "primary", idle_timeout=30)
-    assert b.idle_timeout == agent_mod.IDLE_TIMEOUT    # what the module read from the environment at start
+    assert b.idle_timeout == 7                          # what the agent read from the environment at start

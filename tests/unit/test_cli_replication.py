@@ -121,6 +121,20 @@ def test_set_up_mirrors_itself_and_initial_then_delta_sync(sys2):
     assert not [f for f in os.listdir(s.tmp) if ".R" in f]                  # no rollback snapshot left
 
 
+def test_a_second_link_carries_data_and_is_recorded_up(sys2):
+    """A target with two links (two loopback addresses): the backup exports on both, the primary's
+    connections are spread over them, and the link that only carried data is recorded up."""
+    s = _started(sys2)
+    s.rcopy("link", "add", "backup", "127.0.0.2")
+    for i, p in enumerate(s.vols):
+        s.write_random(p, 64, seed=90 + i)
+    s.rcopy("sync", "g", "--wait")
+    links = {l["address"]: l["state"] for l in s.status()["targets"][0]["links"]}
+    assert links == {"127.0.0.1": "up", "127.0.0.2": "up"}, links
+    for p, sec in s.vols.items():
+        assert sha(sec) == sha(snap(p, 2))
+
+
 def test_verify_reports_a_difference(sys2):
     s = _started(sys2)
     sec = next(iter(s.vols.values()))

@@ -46,7 +46,7 @@ class Rig:
 
     def connect(self):
         """A new primary process and a new agent (which first recovers what a dead one left)."""
-        self.agent = make_agent(self.b, self.bsnap, lambda vols, bind, cert="", granule=0: FakeExport(vols, bind, self.bdisks))
+        self.agent = make_agent(self.b, self.bsnap, lambda vols, bind, cert="", granule=0, **links: FakeExport(vols, bind, self.bdisks))
         self.agent.recover()
         self.peer = LocalPeer(self.agent, self.log)
         self.driver = make_driver(self.a, self.peer, self.psnap, self.sender)

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -138,8 +139,8 @@ def test_zero_extents_go_as_write_zeroes_and_land_as_zeroes(serve, tmp_path):
         return call
 
     class Recording(NbdSender):
-        def _open(self, export):
-            c = super()._open(export)
+        def _open(self, export, *where):
+            c = super()._open(export, *where)
             c.zero = recorded("zero", c.zero, lambda n: n)
             c.write = recorded("data", c.write, len)
             c.write_from_file = recorded("data", c.write_from_file, lambda fd, n: n)
@@ -227,8 +228,8 @@ def test_multi_conn_only_where_the_server_offers_it(serve, tmp_path, kind, expec
     opened = []
 
     class Counting(NbdSender):
-        def _open(self, export):
-            c = super()._open(export)
+        def _open(self, export, *where):
+            c = super()._open(export, *where)
             opened.append(c)
             return c
 
@@ -420,3 +421,117 @@ def test_a_coarse_write_align_rounds_writes_out_to_whole_blocks_read_from_the_so
         assert got[b * block:(b + 1) * block] == want[b * block:(b + 1) * block]
     assert got[block:3 * block] != want[block:3 * block]   # untouched blocks are not written
     assert sent == 2 * block
+
+
+class Relay:
+    """A second 'link' to a server: a TCP relay on another loopback address that cuts itself after
+    ``cut_after`` bytes from the client, either resetting every connection ("reset") or going silent
+    while keeping them open ("silent": a cable pulled, seen only by the client's timeout)."""
+
+    def __init__(self, port, *, cut_after=None, mode="reset", host="127.0.0.2", pause=0.0):
+        self.target, self.cut_after, self.mode, self.pause = port, cut_after, mode, pause
+        self.relayed, self.cut = 0, False
+        self.lock = threading.Lock()
+        self.socks = []
+        self.listener = socket.create_server((host, 0))
+        self.host, self.port = host, self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            s = socket.create_connection(("127.0.0.1", self.target))
+            self.socks += [c, s]
+            threading.Thread(target=self._pump, args=(c, s, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(s, c, False), daemon=True).start()
+
+    def _pump(self, src, dst, upstream):
+        try:
+            while True:
+                if self.cut and self.mode == "silent":
+                    time.sleep(60)
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if upstream and self.pause:
+                    time.sleep(self.pause)             # a slow link: about 64 KiB per pause
+                if upstream and self.cut_after is not None:
+                    with self.lock:
+                        self.relayed += len(data)
+                        if self.relayed >= self.cut_after and not self.cut:
+                            self.cut = True
+                            if self.mode == "reset":
+                                self.close()
+                                return
+                if self.cut and self.mode == "silent":
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+@pytest.mark.parametrize("mode", ["reset", "silent"])
+def test_a_lost_link_hands_its_requests_to_the_other(serve, tmp_path, mode):
+    """Two links to one multi-conn export: the connections are spread over both; the second link dies
+    mid-send (reset, or silent until the client's timeout), its unacknowledged requests go again over
+    the first, every extent lands exactly, and the sender names the lost link."""
+    size = 32 * MiB
+    source, zero_runs = make_source(tmp_path / "src", size, seed=40)
+    extents = [Extent(0, 12 * MiB), *[e for e in random_extents(size, zero_runs, seed=41) if e.offset >= 12 * MiB]]
+    s = serve("nbdkit-file", size=size, fill=PATTERN)
+    slow = Relay(s.port, host="127.0.0.5", pause=0.002)     # link 1: ~30 MB/s, so link 2 gets its share
+    relay = Relay(s.port, cut_after=3 * MiB, mode=mode)
+    try:
+        sender = NbdSender(connections=2, timeout=5.0)      # the silent link is found lost after this
+        info = ExportInfo(slow.host, slow.port, s.name, size, more=((relay.host, relay.port),))
+        sent = sender.send(str(tmp_path / "src"), extents, info)
+    finally:
+        relay.close()
+        slow.close()
+    assert relay.cut, "the second link carried less than 3 MiB: the connections were not spread"
+    assert list(sender.lost_links) == [relay.host]
+    assert sent >= sum(e.length for e in extents if not e.zero)
+    with open(s.path, "rb") as f:
+        check_exact(f.read(), source, extents, size)
+
+
+def test_a_link_down_from_the_start_is_skipped_and_every_link_down_fails(serve, tmp_path):
+    size = 8 * MiB
+    source, zero_runs = make_source(tmp_path / "src", size, seed=50)
+    extents = random_extents(size, zero_runs, seed=51)
+    s = serve("nbdkit-file", size=size, fill=PATTERN)
+    dead = socket.create_server(("127.0.0.3", 0))      # bound, never listening to anyone: refused
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    sender = NbdSender(connections=2, timeout=2.0)
+    sender.send(str(tmp_path / "src"), extents, ExportInfo(s.host, s.port, s.name, size,
+                                                           more=(("127.0.0.3", dead_port),)))
+    assert list(sender.lost_links) == ["127.0.0.3"]
+    with open(s.path, "rb") as f:
+        check_exact(f.read(), source, extents, size)
+    # a link that accepts but never answers (a listener nobody serves): the send does not wait for it;
+    # its connection is left behind, still opening, when the plan is done
+    silent = socket.create_server(("127.0.0.6", 0))
+    try:
+        sender = NbdSender(connections=2, timeout=120.0)
+        sender.send(str(tmp_path / "src"), extents, ExportInfo(s.host, s.port, s.name, size,
+                                                               more=(silent.getsockname(),)))
+        assert sender.lost_links == {} and sender.used_links == {s.host}
+    finally:
+        silent.close()
+    # the first link dead as well: nothing to send over, a link error (what auto_recover retries)
+    with pytest.raises(LinkError):
+        NbdSender(timeout=2.0).send(str(tmp_path / "src"), extents,
+                                    ExportInfo("127.0.0.3", dead_port, s.name, size, more=(("127.0.0.4", dead_port),)))

@@ -169,6 +169,8 @@ def test_link_down_and_target_failed_alerts_follow_the_link(sys2):
     kinds = {(a["kind"], a["object"]) for a in json.loads(s.rcopy("status", "alerts", "--json").stdout)["alerts"]}
     assert kinds == {("link_down", "backup/127.0.0.1"), ("target_failed", "backup")}
     assert len(json.loads(s.rcopy("status", "alerts", "backup", "--json").stdout)["alerts"]) == 2
+    g = group(s)                                                      # and the group says why it stopped
+    assert g["state"] == "stopped" and g["reason"].startswith("target failed: backup unreachable on every link"), g
     sql(s, "UPDATE targets SET agent=? WHERE name='backup'", agent)                  # back
     s.rcopy("sync", "g", "--wait")
     assert json.loads(s.rcopy("status", "alerts", "--json").stdout)["alerts"] == []

@@ -7,8 +7,11 @@ shopt -s nullglob extglob
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 pkill -9 -f '^(nbdkit|qemu-nbd|nbd-server|nbdcopy|nbd-client|nbdsh)( |$)|/usr/local/bin/rcopy|python3 -m rcopy'
 
-# a throttled replication link (Lab.throttle)
-[[ -e /run/lab-throttle ]] && { tc qdisc del dev "$(</run/lab-link)" root 2>/dev/null; rm -f /run/lab-throttle; }
+# throttled replication links (Lab.throttle)
+if [[ -e /run/lab-throttle ]]; then
+  for l in /run/lab-link /run/lab-link2; do [[ -e $l ]] && tc qdisc del dev "$(<"$l")" root 2>/dev/null; done
+  rm -f /run/lab-throttle
+fi
 
 # a device left suspended (a cut killed mid-way) blocks every opener, fuser and remove_all included
 for f in /sys/block/dm-*/dm/suspended; do
@@ -56,7 +59,7 @@ udevadm settle --timeout=30   # closing the disks after the discard made udev re
 # on it; the image's ssh config turned checking off): the peers' keys as they answer now. Also undoes
 # what tests/lab/test_security.py changes: a wrong known host key, a restricted key for rcopy's agent.
 # KexAlgorithms: why, in recipe/ssh_config.
-printf 'Host primary backup\n    User root\n    LogLevel ERROR\n    BatchMode yes\n    ConnectTimeout 10\n    KexAlgorithms curve25519-sha256\n' \
+printf 'Host primary backup primary-2 backup-2\n    User root\n    LogLevel ERROR\n    BatchMode yes\n    ConnectTimeout 10\n    KexAlgorithms curve25519-sha256\n' \
   >/root/.ssh/config
 if grep -q '^restrict,' /root/.ssh/authorized_keys; then
   grep -v '^restrict,' /root/.ssh/authorized_keys >/root/.ssh/authorized_keys.new
@@ -66,6 +69,9 @@ rm -f /root/.ssh/id_ecdsa /root/.ssh/id_ecdsa.pub
 ssh-keyscan -T 10 primary backup >/root/.ssh/known_hosts 2>/dev/null
 grep -q '^backup ' /root/.ssh/known_hosts && grep -q '^primary ' /root/.ssh/known_hosts \
   || { echo "reset: ssh-keyscan found no host key for primary or backup" >&2; exit 1; }
+# link 2's names reach the same sshd: the same keys (a scan over link 2 would only cost time)
+aliases=$(sed -n 's/^\(primary\|backup\) /\1-2 /p' /root/.ssh/known_hosts)
+echo "$aliases" >>/root/.ssh/known_hosts
 left=(/dev/mapper/!(control))
 if ((${#left[@]})); then
   echo "reset: device-mapper devices left: ${left[*]}" >&2
