@@ -89,7 +89,10 @@ def local_addresses(links) -> tuple[str, ...]:
         except OSError as e:
             log.info("link %s is not an address of this host (%s): no export on it", link, e)
             continue
-        found.append(info[4][0].split("%")[0])
+        if "%" in info[4][0]:           # a scoped (link-local IPv6) address names an interface of this
+            log.info("link %s is scoped (%s): no export on it", link, info[4][0])   # side: the primary
+            continue                                                                  # cannot use it
+        found.append(info[4][0])
     return tuple(found)
 
 

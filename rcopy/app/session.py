@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import tempfile
 
 from rcopy import backends
 from rcopy.app import alerts, devices
 from rcopy.app.local import fill_kinds, resume_origins
+from rcopy.app.signals import unwind_on_signals
 from rcopy.engine.driver import Driver, SyncReport
 from rcopy.engine.states import Event, transition
 from rcopy.errors import AuthFailed, Busy, RcopyError
@@ -26,14 +26,6 @@ from rcopy.state import Store
 from rcopy.sys import lvm, nbdkit, run
 
 log = logging.getLogger("rcopy")
-
-
-def unwind_on_signals():
-    """SIGTERM (systemd stop, kill) unwinds like Ctrl-C: a cut in progress resumes its origins in its
-    ``finally`` and the sync in flight is aborted (rolled back on the backup) instead of dying mid-way."""
-    def _interrupt(*_):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def connect(store: Store, target_name: str):

@@ -12,6 +12,7 @@ parent (``--exit-with-parent``), so a crashed agent leaves no writable export be
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from rcopy.ports import ExportInfo
 from rcopy.errors import NotFound, UsageError
 from rcopy.sys import nbdkit
 
+log = logging.getLogger("rcopy")
 _NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+:-]{0,127}$")
 
 
@@ -85,12 +87,17 @@ class Export:
             # without zeroing needs (rcopy.backends.write_granule)
             blocks = ("blocksize",) if self.minblock else ()
             for i, host in enumerate((self.host, *self.more_hosts)):
-                self.servers.append(nbdkit.start(
-                    "file", f"dir={vols}", "exportname-list=error",
-                    *([f"minblock={self.minblock}"] if self.minblock else []),
-                    host=host, port=self.port if i == 0 else None, readonly=self.readonly, tls_dir=tls_dir,
-                    verify_peer=bool(self.client_cert_pem), filters=("exportname", *blocks),
-                    allow_peers=self.allow_peers))
+                try:
+                    self.servers.append(nbdkit.start(
+                        "file", f"dir={vols}", "exportname-list=error",
+                        *([f"minblock={self.minblock}"] if self.minblock else []),
+                        host=host, port=self.port if i == 0 else None, readonly=self.readonly, tls_dir=tls_dir,
+                        verify_peer=bool(self.client_cert_pem), filters=("exportname", *blocks),
+                        allow_peers=self.allow_peers))
+                except nbdkit.NbdkitError as e:
+                    if i == 0:
+                        raise
+                    log.warning("no export on link address %s (%s): the sync uses the other links", host, e)
         except BaseException:
             self.stop()
             raise
