@@ -200,8 +200,12 @@ def test_sigkill_inside_the_cut_leaves_no_origin_suspended(clean_lab):
 
 
 def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
+    """Both links of the target cut in the middle of a sync: rolled back; past the target timeout the
+    target has failed (alert, and the group's reason); auto_recover resumes by delta at link up."""
     lab = clean_lab
     group(lab, agent=AGENT)
+    rc(lab, "link", "add", "backup", "backup-2")
+    rc(lab, "link", "add", "primary", "primary-2", host="backup")
     before = {v: sha(lab, "backup", dev(v)) for v in VOLS}
     write_random(lab, 2000, seed=5)
     lab.throttle("primary", "16mbit")         # ~8 s of sending: the cut below lands inside it
@@ -229,6 +233,8 @@ def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
     # every link down past the target's timeout (10 s here, 200 s by default): the target has failed
     lab.run("primary", "for i in $(seq 120); do rcopy status alerts --json | grep -q '\"target_failed\"' && exit 0; "
                        "sleep 1; done; exit 1", timeout=200)
+    g = status(lab)
+    assert g["state"] == "stopped" and g["reason"].startswith("target failed: backup unreachable on every link"), g
     lab.link(True)
     lab.run("primary", "for i in $(seq 300); do rcopy status --json | python3 -c 'import json, sys; "
                        "g = json.load(sys.stdin)[\"groups\"][0]; sys.exit(g[\"state\"] != \"started\" or "
