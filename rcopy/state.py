@@ -59,6 +59,7 @@ import threading
 import time
 from typing import Iterator
 
+from rcopy import poll
 from rcopy.errors import AlreadyExists, Busy, NotFound, PermissionDenied, Refused, StateError
 from rcopy.model import (LINK_TIMEOUT, TARGET_TIMEOUT, Alert, Group, GroupState, Link, LinkState, Role, SyncPoint,
                          System, Target, VolumePair, VolumeState, check_name)
@@ -526,14 +527,9 @@ class Store:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
-    def wait_lock(self, group: str, seconds: float, poll: float = 0.2) -> int | None:
+    def wait_lock(self, group: str, seconds: float, poll_s: float = 0.2) -> int | None:
         """``try_lock``, retried for up to ``seconds`` while another process finishes."""
-        deadline = time.monotonic() + seconds
-        fd = self.try_lock(group)
-        while fd is None and time.monotonic() < deadline:
-            time.sleep(poll)
-            fd = self.try_lock(group)
-        return fd
+        return poll.until(lambda: self.try_lock(group), seconds, poll_s)
 
     def held(self, group: str) -> bool:
         """Does some process hold the group's lock right now (a sync or an operation really runs)? A

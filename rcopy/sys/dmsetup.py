@@ -12,9 +12,9 @@ import dataclasses
 import errno
 import os
 import stat
-import time
 
 from rcopy.errors import NotFound, ToolError
+from rcopy.poll import until
 from rcopy.sys.run import Result, describe, run
 
 TIMEOUT = 60.0
@@ -197,12 +197,7 @@ def open_count(name: str) -> int:
 
 def wait_closed(name: str, seconds: float, poll: float = 0.2) -> bool:
     """Wait up to ``seconds`` for NAME to have no opener; True once it has none."""
-    deadline = time.monotonic() + seconds
-    while open_count(name):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll)
-    return True
+    return bool(until(lambda: True if not open_count(name) else None, seconds, poll))
 
 
 def message(name: str, msg: str, sector: int = 0) -> str:

@@ -15,9 +15,9 @@ import dataclasses
 import json
 import re
 import threading
-import time
 
 from rcopy.errors import AlreadyExists, NotFound, Refused, ToolError
+from rcopy.poll import until
 from rcopy.sys import lvm_shell
 from rcopy.sys.run import Result, describe, run
 
@@ -453,18 +453,18 @@ def merge(vg: str, name: str) -> None:
 
 def wait_merged(vg: str, name: str, *, timeout: float = 3600.0, poll: float = 0.5) -> None:
     """Block until the snapshot VG/NAME has merged (and so disappeared); raise LvmError on failure."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def merged() -> bool | None:
         _Reports.changed()          # a merge moves on its own: never answer from a cached report
         lv = get(vg, name)
         if lv is None:
-            return
+            return True
         if lv.merge_failed:
             raise LvmError(f"merge of {vg}/{name} into its origin failed: see 'lvs -a {vg}' and the kernel log")
         if not lv.merging:
             raise LvmError(f"{vg}/{name} still exists but is not merging: the merge was deferred "
                            f"(is the origin open?); close the origin and retry")
-        if time.monotonic() > deadline:
-            raise LvmError(f"merge of {vg}/{name} did not finish within {timeout:.0f} s")
-        # lvconvert returns at once; polling 'lvs' is how LVM's own lvpoll watches it.
-        time.sleep(poll)
+        return None
+
+    # lvconvert returns at once; polling 'lvs' is how LVM's own lvpoll watches it.
+    if not until(merged, timeout, poll):
+        raise LvmError(f"merge of {vg}/{name} did not finish within {timeout:.0f} s")

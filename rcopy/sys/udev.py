@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-import time
 
 import pyudev
 
 from rcopy.errors import DeviceError, NotFound
+from rcopy.poll import until
 from rcopy.sys.nodes import SECTOR, read_int
 
 
@@ -105,8 +105,7 @@ def by_devno(major: int, minor: int) -> BlockDevice:
 
 def wait_for(path: str, *, timeout: float = 30.0, poll: float = 0.1) -> BlockDevice:
     """Wait until ``path`` is a block device that udev has processed (the 'udevadm settle' we need)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def ready() -> BlockDevice | None:
         if is_block_device(path):
             try:
                 dev = pyudev.Devices.from_device_file(_context(), os.path.realpath(path))
@@ -114,9 +113,12 @@ def wait_for(path: str, *, timeout: float = 30.0, poll: float = 0.1) -> BlockDev
                     return _to_block_device(dev)
             except (pyudev.DeviceNotFoundError, ValueError, OSError):
                 pass
-        if time.monotonic() > deadline:
-            raise DeviceTimeout(path=path, timeout=timeout)
-        time.sleep(poll)
+        return None
+
+    dev = until(ready, timeout, poll)
+    if dev is None:
+        raise DeviceTimeout(path=path, timeout=timeout)
+    return dev
 
 
 def watch_block(on_event) -> "pyudev.MonitorObserver":
