@@ -46,7 +46,7 @@ from rcopy.engine.states import Event, transition
 from rcopy.errors import Busy, NotFound, RcopyError, Refused, StateError
 from rcopy.model import TARGET_TIMEOUT, Group, GroupState, Role, VolumePair, VolumeState, check_name
 from rcopy.state import Store
-from rcopy.sys import lvm, run
+from rcopy.sys import lvm, netlink, run
 from rcopy.sys.channel import ChannelTimeout, LineReader, LineTooLong
 
 log = logging.getLogger("rcopy.agent")
@@ -82,17 +82,17 @@ def local_addresses(links) -> tuple[str, ...]:
     does not resolve, or an address this host does not hold, is left out (it cannot be bound)."""
     found = []
     for link in links:
+        addr = next(iter(netlink.addresses(link)), None)
+        if addr is None or "%" in addr:   # unresolved, or scoped (link-local IPv6): that zone names an
+            log.info("link %s: no export on it (%s)", link, addr or "does not resolve")   # interface here
+            continue
         try:
-            info = socket.getaddrinfo(link, None, type=socket.SOCK_STREAM)[0]
-            with socket.socket(info[0], socket.SOCK_STREAM) as s:
-                s.bind((info[4][0], 0))
+            with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((addr, 0))
         except OSError as e:
             log.info("link %s is not an address of this host (%s): no export on it", link, e)
             continue
-        if "%" in info[4][0]:           # a scoped (link-local IPv6) address names an interface of this
-            log.info("link %s is scoped (%s): no export on it", link, info[4][0])   # side: the primary
-            continue                                                                  # cannot use it
-        found.append(info[4][0])
+        found.append(addr)
     return tuple(found)
 
 
@@ -100,10 +100,11 @@ def peer_addresses(links) -> tuple[str, ...]:
     """The primary's link addresses as this system names them (its target record), numeric."""
     found = []
     for link in links:
-        try:
-            found.append(socket.getaddrinfo(link, None, type=socket.SOCK_STREAM)[0][4][0].split("%")[0])
-        except OSError:
+        addr = next(iter(netlink.addresses(link)), None)
+        if addr is None:
             log.info("link %s of the primary does not resolve: not admitted to the export", link)
+        else:
+            found.append(addr.split("%")[0])
     return tuple(found)
 
 
@@ -144,8 +145,9 @@ class Agent:
         # With a sync in flight, no request for this long means the primary or the link is gone: roll
         # back and exit (3PAR fails a target after 200 s without heartbeat; the primary pings every few
         # seconds). The primary's hello says its target timeout; RCOPY_AGENT_TIMEOUT here wins over it.
-        self.idle_fixed = bool(os.environ.get("RCOPY_AGENT_TIMEOUT"))
-        self.idle_timeout = float(os.environ.get("RCOPY_AGENT_TIMEOUT") or TARGET_TIMEOUT)
+        fixed = os.environ.get("RCOPY_AGENT_TIMEOUT")
+        self.idle_fixed = bool(fixed)
+        self.idle_timeout = float(fixed or TARGET_TIMEOUT)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def recover(self):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import tempfile
 
 from rcopy import backends
@@ -23,7 +22,7 @@ from rcopy.engine.states import Event, transition
 from rcopy.errors import AuthFailed, Busy, RcopyError
 from rcopy.model import Group, GroupState, LinkState
 from rcopy.state import Store
-from rcopy.sys import lvm, nbdkit, run
+from rcopy.sys import lvm, nbdkit, netlink, run
 
 log = logging.getLogger("rcopy")
 
@@ -93,10 +92,7 @@ def record_data_links(store: Store, target_name: str, sender) -> None:
 
 
 def _addresses(link: str) -> set[str]:
-    try:
-        return {i[4][0].split("%")[0] for i in socket.getaddrinfo(link, None, type=socket.SOCK_STREAM)}
-    except OSError:
-        return {link}
+    return {a.split("%")[0] for a in netlink.addresses(link)} or {link}
 
 
 def driver(store: Store, peer, progress=None) -> Driver:

@@ -13,11 +13,17 @@ from typing import Callable
 log = logging.getLogger("rcopy.links")
 
 
-def _address(link: str) -> str | None:
+def addresses(link: str) -> list[str]:
+    """The numeric addresses a link (a host name or an IP literal) resolves to, in the resolver's order
+    (an IPv6 zone kept); [] when it does not resolve."""
     try:
-        return socket.getaddrinfo(link, None, proto=socket.IPPROTO_TCP)[0][4][0]
-    except (socket.gaierror, IndexError):
-        return None
+        return list(dict.fromkeys(i[4][0] for i in socket.getaddrinfo(link, None, proto=socket.IPPROTO_TCP)))
+    except OSError:
+        return []
+
+
+def _address(link: str) -> str | None:
+    return next(iter(addresses(link)), None)
 
 
 def route_up(link: str) -> bool:
