@@ -238,8 +238,7 @@ class NbdSender:
                                        write_align=export.write_align), progress)
             finally:
                 os.close(fd)
-            for c in alive:
-                c.flush()
+            alive = self._flush(alive, failover=bool(more))
             self.used_links.update(c.host for c in alive)
             if progress:
                 progress(sum(c.acked_bytes for c in clients))
@@ -247,6 +246,26 @@ class NbdSender:
         finally:
             for c in list(clients):
                 self._forget(c)
+
+    def _flush(self, alive: list[NbdClient], *, failover: bool) -> list[NbdClient]:
+        """FLUSH every connection left; returns those that flushed. Every request was acknowledged
+        before this (each writer drained), and on a multi-conn export a FLUSH on one connection makes
+        every acknowledged write durable, whichever connection carried it: so with ``failover`` a link
+        lost now (another volume's connection there timed out, or this one) costs nothing as long as
+        one connection flushes."""
+        flushed, lost = [], None
+        for c in alive:
+            try:
+                c.flush()
+                flushed.append(c)
+            except RcopyError as e:
+                if not (failover and e.kind == "link" and not self._cancelled):
+                    raise
+                lost = e
+                self._lose(c.host, e)
+        if not flushed:
+            raise lost
+        return flushed
 
     def _run(self, clients: list[NbdClient], more: list[tuple[str, int]], export: ExportInfo, fd, path,
              pieces, progress) -> list[NbdClient]:

@@ -535,3 +535,28 @@ def test_a_link_down_from_the_start_is_skipped_and_every_link_down_fails(serve, 
     with pytest.raises(LinkError):
         NbdSender(timeout=2.0).send(str(tmp_path / "src"), extents,
                                     ExportInfo("127.0.0.3", dead_port, s.name, size, more=(("127.0.0.4", dead_port),)))
+
+
+def test_a_link_lost_at_the_flush_is_survived_when_another_connection_flushes():
+    """Every request was acknowledged before the FLUSH; on a multi-conn export one connection's FLUSH
+    makes them all durable, so a link lost at that moment (another volume's connection there timed out
+    and aborted this one) fails nothing while a connection flushes; with none left, the send fails."""
+    from rcopy.transport.nbd_errors import NbdConnectionLost
+
+    class Conn:
+        def __init__(self, host, ok):
+            self.host, self.ok, self.flushed = host, ok, False
+
+        def flush(self):
+            if not self.ok:
+                raise NbdConnectionLost("link lost", where=f"{self.host}:1")
+            self.flushed = True
+
+    good, bad = Conn("169.254.9.1", True), Conn("169.254.9.2", False)
+    sender = NbdSender()
+    assert sender._flush([bad, good], failover=True) == [good] and good.flushed
+    assert list(sender.lost_links) == ["169.254.9.2"]
+    with pytest.raises(LinkError):
+        NbdSender()._flush([Conn("169.254.9.2", False)], failover=True)
+    with pytest.raises(LinkError):                  # without multi-conn a flush covers only its own writes
+        NbdSender()._flush([bad, good], failover=False)
