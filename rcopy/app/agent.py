@@ -18,6 +18,9 @@ Operations (all idempotent where a retry can happen):
   number of external commands this side ran for the sync (``commands``).
 - ``abort {group, generation, sync_id, reason}``: stop the exports, promote R(n) onto every secondary.
 - ``hash {group}`` -> ``{path: sha256}`` for ``rcopy verify``. ``ping`` -> ``{time}`` (heartbeat).
+- ``attach {group, sync_id}``: the primary lost the link its channel to the agent serving that sync ran
+  on and came back on another: this process hands its channel to that agent (rcopy.app.handover) and
+  from then on only relays; the serving agent keeps its lock, its exports and R(n).
 
 The agent holds the group's lock from ``begin`` to ``commit``/``abort``. If its stdin closes (the primary,
 ssh or the link died) with a sync uncommitted it rolls back by itself; at start it rolls back any sync
@@ -40,6 +43,7 @@ import sys
 import time
 
 from rcopy import __version__, backends, faults
+from rcopy.app import handover
 from rcopy.app.local import fill_kinds
 from rcopy.names import snapshot_name, volume_name
 from rcopy.engine.states import Event, transition
@@ -52,6 +56,7 @@ from rcopy.sys.channel import ChannelTimeout, LineReader, LineTooLong
 log = logging.getLogger("rcopy.agent")
 PROTOCOL = 1
 TAKEOVER_WAIT = 60.0
+HANDOVER_POLL = 1.0      # s between looks for a channel handed over while a sync is in flight
 
 
 def export_address(bind: str) -> str:
@@ -148,6 +153,9 @@ class Agent:
         fixed = os.environ.get("RCOPY_AGENT_TIMEOUT")
         self.idle_fixed = bool(fixed)
         self.idle_timeout = float(fixed or TARGET_TIMEOUT)
+        self.listening: dict[str, socket.socket] = {}    # group -> where a new channel may attach
+        self.channel: socket.socket | None = None        # the channel handed over to us, once one was
+        self.relay: socket.socket | None = None          # the serving agent we attached to (we relay)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def recover(self):
@@ -193,6 +201,31 @@ class Agent:
             g = self.store.group(name)
             self._release(name, rollback_reason=f"the primary went away during sync point "
                                                 f"{g.pending_generation}; rolled back to sync point {g.generation}")
+
+    def take_handover(self) -> socket.socket | None:
+        """A channel another agent process attached for one of our syncs: from now on our requests
+        come from it and our replies go to it (the previous channel is left; its link is dead)."""
+        for group, listener in self.listening.items():
+            conn = handover.accept(listener)
+            if conn is not None:
+                log.warning("group %s: the primary came back over another link; its requests now reach "
+                            "this agent through the agent it started there", group)
+                if self.channel is not None:
+                    self.channel.close()
+                self.channel = conn
+                return conn
+        return None
+
+    def _listen(self, group: str) -> None:
+        try:
+            self.listening[group] = handover.listen(self.store.dir, group)
+        except OSError as e:        # the sync runs on; only a move of its channel is out of reach
+            log.warning("group %s: no channel handover possible for this sync: %s", group, e)
+
+    def _unlisten(self, group: str) -> None:
+        listener = self.listening.pop(group, None)
+        if listener is not None:
+            listener.close()
 
     # -- dispatch -----------------------------------------------------------------------------------
     def handle(self, request) -> dict:
@@ -376,6 +409,7 @@ class Agent:
             os.close(fd)
             raise
         self.active[group] = (fd, export, sync_id, held)
+        self._listen(group)
         infos = export.infos
         return {"view": view, "volumes": {r: {"export": dataclasses.asdict(infos[vols[r].name])} for r in remotes}}
 
@@ -433,6 +467,7 @@ class Agent:
                 backends.protect([(v.backend, v.local) for v in self.store.volumes(group)], writable=False,
                                  group=group, mark=backends.mark_of(group, generation, sync_id), known=held)
         del self.active[group]
+        self._unlisten(group)
         os.close(fd)
         book = self.books.pop(group, None)
         return {"committed": generation, **(book.as_dict() if book else {"commands": None, "commands_by_tool": {}})}
@@ -450,6 +485,19 @@ class Agent:
             with self.store.lock(group, "a sync"):
                 self._rollback(g, why)
         return {"rolled_back": True}
+
+    def op_attach(self, group: str, sync_id: str):
+        g = self._secondary(group)
+        where = self.store.system().name
+        if group in self.active or not g.pending_generation or g.pending_id != sync_id:
+            raise StateError(f"group {group}: sync {sync_id} is not in flight on {where} (it was rolled back "
+                             "or committed): nothing to attach to")
+        try:
+            self.relay = handover.connect(self.store.dir, group)
+        except OSError as e:
+            raise StateError(f"group {group}: the agent serving sync point {g.pending_generation} on {where} "
+                             f"is gone ({e.strerror or e}); it rolls the sync back") from None
+        return {"attached": g.pending_generation}
 
     # -- disaster recovery (rcopy.app.dr): the peer that failed over, recovers or restores asks -------
     def op_fence(self, group: str, by: str):
@@ -488,6 +536,7 @@ class Agent:
     def _release(self, group: str, *, rollback_reason: str):
         self.books.pop(group, None)
         fd, export, *_ = self.active.pop(group)
+        self._unlisten(group)
         try:
             export.stop()
             self._rollback(self.store.group(group), rollback_reason)
@@ -559,20 +608,35 @@ def _error(rid, cls: str, code: int, message: str) -> dict:
 
 
 def _lines(fd: int, agent: Agent):
-    """Lines from fd; while a sync is in flight, stop after the idle timeout without one. A line
-    over the limit is skipped and answered with an error."""
-    reader = LineReader(fd)
+    """Lines from fd, or from a channel handed over to us since; while a sync is in flight, stop after
+    the idle timeout without one. A line over the limit is skipped and answered with an error."""
+    reader, last = LineReader(fd), time.monotonic()
+    conn = None
     while True:
+        conn = conn or agent.take_handover()
+        if conn is not None:
+            reader, last, conn = LineReader(conn.fileno()), time.monotonic(), None
+        wait = max(0.0, last + agent.idle_timeout - time.monotonic()) if agent.active else None
+        if agent.listening:
+            wait = HANDOVER_POLL if wait is None else min(wait, HANDOVER_POLL)
         try:
-            line = reader.readline(agent.idle_timeout if agent.active else None)
+            line = reader.readline(wait)
         except ChannelTimeout:
-            log.warning("no request for %.0f s with a sync in flight: the primary is gone", agent.idle_timeout)
-            return
+            if agent.active and time.monotonic() - last >= agent.idle_timeout:
+                log.warning("no request for %.0f s with a sync in flight: the primary is gone", agent.idle_timeout)
+                return
+            continue
         except LineTooLong as e:
             yield e
             continue
         if line is None:
-            return
+            # the end of a channel whose replacement attached meanwhile (the primary closes the old
+            # one once the new one is attached) is not a hang-up
+            conn = agent.take_handover()
+            if conn is None:
+                return
+            continue
+        last = time.monotonic()
         yield line.decode(errors="replace")
 
 
@@ -612,8 +676,18 @@ def _serve(agent: Agent, stdin, stdout) -> int:
                     reply = _error(None, "UsageError", 2, f"not JSON: {e}")
                 else:
                     reply = agent.handle(request)
-            stdout.write(json.dumps(reply) + "\n")
-            stdout.flush()
+            if agent.channel is not None:
+                try:
+                    agent.channel.sendall((json.dumps(reply) + "\n").encode())
+                except OSError as e:            # the relay is gone: as good as our stdin closing
+                    log.warning("the channel handed over to this agent closed: %s", e)
+                    return 0
+            else:
+                stdout.write(json.dumps(reply) + "\n")
+                stdout.flush()
+            if agent.relay is not None:         # attached: the serving agent answers from now on
+                handover.relay(stdin.fileno(), stdout.fileno(), agent.relay)
+                return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)     # finish the rollback whatever comes
         agent.hangup()

@@ -73,21 +73,24 @@ def client_certificate(directory: str) -> tuple[str, str, str]:
     return cert, key, nbdkit.make_certificate(cert, key, "rcopy-primary")
 
 
-def record_data_links(store: Store, target_name: str, sender) -> None:
-    """What the data connections found: a link the sender lost is down (alert link_down; the sync
-    went on over the others), a link that carried a volume's data is up. The sender names links by
-    address, the target by the words it was given (host names or IP literals)."""
+def record_data_links(store: Store, target_name: str, sender, peer=None) -> None:
+    """What the sync found of its links: a link the sender lost, or the control channel moved off, is
+    down (alert link_down; the sync went on over the others); a link that carried data, or carries the
+    control channel now, is up. The sender names links by address, the target and the peer by the words
+    the target was given (host names or IP literals)."""
     lost, used = getattr(sender, "lost_links", {}), getattr(sender, "used_links", set())
-    if not lost and not used:
+    control_lost = getattr(peer, "lost_links", {})
+    if not (lost or control_lost or used):
         return
     for link in store.target(target_name).links:
         addresses = _addresses(link)
-        if addresses & set(lost):
-            why = lost[next(iter(addresses & set(lost)))]
-            log.warning("link %s to target %s lost during the sync (%s): the data went over the others",
-                        link, target_name, why)
+        if link in control_lost or addresses & set(lost):
+            why = control_lost.get(link) or lost[next(iter(addresses & set(lost)))]
+            what = "the control channel" if link in control_lost else "the data"
+            log.warning("link %s to target %s lost during the sync (%s): %s went over the others",
+                        link, target_name, why, what)
             store.set_link_state(target_name, link, LinkState.DOWN)
-        elif addresses & used:
+        elif addresses & used or (control_lost and link == getattr(peer, "link", None)):
             store.set_link_state(target_name, link, LinkState.UP)
 
 
@@ -95,10 +98,14 @@ def _addresses(link: str) -> set[str]:
     return {a.split("%")[0] for a in netlink.addresses(link)} or {link}
 
 
-def driver(store: Store, peer, progress=None) -> Driver:
+def driver(store: Store, peer, progress=None, *, link_timeout: float = 0) -> Driver:
+    """The engine wired to LVM, dm and NBD. A data connection silent for the target's link timeout is
+    a lost link, as the control channel's is, but never sooner than the NBD default: a busy backup
+    disk may hold a write's reply for a while, and a short heartbeat is for the control channel."""
+    from rcopy.transport.client import DEFAULT_TIMEOUT
     from rcopy.transport.sender import NbdSender
     return Driver(store, peer, backend=backends.get, cut=backends.cut, delete=backends.delete,
-                  sender=NbdSender(), progress=progress)
+                  sender=NbdSender(timeout=max(DEFAULT_TIMEOUT, link_timeout)), progress=progress)
 
 
 def check(store: Store, group: str, event: Event) -> Group:
@@ -139,7 +146,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
             resume_origins(store, group)
             with connect_or_stop(store, g) as peer:
                 peer.certify = lambda: client_certificate(certs)     # made when begin needs it
-                d = driver(store, peer, progress)
+                d = driver(store, peer, progress, link_timeout=store.target(g.target).link_timeout)
                 d.reconcile(group)
                 devices.require(store, group)        # a volume gone or resized stops here, before any cut
                 report = d.sync(group, event=event, full=full, confirm=confirm)
@@ -148,7 +155,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
     finally:
         try:
             if d is not None:
-                record_data_links(store, g.target, d.sender)
+                record_data_links(store, g.target, d.sender, d.peer)
             alerts.refresh(store)         # links seen down or up, volumes marked stale or synced again
         except RcopyError as e:           # never hides the sync's own outcome
             log.warning("group %s: alerts not refreshed: %s", group, e)

@@ -116,6 +116,7 @@ class _Run:
     marks: dict[str, VolumeState] = dataclasses.field(default_factory=dict)    # volume -> state after an abort
     heartbeat: tuple[threading.Event, threading.Thread] | None = None
     begun: Callable[[], dict] | None = None          # waits for the backup's answer to PeerBegin
+    in_flight: tuple[str, str] = ("", "")           # (group, sync id) the backup is serving
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -313,6 +314,7 @@ class Driver:
     def _do_PeerBegin(self, a: P.PeerBegin, run):
         run.begun = self.peer.begin_start(a.group, a.generation, a.sync_id, a.base_generation, a.base_id,
                                           list(a.remotes), self.peer.link)
+        run.in_flight = (a.group, a.sync_id)
 
     def _do_PeerBegun(self, a: P.PeerBegun, run):
         res = run.begun()
@@ -320,7 +322,8 @@ class Driver:
         for remote, v in res["volumes"].items():
             run.exports[remote] = ExportInfo(**v["export"])
         stop = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(stop,), name="rcopy-heartbeat", daemon=True)
+        beat = threading.Thread(target=self._heartbeat, args=(stop, *run.in_flight), name="rcopy-heartbeat",
+                                daemon=True)
         beat.start()
         run.heartbeat = (stop, beat)
 
@@ -359,20 +362,40 @@ class Driver:
         if cancel is not None:
             cancel(reason)
 
-    def _heartbeat(self, stop: threading.Event):
+    def _heartbeat(self, stop: threading.Event, group: str, sync_id: str):
         """Ping the agent from its begin until our commit or abort: it rolls back after a silence, and
         the cut and the sends (data goes over NBD, not the channel) can take long. The main thread makes
-        no peer call meanwhile, so the channel is never used by two threads at once."""
+        no peer call meanwhile, so the channel is never used by two threads at once (nor while it is
+        moved to another link here)."""
         while not stop.wait(HEARTBEAT):
             try:
                 self.peer.ping()
             except RcopyError as e:
                 # the control channel is the link's heartbeat (a ping unanswered for the target's link
-                # timeout, or ssh's ServerAlive, ends it):
-                # fail the sends now rather than after their own timeouts (a FLUSH may wait minutes)
+                # timeout, or ssh's ServerAlive, ends it): move it to another link, or else fail the
+                # sends now rather than after their own timeouts (a FLUSH may wait minutes)
+                if self._move_channel(group, sync_id, e):
+                    continue
                 log.info("heartbeat to the backup failed: %s", e)
                 self._cancel_sends(f"the backup stopped answering its heartbeat: {e}")
                 return
+
+    def _move_channel(self, group: str, sync_id: str, err: RcopyError) -> bool:
+        """3PAR: one link lost is an alert, not a failure, whichever link it is. The sends on the links
+        still up go on meanwhile; a data connection on the lost link fails over by its own timeout."""
+        reattach = getattr(self.peer, "reattach", None)
+        if reattach is None or err.kind != "link" or len(getattr(self.peer.target, "links", ())) < 2:
+            return False
+        lost = self.peer.link
+        try:
+            link = reattach(group, sync_id, str(err))
+        except RcopyError as e:
+            log.warning("group %s: the control channel's link %s went silent (%s) and no other link took it "
+                        "over: %s", group, lost, err, e)
+            return False
+        log.warning("group %s: the control channel's link %s went silent (%s); it moved to link %s and the "
+                    "sync goes on", group, lost, err, link)
+        return True
 
     def _send_one(self, a: P.Send, run: _Run):
         g = parse(a.source).group

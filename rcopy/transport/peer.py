@@ -93,12 +93,17 @@ class Peer:
         self.certify = None
         self._pending: Pending | None = None
         self._open_sync = False       # a begin the agent has not answered commit or abort for
-        failures, refused = [], []
-        for link in target.links:
+        self.lost_links: dict[str, str] = {}     # link -> why: the control channel moved off it mid-sync
+        self._connect(target.links)
+
+    def _connect(self, links) -> None:
+        """The channel on the first of ``links`` whose agent answers hello."""
+        target, failures, refused = self.target, [], []
+        for link in links:
             try:
                 self.channel = Channel(shlex.split(target.agent_command(link)))
                 self.link = link
-                self.hello = self.call("hello", timeout=HELLO_TIMEOUT, protocol=PROTOCOL, peer=system,
+                self.hello = self.call("hello", timeout=HELLO_TIMEOUT, protocol=PROTOCOL, peer=self.system,
                                        idle_timeout=target.target_timeout)
                 break
             except E.LinkError as e:
@@ -127,6 +132,28 @@ class Peer:
 
     def __exit__(self, *exc):
         self.close()
+
+    def reattach(self, group: str, sync_id: str, why: str) -> str:
+        """The control channel's link went silent mid-sync (``why``): reach the agent over another link
+        and have it hand this new channel to the agent serving the sync, which keeps its exports (the
+        data goes on over the links still up) and its rollback point. Returns the link now in use;
+        raises if no other link answers or the sync is no longer in flight there (it rolled back)."""
+        old, dead = self.channel, self.link
+        others = [link for link in self.target.links if link != dead]
+        self.channel, self._pending = None, None
+        try:
+            if not others:
+                raise TargetUnreachable(target=self.target.name, detail=f"{dead} is its only link")
+            self._connect(others)
+            self.call("attach", group=group, sync_id=sync_id)
+        except E.RcopyError:
+            self.close(wait=False)
+            raise
+        finally:
+            if old is not None:
+                old.close(wait=False)            # its agent no longer reads it: nothing to wait for
+        self.lost_links[dead] = why
+        return self.link
 
     def close(self, *, wait: bool | None = None):
         """Close the channel. By default wait for the agent to exit (or kill it after a while) only when

@@ -3,14 +3,16 @@
 One group of a thin and a thick volume replicates from `primary` to `backup`, with `rcopy daemon`
 running on the primary as under systemd. Each run: random writes, a writer rewriting block 0 of both
 volumes, a sync started in the background, and at a random moment one fault, drawn so that every kind
-comes up in turn (shuffled by the seed): the link down for a while shorter or longer than the backup's
-agent timeout, a power cut of either VM, SIGKILL or SIGTERM of the primary's sync, SIGKILL of the
+comes up in turn (shuffled by the seed): both links down for a while shorter or longer than the
+backup's agent timeout, the second link (data only: the control channel stays on the first) down for 5 to
+40 s, a power cut of either VM, SIGKILL or SIGTERM of the primary's sync, SIGKILL of the
 backup's agent, read errors under the primary's thick volume (a dm error segment loaded under it), the
 backup's thin pool filled. Then the fault is repaired as an admin would (boot, link up, table back, space
 freed) and the run checks, once no sync is in flight on either side:
 
 1. every secondary hash-equals the primary's snapshot of the backup's committed sync point (one point
-   for the whole group, never a mix);
+   for the whole group, never a mix); with only link 2 lost, that point is the run's own sync (link 1
+   carried it: losing a data link is an alert, not a failure);
 2. a sync then completes (``rcopy group start``/``rcopy sync --wait``) and ``rcopy verify`` passes;
 3. no device-mapper device is left suspended, no snapshot outside rcopy's census (the primary's P of its
    sync point, nothing on the backup), no nbdkit left running.
@@ -28,7 +30,7 @@ import time
 
 from rcopylab.replication_demo import AGENT, WRITE, lvm_setup
 
-KINDS = ("link-short", "link-long", "crash-primary", "crash-backup", "kill-primary", "term-primary",
+KINDS = ("link-short", "link-long", "link2", "crash-primary", "crash-backup", "kill-primary", "term-primary",
          "kill-agent", "read-error", "pool-full")
 VG, MIB, VOLS = "rcopytest", 32, ("thinvol", "thickvol")
 SETUP = lvm_setup(VG, MIB, 160)
@@ -105,6 +107,9 @@ class Campaign:
         self.sh("primary", FILL)
         self.sh("primary", f"rcopy target create backup --link backup --agent '{AGENT}'")
         self.sh("backup", "rcopy target create primary --link primary")
+        # two links: the data spreads over both, the control channel takes the first
+        self.sh("primary", "rcopy link add backup backup-2")
+        self.sh("backup", "rcopy link add primary primary-2")
         self.sh("primary", "rcopy group create g --target backup")
         for v in VOLS:
             self.sh("primary", f"rcopy group admit g /dev/{VG}/{v} backup:/dev/{VG}/{v}")
@@ -136,6 +141,9 @@ class Campaign:
         self.settle()
         self.sh("primary", "kill $(cat /run/rcopy-writer) 2>/dev/null || true")
         point = self.check_one_point()
+        if kind == "link2" and point <= before:
+            raise Lost(f"the sync did not commit with link 1 up all along (backup at {point}, was {before}): "
+                       f"{self.status('primary')['reason']}")
         recovered = self.recover()
         self.census(recovered)
         return {"kind": kind, "delay": delay, "blocks": blocks, "before": before, "held": point,
@@ -148,6 +156,9 @@ class Campaign:
         elif kind == "link-long":
             self.lab.link(False)
             time.sleep(rnd.uniform(30, 45))     # past the agent's 20 s and ssh's 15 s
+        elif kind == "link2":
+            self.lab.link(False, 2)
+            time.sleep(rnd.uniform(5, 40))      # shorter and longer than the NBD reply timeout (30 s)
         elif kind in ("crash-primary", "crash-backup"):
             self.lab.crash(kind.split("-")[1])
         elif kind == "kill-primary":

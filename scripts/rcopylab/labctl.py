@@ -17,7 +17,7 @@ from pathlib import Path
 from rcopylab import image as images
 from rcopylab import push as pusher
 from rcopylab.config import HOSTS, LINKS, Config, load
-from rcopylab.errors import BootFailed, GuestHung, LabUsage, NotRunning
+from rcopylab.errors import BootFailed, GuestCommandFailed, GuestHung, LabUsage, NotRunning
 from rcopy.sys.run import CommandTimeout
 from rcopylab.ssh import Ssh, shell_text
 from rcopylab.vm import Vm
@@ -157,6 +157,27 @@ class Lab:
         else:
             self.run(host, f"for l in /run/lab-link /run/lab-link2; do tc qdisc replace dev $(cat $l) root tbf "
                            f"rate {rate} burst 64kb latency 2s || exit 1; done && touch /run/lab-throttle")
+
+    def stall_after(self, host: str, sent: int, pid_file: str, timeout: float = 600,
+                    links: tuple[int, ...] = LINKS) -> bool:
+        """Wait until ``host`` has sent ``sent`` bytes over its throttled ``links``, then drop all it sends
+        there.
+
+        The wait and the stall run in the guest itself, a tenth of a second apart: a fault meant for the
+        middle of a transfer lands there however long this machine takes to poll a status (a loaded CI
+        machine once took long enough for a sync to finish sending and commit between two polls). Needs
+        :meth:`throttle` set first (its counters are what is read); ``throttle(host, None)`` lifts the
+        stall too. False if the process whose pid is in ``pid_file`` ended before that many bytes went."""
+        links = " ".join(f"$(cat /run/lab-link{'' if n == 1 else n})" for n in links)
+        script = (f"while kill -0 $(cat {pid_file}) 2>/dev/null; do "
+                  f"n=$(for l in {links}; do tc -s qdisc show dev $l root; done | awk '/Sent/{{s+=$2}} END{{print s+0}}'); "
+                  f"if [ $n -ge {sent} ]; then for l in {links}; do "
+                  f"tc qdisc replace dev $l root netem loss 100% || exit 2; done; touch /run/lab-throttle; exit 0; fi; "
+                  f"sleep 0.1; done; exit 1")
+        r = self.run(host, script, check=False, timeout=timeout)
+        if r.returncode == 2:
+            raise GuestCommandFailed(cmd="tc qdisc replace ... netem loss 100%", host=host, rc=2, last=r.stderr.strip())
+        return r.returncode == 0
 
     def _wait_carrier(self, host: str, up: bool, n: int = 1) -> None:
         """Return once the guest itself sees the link state (its link watch lags qemu by up to ~1 s)."""

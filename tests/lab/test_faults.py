@@ -7,7 +7,7 @@ from rcopylab import faults
 pytestmark = pytest.mark.lab
 
 SETS = {
-    "link-and-agent": ("link-short", "link-long", "kill-agent"),
+    "link-and-agent": ("link-short", "link-long", "link2", "kill-agent"),
     "power-and-signals": ("crash-primary", "crash-backup", "kill-primary", "term-primary"),
     "disk-and-space": ("read-error", "pool-full"),
 }

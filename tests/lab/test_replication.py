@@ -6,7 +6,6 @@ the backup) with the primary snapshot of the same sync point (read on the primar
 """
 import json
 import shlex
-import time
 
 import pytest
 
@@ -210,10 +209,8 @@ def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
     write_random(lab, 2000, seed=5)
     lab.throttle("primary", "16mbit")         # ~8 s of sending: the cut below lands inside it
     lab.run("primary", "nohup rcopy sync g --wait </dev/null >/tmp/sync.out 2>&1 & echo $! >/tmp/sync.pid")
-    for _ in range(600):
-        if status(lab)["syncing"]:
-            break
-        time.sleep(0.2)
+    if not lab.stall_after("primary", 1 << 20, "/tmp/sync.pid"):       # 1 MiB of data out, then a dead link
+        pytest.fail("the sync ended before it sent 1 MiB: " + lab.run("primary", "cat /tmp/sync.out").stdout)
     lab.link(False)
     lab.run("primary", "while kill -0 $(cat /tmp/sync.pid) 2>/dev/null; do sleep 1; done", timeout=600)
     lab.throttle("primary", None)
@@ -304,20 +301,19 @@ def test_two_links_carry_the_data_and_one_lost_mid_sync_is_an_alert_not_a_failur
     link 2 is cut in the middle of a sync, whose data then goes over link 1 (the control channel's):
     the sync commits, the secondaries equal the sync point, status shows link 2 down with a link_down
     alert. With link 2 back, the next sync uses it again and the alert clears. With link 1 down, the
-    next sync runs over link 2 alone, control channel included."""
+    next sync runs over link 2 alone, control channel included: link 1 is lost in the middle of a sync
+    (the control channel's): the channel moves to link 2 and the sync commits there; the next connects
+    over link 2 at once."""
     lab = clean_lab
-    group(lab, agent=AGENT)
+    # the agent waits 120 s for a silent primary (not 20): the channel moves after ssh's 15 s
+    group(lab, agent=AGENT.replace("RCOPY_AGENT_TIMEOUT=20", "RCOPY_AGENT_TIMEOUT=120"))
     rc(lab, "link", "add", "backup", "backup-2")
     rc(lab, "link", "add", "primary", "primary-2", host="backup")     # the backup's export admits it
     write_random(lab, 3000, seed=11)
     lab.throttle("primary", "16mbit")         # per link: the cut below lands inside the sending
     lab.run("primary", "rm -f /tmp/sync.rc; (rcopy sync g --wait >/tmp/sync.out 2>&1; echo $? >/tmp/sync.rc) "
-                       "</dev/null >/dev/null 2>&1 &")
-    for _ in range(600):
-        g = status(lab)
-        if g["syncing"] and any(v.get("bytes_done") for v in g["volumes"]):
-            break
-        time.sleep(0.2)
+                       "</dev/null >/dev/null 2>&1 & echo $! >/tmp/sync.pid")
+    assert lab.stall_after("primary", 1 << 20, "/tmp/sync.pid", links=(2,)), lab.run("primary", "cat /tmp/sync.out").stdout
     lab.link(False, 2)
     lab.run("primary", "while [ ! -s /tmp/sync.rc ]; do sleep 1; done", timeout=600)
     lab.throttle("primary", None)
@@ -338,12 +334,27 @@ def test_two_links_carry_the_data_and_one_lost_mid_sync_is_an_alert_not_a_failur
     assert links == {"backup": "up", "backup-2": "up"}, links
     assert json.loads(rc(lab, "status", "alerts", "--json").stdout)["alerts"] == []
     assert_secondaries_equal_sync_point(lab, 3)
-    # the control channel's own link down while idle: the next sync connects over link 2 and sends there
+    # link 1 goes silent in the middle of a sync whose control channel runs on it: the primary reaches
+    # the agent over link 2, the agent serving the sync takes that channel, the data goes on over link 2
+    write_random(lab, 3000, seed=14)
+    lab.throttle("primary", "16mbit")
+    lab.run("primary", "rm -f /tmp/sync.rc; (rcopy sync g --wait >/tmp/sync.out 2>&1; echo $? >/tmp/sync.rc) "
+                       "</dev/null >/dev/null 2>&1 & echo $! >/tmp/sync.pid")
+    assert lab.stall_after("primary", 1 << 20, "/tmp/sync.pid", links=(1,)), lab.run("primary", "cat /tmp/sync.out").stdout
     lab.link(False, 1)
+    lab.run("primary", "while [ ! -s /tmp/sync.rc ]; do sleep 1; done", timeout=600)
+    lab.throttle("primary", None)
+    out = lab.run("primary", "cat /tmp/sync.out; cat /tmp/sync.rc").stdout
+    assert out.split()[-1] == "0", out
+    assert "moved to link backup-2 and the sync goes on" in out, out
+    assert_secondaries_equal_sync_point(lab, 4)
+    links = {l["address"]: l["state"] for l in json.loads(rc(lab, "status", "links", "--json").stdout)["targets"][0]["links"]}
+    assert links == {"backup": "down", "backup-2": "up"}, links
+    # link 1 still down, the group idle: the next sync connects over link 2 and sends there
     write_random(lab, 50, seed=13)
     rc(lab, "sync", "g", "--wait")
     links = {l["address"]: l["state"] for l in json.loads(rc(lab, "status", "links", "--json").stdout)["targets"][0]["links"]}
     assert links == {"backup": "down", "backup-2": "up"}, links
-    assert_secondaries_equal_sync_point(lab, 4)
+    assert_secondaries_equal_sync_point(lab, 5)
     lab.link(True, 1)
     rc(lab, "verify", "g")

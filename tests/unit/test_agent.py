@@ -200,6 +200,80 @@ def test_a_new_primary_connection_takes_over_from_a_stale_agent(backup):
 
 
 @needs_nbdkit
+def test_a_channel_moved_to_another_link_reaches_the_agent_serving_the_sync(backup):
+    """The control channel's link went silent mid-sync: a second agent (reached over another link)
+    attaches to the one serving the sync and relays; that one keeps its export and commits. Its old
+    stdin is no longer read: closing it rolls nothing back."""
+    tmp, sec = backup
+    served = AgentProc(str(tmp / "B"))
+    export = _begin(served, sec)["export"]
+    moved = AgentProc(str(tmp / "B"))
+    wrong = moved.call("attach", group="g", sync_id="not-two")
+    assert wrong["error"]["class"] == "StateError" and "not in flight" in wrong["error"]["message"]
+    assert moved.call("attach", group="g", sync_id="two")["result"] == {"attached": 2}
+    served.p.stdin.close()                        # the dead link's channel: its EOF is not a hang-up now
+    assert moved.call("ping")["ok"]
+    assert served.p.poll() is None
+    from rcopy.transport.client import NbdClient  # the export the sync began is still up, and written
+    with NbdClient(export["host"], export["port"], export["name"]) as c:
+        c.write(0, b"\x5a" * 4096)
+        c.flush()
+    assert moved.call("commit", group="g", generation=2, sync_id="two")["result"]["committed"] == 2
+    moved.close()                                 # the relay ends, and with it the serving agent
+    assert served.p.wait(timeout=60) == 0
+    g = Store(str(tmp / "B")).group("g")
+    assert (g.generation, g.sync_id, g.pending_generation) == (2, "two", 0)
+    assert open(sec, "rb").read(4096) == b"\x5a" * 4096
+
+
+@needs_nbdkit
+def test_the_primarys_channel_reattaches_over_its_other_link(backup):
+    """rcopy.transport.peer.Peer.reattach: a second agent over the other link, attached to the one
+    serving the sync; the sync is committed through it; a reattach with no sync to attach to fails."""
+    from rcopy.errors import StateError
+    from rcopy.model import Target
+    from rcopy.transport.peer import Peer, TargetUnreachable
+    tmp, sec = backup
+    agent = f"env RCOPY_ALLOW_NONROOT=1 LINK={{link}} {sys.executable} -m rcopy --state-dir {tmp / 'B'} agent"
+    peer = Peer(Target("backup", ("127.0.0.1", "127.0.0.2"), agent))
+    first = peer.channel.proc
+    peer.begin_start("g", 2, "two", 1, "one", [sec], peer.link)()
+    assert peer.reattach("g", "two", "no answer within 25 s") == "127.0.0.2"
+    assert peer.lost_links == {"127.0.0.1": "no answer within 25 s"}
+    assert peer.ping() and first.poll() is None
+    assert peer.commit("g", 2, "two")["committed"] == 2
+    peer.close()
+    assert first.wait(timeout=60) == 0
+    assert Store(str(tmp / "B")).group("g").generation == 2
+    with Peer(Target("backup", ("127.0.0.1", "127.0.0.2"), agent)) as late:
+        with pytest.raises(StateError, match="not in flight"):
+            late.reattach("g", "two", "test")
+        assert late.channel is None
+    with Peer(Target("backup", ("127.0.0.1",), agent)) as alone:
+        with pytest.raises(TargetUnreachable, match="only link"):
+            alone.reattach("g", "two", "test")
+
+
+@needs_nbdkit
+def test_a_relay_that_closes_mid_sync_rolls_the_sync_back(backup):
+    tmp, sec = backup
+    before = sha(sec)
+    served = AgentProc(str(tmp / "B"))
+    _begin(served, sec)
+    moved = AgentProc(str(tmp / "B"))
+    assert moved.call("attach", group="g", sync_id="two")["ok"]
+    with open(sec, "r+b") as f:
+        f.write(b"\xff" * 4096)
+    moved.close()                                 # the new channel went away too: a hang-up
+    assert served.p.wait(timeout=60) == 0 and sha(sec) == before
+    assert Store(str(tmp / "B")).group("g").pending_generation == 0
+    late = AgentProc(str(tmp / "B"))              # nothing left to attach to
+    gone = late.call("attach", group="g", sync_id="two")
+    assert gone["error"]["class"] == "StateError"
+    late.close()
+
+
+@needs_nbdkit
 def test_the_export_admits_only_the_primarys_address(tmp_path, monkeypatch):
     """Issue 13, the second fence: the agent, reached by ssh, starts nbdkit with rcopy's peer filter
     admitting only SSH_CONNECTION's client address. A connection from another address (127.0.0.2: all of

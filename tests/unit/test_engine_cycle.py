@@ -11,7 +11,7 @@ from rcopy.engine import driver as driver_mod
 from rcopy.engine.cycle import PeerView, plan_sync, reconcile
 from rcopy.engine import plan as P
 from rcopy.engine.states import Event, transition
-from rcopy.errors import Busy, Refused, SyncFailed
+from rcopy.errors import Busy, LinkError, Refused, SyncFailed
 from rcopy.model import Group, GroupState, Role, VolumePair, VolumeState
 from rcopy.state import Store
 from rcopy import faults
@@ -352,6 +352,57 @@ def test_primary_pings_the_agent_from_begin_until_commit(rig, monkeypatch):
     ops = [e[1] for e in rig.log if e[0] == "peer"]
     assert "ping" in ops[ops.index("begin"):ops.index("commit")]
     assert "ping" not in ops[ops.index("commit"):]
+
+
+def _silent_control_link(rig, monkeypatch, reattach):
+    """The rig's channel runs on link "one" of two; its first ping fails as a silent link's does."""
+    import time as _time
+    monkeypatch.setattr(driver_mod, "HEARTBEAT", 0.01)
+    real_send, real_ping, pings = rig.sender.send, rig.peer.ping, []
+
+    def slow_send(*a, **kw):
+        _time.sleep(0.3)
+        return real_send(*a, **kw)
+
+    def ping():
+        pings.append(rig.peer.link)
+        if len(pings) == 1:
+            raise LinkError("no answer from the agent within 25 s: the link or the peer is down")
+        return real_ping()
+
+    cancelled = []
+    monkeypatch.setattr(rig.sender, "send", slow_send)
+    monkeypatch.setattr(rig.sender, "cancel", cancelled.append, raising=False)
+    monkeypatch.setattr(rig.peer, "ping", ping)
+    monkeypatch.setattr(rig.peer, "target", types.SimpleNamespace(links=("one", "two")), raising=False)
+    monkeypatch.setattr(rig.peer, "reattach", reattach, raising=False)
+    rig.peer.link = "one"
+    return pings, cancelled
+
+
+def test_a_silent_control_link_moves_the_channel_and_the_sync_goes_on(rig, monkeypatch):
+    moved = []
+
+    def reattach(group, sync_id, why):
+        moved.append((group, sync_id, why))
+        rig.peer.link = "two"
+        return "two"
+
+    pings, cancelled = _silent_control_link(rig, monkeypatch, reattach)
+    rig.sync(Event.START)
+    g = rig.a.group("g")
+    assert moved == [("g", g.sync_id, "no answer from the agent within 25 s: the link or the peer is down")]
+    assert "two" in pings and not cancelled
+    rig.assert_consistent()
+
+
+def test_a_silent_control_link_no_other_link_takes_fails_the_sends_at_once(rig, monkeypatch):
+    def reattach(group, sync_id, why):
+        raise LinkError("two: connection refused")
+
+    pings, cancelled = _silent_control_link(rig, monkeypatch, reattach)
+    rig.sync(Event.START)                        # the fake sender ignores cancel: the sync itself ends
+    assert pings == ["one"] and len(cancelled) == 1 and "heartbeat" in cancelled[0]
 
 
 def test_read_error_marks_the_volume_stale_rolls_back_and_waits_for_the_admin(rig):

@@ -560,3 +560,12 @@ def test_a_link_lost_at_the_flush_is_survived_when_another_connection_flushes():
         NbdSender()._flush([Conn("169.254.9.2", False)], failover=True)
     with pytest.raises(LinkError):                  # without multi-conn a flush covers only its own writes
         NbdSender()._flush([bad, good], failover=False)
+
+
+def test_a_data_connection_gets_the_targets_link_timeout_never_less_than_nbds():
+    """An admin who lengthens a target's link timeout for a WAN that blips lengthens the data
+    connections' patience too; a short one (a heartbeat for ssh) does not make them give up sooner."""
+    from rcopy.app import session
+    from rcopy.transport.client import DEFAULT_TIMEOUT
+    assert session.driver(None, None, link_timeout=120).sender.timeout == 120
+    assert session.driver(None, None, link_timeout=5).sender.timeout == DEFAULT_TIMEOUT
