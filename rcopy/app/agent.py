@@ -636,8 +636,8 @@ def _lines(fd: int, agent: Agent):
             if conn is None:
                 return
             continue
-        last = time.monotonic()
         yield line.decode(errors="replace")
+        last = time.monotonic()                 # silence counts from our answer, as the primary's does
 
 
 def serve(store: Store, stdin=None, stdout=None, agent: Agent | None = None) -> int:

@@ -4,8 +4,8 @@ One group of a thin and a thick volume replicates from `primary` to `backup`, wi
 running on the primary as under systemd. Each run: random writes, a writer rewriting block 0 of both
 volumes, a sync started in the background, and at a random moment one fault, drawn so that every kind
 comes up in turn (shuffled by the seed): both links down for a while shorter or longer than the
-backup's agent timeout, the second link (data only: the control channel stays on the first) down for 5 to
-40 s, a power cut of either VM, SIGKILL or SIGTERM of the primary's sync, SIGKILL of the
+backup's agent timeout, the first link (the control channel's: it moves to the second, racing the agent's
+20 s timeout) or the second (data only) down for 5 to 40 s, a power cut of either VM, SIGKILL or SIGTERM of the primary's sync, SIGKILL of the
 backup's agent, read errors under the primary's thick volume (a dm error segment loaded under it), the
 backup's thin pool filled. Then the fault is repaired as an admin would (boot, link up, table back, space
 freed) and the run checks, once no sync is in flight on either side:
@@ -30,7 +30,7 @@ import time
 
 from rcopylab.replication_demo import AGENT, WRITE, lvm_setup
 
-KINDS = ("link-short", "link-long", "link2", "crash-primary", "crash-backup", "kill-primary", "term-primary",
+KINDS = ("link-short", "link-long", "link1", "link2", "crash-primary", "crash-backup", "kill-primary", "term-primary",
          "kill-agent", "read-error", "pool-full")
 VG, MIB, VOLS = "rcopytest", 32, ("thinvol", "thickvol")
 SETUP = lvm_setup(VG, MIB, 160)
@@ -156,8 +156,8 @@ class Campaign:
         elif kind == "link-long":
             self.lab.link(False)
             time.sleep(rnd.uniform(30, 45))     # past the agent's 20 s and ssh's 15 s
-        elif kind == "link2":
-            self.lab.link(False, 2)
+        elif kind in ("link1", "link2"):
+            self.lab.link(False, int(kind[-1]))
             time.sleep(rnd.uniform(5, 40))      # shorter and longer than the NBD reply timeout (30 s)
         elif kind in ("crash-primary", "crash-backup"):
             self.lab.crash(kind.split("-")[1])
@@ -177,7 +177,7 @@ class Campaign:
 
     def repair(self, kind: str):
         if kind.startswith("link"):
-            self.lab.link(True)
+            self.lab.link(True)                 # both (the one not cut is up already)
         elif kind.startswith("crash"):
             host = kind.split("-")[1]
             self.lab.start(host)

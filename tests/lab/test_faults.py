@@ -9,7 +9,7 @@ pytestmark = pytest.mark.lab
 SETS = {
     "link-and-agent": ("link-short", "link-long", "link2", "kill-agent"),
     "power-and-signals": ("crash-primary", "crash-backup", "kill-primary", "term-primary"),
-    "disk-and-space": ("read-error", "pool-full"),
+    "disk-space-and-control-link": ("read-error", "pool-full", "link1"),
 }
 
 
