@@ -154,6 +154,7 @@ class Agent:
         self.idle_fixed = bool(fixed)
         self.idle_timeout = float(fixed or TARGET_TIMEOUT)
         self.listening: dict[str, socket.socket] = {}    # group -> where a new channel may attach
+        self.begun: dict[str, dict] = {}                 # group -> the answer to its sync's begin
         self.channel: socket.socket | None = None        # the channel handed over to us, once one was
         self.relay: socket.socket | None = None          # the serving agent we attached to (we relay)
 
@@ -223,6 +224,7 @@ class Agent:
             log.warning("group %s: no channel handover possible for this sync: %s", group, e)
 
     def _unlisten(self, group: str) -> None:
+        self.begun.pop(group, None)
         listener = self.listening.pop(group, None)
         if listener is not None:
             listener.close()
@@ -369,6 +371,8 @@ class Agent:
                  remotes: list[str], bind: str, client_cert: str = "", links: list[str] = ()):
         g = self._secondary(group)
         if group in self.active:
+            if self.active[group][2] == sync_id and group in self.begun:
+                return self.begun[group]      # asked again through a channel that moved (its answer was lost)
             raise Busy(f"group {group} already has a sync in flight on {self.store.system().name}")
         if g.pending_generation:
             self.settle_abandoned(g)
@@ -376,6 +380,7 @@ class Agent:
         fd = self.store.try_lock(group)
         if fd is None:
             raise Busy(f"group {group} is busy on {self.store.system().name}: another sync is being served")
+        self._listen(group)                 # from now: a channel that moves mid-begin waits to be taken
         try:
             if g.pending_generation:
                 self._rollback(g, f"sync point {g.pending_generation} was left in flight")
@@ -404,14 +409,16 @@ class Agent:
                 export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert, granule,
                                        links=tuple(links), peers=self._peer_links(g))
         except Exception:
+            self._unlisten(group)
             self.store.abort_sync(group, "begin failed", state=None)
             self.books.pop(group, None)
             os.close(fd)
             raise
         self.active[group] = (fd, export, sync_id, held)
-        self._listen(group)
         infos = export.infos
-        return {"view": view, "volumes": {r: {"export": dataclasses.asdict(infos[vols[r].name])} for r in remotes}}
+        self.begun[group] = {"view": view, "volumes": {r: {"export": dataclasses.asdict(infos[vols[r].name])}
+                                                       for r in remotes}}
+        return self.begun[group]
 
     def settle_abandoned(self, g: Group):
         """Settle a sync in flight that another agent process still holds.

@@ -117,6 +117,7 @@ class _Run:
     heartbeat: tuple[threading.Event, threading.Thread] | None = None
     begun: Callable[[], dict] | None = None          # waits for the backup's answer to PeerBegin
     in_flight: tuple[str, str] = ("", "")           # (group, sync id) the backup is serving
+    begin: tuple = ()                                # PeerBegin's arguments (sent again after a move)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -312,12 +313,19 @@ class Driver:
         faults.point("after-record-begin")
 
     def _do_PeerBegin(self, a: P.PeerBegin, run):
-        run.begun = self.peer.begin_start(a.group, a.generation, a.sync_id, a.base_generation, a.base_id,
-                                          list(a.remotes), self.peer.link)
+        run.begin = (a.group, a.generation, a.sync_id, a.base_generation, a.base_id, list(a.remotes), self.peer.link)
+        run.begun = self.peer.begin_start(*run.begin)
         run.in_flight = (a.group, a.sync_id)
 
     def _do_PeerBegun(self, a: P.PeerBegun, run):
-        res = run.begun()
+        try:
+            res = run.begun()
+        except RcopyError as e:
+            # the answer was lost with the link: the agent serving the sync gives it again (begin is
+            # idempotent for the sync in flight) once the channel has moved
+            if not self._move_channel(*run.in_flight, e):
+                raise
+            res = self.peer.begin_start(*run.begin)()
         run.view = cycle.PeerView.from_dict(res.get("view", {}))
         for remote, v in res["volumes"].items():
             run.exports[remote] = ExportInfo(**v["export"])
@@ -380,15 +388,16 @@ class Driver:
                 self._cancel_sends(f"the backup stopped answering its heartbeat: {e}")
                 return
 
-    def _move_channel(self, group: str, sync_id: str, err: RcopyError) -> bool:
+    def _move_channel(self, group: str, sync_id: str, err: RcopyError, *, settled: bool = False) -> bool:
         """3PAR: one link lost is an alert, not a failure, whichever link it is. The sends on the links
-        still up go on meanwhile; a data connection on the lost link fails over by its own timeout."""
+        still up go on meanwhile; a data connection on the lost link fails over by its own timeout.
+        ``settled``: a sync no longer in flight there (committed meanwhile) still gets the new channel."""
         reattach = getattr(self.peer, "reattach", None)
         if reattach is None or err.kind != "link" or len(getattr(self.peer.target, "links", ())) < 2:
             return False
         lost = self.peer.link
         try:
-            link = reattach(group, sync_id, str(err))
+            link = reattach(group, sync_id, str(err), settled=settled)
         except RcopyError as e:
             log.warning("group %s: the control channel's link %s went silent (%s) and no other link took it "
                         "over: %s", group, lost, err, e)
@@ -439,7 +448,14 @@ class Driver:
         self.progress.finish(a.volume, sent, a.reason)
 
     def _do_PeerCommit(self, a: P.PeerCommit, run):
-        res = self.peer.commit(a.group, a.generation, a.sync_id) or {}
+        try:
+            res = self.peer.commit(a.group, a.generation, a.sync_id) or {}
+        except RcopyError as e:
+            # the link went with the commit or its answer: ask again over another link (a commit is
+            # idempotent; one the backup made is answered as made, one it never saw is made now)
+            if not self._move_channel(a.group, a.sync_id, e, settled=True):
+                raise
+            res = self.peer.commit(a.group, a.generation, a.sync_id) or {}
         run.peer_commands = res.get("commands")
         run.peer_commands_by_tool = res.get("commands_by_tool") or {}
         run.peer_processes = res.get("processes")

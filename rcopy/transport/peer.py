@@ -133,11 +133,12 @@ class Peer:
     def __exit__(self, *exc):
         self.close()
 
-    def reattach(self, group: str, sync_id: str, why: str) -> str:
+    def reattach(self, group: str, sync_id: str, why: str, *, settled: bool = False) -> str:
         """The control channel's link went silent mid-sync (``why``): reach the agent over another link
         and have it hand this new channel to the agent serving the sync, which keeps its exports (the
         data goes on over the links still up) and its rollback point. Returns the link now in use;
-        raises if no other link answers or the sync is no longer in flight there (it rolled back)."""
+        raises if no other link answers or the sync is no longer in flight there (it rolled back), or,
+        with ``settled``, keeps the new channel then (a commit asked again learns what became of it)."""
         old, dead = self.channel, self.link
         others = [link for link in self.target.links if link != dead]
         self.channel, self._pending = None, None
@@ -145,7 +146,11 @@ class Peer:
             if not others:
                 raise TargetUnreachable(target=self.target.name, detail=f"{dead} is its only link")
             self._connect(others)
-            self.call("attach", group=group, sync_id=sync_id)
+            try:
+                self.call("attach", group=group, sync_id=sync_id)
+            except E.StateError:
+                if not settled:
+                    raise
         except E.RcopyError:
             self.close(wait=False)
             raise

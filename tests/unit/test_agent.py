@@ -237,10 +237,12 @@ def test_the_primarys_channel_reattaches_over_its_other_link(backup):
     agent = f"env RCOPY_ALLOW_NONROOT=1 LINK={{link}} {sys.executable} -m rcopy --state-dir {tmp / 'B'} agent"
     peer = Peer(Target("backup", ("127.0.0.1", "127.0.0.2"), agent))
     first = peer.channel.proc
-    peer.begin_start("g", 2, "two", 1, "one", [sec], peer.link)()
+    begun = peer.begin_start("g", 2, "two", 1, "one", [sec], peer.link)()
     assert peer.reattach("g", "two", "no answer within 25 s") == "127.0.0.2"
     assert peer.lost_links == {"127.0.0.1": "no answer within 25 s"}
     assert peer.ping() and first.poll() is None
+    # a begin whose answer the lost link took: asked again, the serving agent gives the same exports
+    assert peer.begin_start("g", 2, "two", 1, "one", [sec], "127.0.0.1")() == begun
     assert peer.commit("g", 2, "two")["committed"] == 2
     peer.close()
     assert first.wait(timeout=60) == 0
@@ -249,6 +251,10 @@ def test_the_primarys_channel_reattaches_over_its_other_link(backup):
         with pytest.raises(StateError, match="not in flight"):
             late.reattach("g", "two", "test")
         assert late.channel is None
+    with Peer(Target("backup", ("127.0.0.1", "127.0.0.2"), agent)) as late:
+        # a commit whose answer the lost link took: the new channel asks again and learns it was made
+        assert late.reattach("g", "two", "test", settled=True) == "127.0.0.2"
+        assert late.commit("g", 2, "two")["committed"] == 2
     with Peer(Target("backup", ("127.0.0.1",), agent)) as alone:
         with pytest.raises(TargetUnreachable, match="only link"):
             alone.reattach("g", "two", "test")

@@ -383,7 +383,7 @@ def _silent_control_link(rig, monkeypatch, reattach):
 def test_a_silent_control_link_moves_the_channel_and_the_sync_goes_on(rig, monkeypatch):
     moved = []
 
-    def reattach(group, sync_id, why):
+    def reattach(group, sync_id, why, settled=False):
         moved.append((group, sync_id, why))
         rig.peer.link = "two"
         return "two"
@@ -397,12 +397,52 @@ def test_a_silent_control_link_moves_the_channel_and_the_sync_goes_on(rig, monke
 
 
 def test_a_silent_control_link_no_other_link_takes_fails_the_sends_at_once(rig, monkeypatch):
-    def reattach(group, sync_id, why):
+    def reattach(group, sync_id, why, settled=False):
         raise LinkError("two: connection refused")
 
     pings, cancelled = _silent_control_link(rig, monkeypatch, reattach)
     rig.sync(Event.START)                        # the fake sender ignores cancel: the sync itself ends
     assert pings == ["one"] and len(cancelled) == 1 and "heartbeat" in cancelled[0]
+
+
+def test_a_begin_or_commit_answer_lost_with_the_control_link_is_asked_again_over_the_other(rig, monkeypatch):
+    """The link dies with begin's answer (the backup begun) or commit's (the backup committed): the
+    channel moves and the same request is asked again: begin answers its exports again, commit answers
+    "committed" (both idempotent for the sync in flight), and the sync commits."""
+    import types
+    moved, begins = [], []
+    monkeypatch.setattr(rig.peer, "target", types.SimpleNamespace(links=("one", "two")), raising=False)
+    rig.peer.link = "one"
+
+    def reattach(group, sync_id, why, settled=False):
+        moved.append((group, sync_id, settled))
+        rig.peer.link = "two"
+        return "two"
+    monkeypatch.setattr(rig.peer, "reattach", reattach, raising=False)
+    real_begin_start, real_commit = rig.peer.begin_start, rig.peer.commit
+
+    def begin_start(*args):
+        begins.append(args)
+        answer = real_begin_start(*args)
+        if len(begins) == 1:
+            def lost():
+                answer()                             # the backup did begin...
+                raise LinkError("the connection to the agent closed")   # ...and the answer was lost
+            return lost
+        return answer
+
+    def commit(group, generation, sync_id):
+        res = real_commit(group, generation, sync_id)
+        if len([m for m in moved if m[2]]) == 0:
+            raise LinkError("no answer from the agent within 25 s")     # committed, answer lost
+        return res
+    monkeypatch.setattr(rig.peer, "begin_start", begin_start)
+    monkeypatch.setattr(rig.peer, "commit", commit)
+    rig.sync(Event.START)
+    g = rig.a.group("g")
+    assert moved == [("g", g.sync_id, False), ("g", g.sync_id, True)]
+    assert len(begins) == 2 and begins[0] == begins[1]
+    rig.assert_consistent()
 
 
 def test_read_error_marks_the_volume_stale_rolls_back_and_waits_for_the_admin(rig):
