@@ -116,8 +116,12 @@ class _Run:
     marks: dict[str, VolumeState] = dataclasses.field(default_factory=dict)    # volume -> state after an abort
     heartbeat: tuple[threading.Event, threading.Thread] | None = None
     begun: Callable[[], dict] | None = None          # waits for the backup's answer to PeerBegin
-    in_flight: tuple[str, str] = ("", "")           # (group, sync id) the backup is serving
     begin: tuple = ()                                # PeerBegin's arguments (sent again after a move)
+
+    @property
+    def in_flight(self) -> tuple[str, str]:
+        """(group, sync id) of the sync the backup is serving, from begin's arguments."""
+        return (self.begin[0], self.begin[2]) if self.begin else ("", "")
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -315,7 +319,6 @@ class Driver:
     def _do_PeerBegin(self, a: P.PeerBegin, run):
         run.begin = (a.group, a.generation, a.sync_id, a.base_generation, a.base_id, list(a.remotes), self.peer.link)
         run.begun = self.peer.begin_start(*run.begin)
-        run.in_flight = (a.group, a.sync_id)
 
     def _do_PeerBegun(self, a: P.PeerBegun, run):
         try:
