@@ -65,7 +65,7 @@ from rcopy.model import (LINK_TIMEOUT, TARGET_TIMEOUT, Alert, Group, GroupState,
                          System, Target, VolumePair, VolumeState, check_name)
 
 DEFAULT_DIR = "/var/lib/rcopy"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -113,8 +113,11 @@ _SCHEMA_V6 = f"""
 ALTER TABLE targets ADD COLUMN link_timeout INTEGER NOT NULL DEFAULT {LINK_TIMEOUT};
 ALTER TABLE targets ADD COLUMN target_timeout INTEGER NOT NULL DEFAULT {TARGET_TIMEOUT}
 """
+_SCHEMA_V7 = """
+ALTER TABLE targets ADD COLUMN ssh_persist INTEGER NOT NULL DEFAULT 0
+"""
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5,
-                               6: _SCHEMA_V6}
+                               6: _SCHEMA_V6, 7: _SCHEMA_V7}
 
 
 def state_dir(explicit: str | None = None) -> str:
@@ -234,8 +237,8 @@ class Store:
         with self.tx() as db:
             if db.execute("SELECT 1 FROM targets WHERE name=?", (t.name,)).fetchone():
                 raise AlreadyExists(f"target {t.name} already exists: remove it first or pick another name")
-            db.execute("INSERT INTO targets (name, agent, link_timeout, target_timeout) VALUES (?, ?, ?, ?)",
-                       (t.name, t.agent, t.link_timeout, t.target_timeout))
+            db.execute("INSERT INTO targets (name, agent, link_timeout, target_timeout, ssh_persist) "
+                       "VALUES (?, ?, ?, ?, ?)", (t.name, t.agent, t.link_timeout, t.target_timeout, t.ssh_persist))
             for i, a in enumerate(t.links):
                 db.execute("INSERT INTO links (target, address, seq) VALUES (?, ?, ?)", (t.name, a, i))
 
@@ -244,17 +247,20 @@ class Store:
         if not row:
             raise NotFound(f"no target {name}: create it with 'rcopy target create {name} --link ADDR'")
         links = tuple(r["address"] for r in self._q("SELECT address FROM links WHERE target=? ORDER BY seq", (name,)))
-        return Target(name, links, row[0]["agent"], row[0]["link_timeout"], row[0]["target_timeout"])
+        r = row[0]
+        return Target(name, links, r["agent"], r["link_timeout"], r["target_timeout"], r["ssh_persist"])
 
-    def set_target_timeouts(self, name: str, *, link_timeout: int | None = None,
-                            target_timeout: int | None = None) -> Target:
-        """Change a target's timeouts (None: keep); the next session uses them."""
-        t = self.target(name)
-        t = dataclasses.replace(t, link_timeout=t.link_timeout if link_timeout is None else link_timeout,
-                                target_timeout=t.target_timeout if target_timeout is None else target_timeout)
+    TARGET_OPTIONS = ("link_timeout", "target_timeout", "ssh_persist")
+
+    def set_target_options(self, name: str, **changes: int) -> Target:
+        """Change a target's timeouts or ssh sharing (``TARGET_OPTIONS``); the next session uses them."""
+        unknown = set(changes) - set(self.TARGET_OPTIONS)
+        if unknown:
+            raise ValueError(f"not a target option: {', '.join(sorted(unknown))}")
+        t = dataclasses.replace(self.target(name), **changes)
         with self.tx() as db:
-            db.execute("UPDATE targets SET link_timeout=?, target_timeout=? WHERE name=?",
-                       (t.link_timeout, t.target_timeout, name))
+            db.execute("UPDATE targets SET link_timeout=?, target_timeout=?, ssh_persist=? WHERE name=?",
+                       (t.link_timeout, t.target_timeout, t.ssh_persist, name))
         return t
 
     def targets(self) -> list[Target]:

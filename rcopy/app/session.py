@@ -27,16 +27,28 @@ from rcopy.sys import lvm, nbdkit, netlink, run
 log = logging.getLogger("rcopy")
 
 
-def connect(store: Store, target_name: str):
-    """A Peer on the first link that answers, links last seen down tried last (each costs the ssh
-    ConnectTimeout); records link states as seen."""
-    from rcopy.transport.peer import Peer, TargetUnreachable
-
+def ordered(store: Store, target_name: str):
+    """The target with its links last seen down last (each costs the ssh ConnectTimeout)."""
     target = store.target(target_name)
     down = {link.address for link in store.links(target_name) if link.state is LinkState.DOWN}
-    target = dataclasses.replace(target, links=tuple(sorted(target.links, key=lambda a: a in down)))
+    return dataclasses.replace(target, links=tuple(sorted(target.links, key=lambda a: a in down)))
+
+
+def start(store: Store, target_name: str):
+    """A Peer whose first link's agent is starting (ssh login, the agent's start-up): ``connect``
+    reads its hello later, so the caller's own local work overlaps that."""
+    from rcopy.transport.peer import Peer
+    return Peer(ordered(store, target_name), system=store.system().name, wait=False)
+
+
+def connect(store: Store, target_name: str, started=None):
+    """A Peer on the first link that answers (``started``: the one ``start`` began), links last seen
+    down tried last; records link states as seen."""
+    from rcopy.transport.peer import Peer, TargetUnreachable
+
+    target = ordered(store, target_name) if started is None else started.target
     try:
-        peer = Peer(target, system=store.system().name)
+        peer = Peer(target, system=store.system().name) if started is None else started.ready()
     except TargetUnreachable:
         for link in target.links:
             store.set_link_state(target.name, link, LinkState.DOWN)
@@ -49,13 +61,13 @@ def connect(store: Store, target_name: str):
     return peer
 
 
-def connect_or_stop(store: Store, g: Group):
+def connect_or_stop(store: Store, g: Group, started=None):
     """``connect`` for a sync: a target unreachable on every link stops a running group with the
     reason (fault "link", so auto_recover retries it when a link is back); a host key ssh refuses
     stops it with fault "auth", which waits for the administrator."""
     from rcopy.transport.peer import TargetUnreachable
     try:
-        return connect(store, g.target)
+        return connect(store, g.target, started)
     except (TargetUnreachable, AuthFailed) as e:
         g = store.group(g.name)
         if g.state in (GroupState.STARTED, GroupState.STARTING):
@@ -142,9 +154,16 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
     try:
         with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports(), \
                 tempfile.TemporaryDirectory(prefix="rcopy-client-") as certs:
-            fill_kinds(store, group)
-            resume_origins(store, group)
-            with connect_or_stop(store, g) as peer:
+            started = start(store, g.target)         # ssh and the agent start while this host works
+            try:
+                fill_kinds(store, group)
+                resume_origins(store, group)
+                lvm.prime(*(v.local for v in store.volumes(group)))
+                peer = connect_or_stop(store, g, started)
+            except BaseException:
+                started.close()
+                raise
+            with peer:
                 peer.certify = lambda: client_certificate(certs)     # made when begin needs it
                 d = driver(store, peer, progress, link_timeout=store.target(g.target).link_timeout)
                 d.reconcile(group)

@@ -16,6 +16,10 @@ def _timeouts(parser, default: bool):
     parser.add_argument("--target-timeout", type=int, metavar="S", default=TARGET_TIMEOUT if default else None,
                         help=f"seconds after its last link went down before the target has failed and its "
                              f"agent rolls back an open sync (default {TARGET_TIMEOUT})")
+    parser.add_argument("--ssh-persist", type=int, metavar="S", default=0 if default else None,
+                        help="keep one ssh connection per link open S seconds after its last use, so a "
+                             "sync within that time skips the ssh login (0: off, the default; a link "
+                             "that dies meanwhile is noticed after the link timeout)")
 
 
 def _checked(args) -> dict:
@@ -24,6 +28,10 @@ def _checked(args) -> dict:
         out["link_timeout"] = check_timeout("link timeout", args.link_timeout, 5)
     if args.target_timeout is not None:
         out["target_timeout"] = check_timeout("target timeout", args.target_timeout, 10)
+    if args.ssh_persist:
+        out["ssh_persist"] = check_timeout("ssh persist", args.ssh_persist, 10)
+    elif args.ssh_persist == 0:
+        out["ssh_persist"] = 0
     return out
 
 
@@ -39,7 +47,7 @@ def register(sub):
                         f"(default: '{Target.DEFAULT_AGENT}')")
     _timeouts(c, default=True)
     c.set_defaults(func=do_create)
-    st = s.add_parser("set", help="change a target's link and target timeouts")
+    st = s.add_parser("set", help="change a target's link and target timeouts and ssh sharing")
     st.add_argument("name")
     _timeouts(st, default=False)
     st.set_defaults(func=do_set)
@@ -72,9 +80,10 @@ def authorized_keys_hint(target: str) -> str:
 def do_set(args):
     changes = _checked(args)
     if not changes:
-        raise UsageError("rcopy target set: give --link-timeout and/or --target-timeout")
-    t = open_store().set_target_timeouts(args.name, **changes)
-    print(f"target {t.name}: link timeout {t.link_timeout} s, target timeout {t.target_timeout} s "
+        raise UsageError("rcopy target set: give --link-timeout, --target-timeout and/or --ssh-persist")
+    t = open_store().set_target_options(args.name, **changes)
+    share = f"ssh connections kept {t.ssh_persist} s" if t.ssh_persist else "ssh connections not kept"
+    print(f"target {t.name}: link timeout {t.link_timeout} s, target timeout {t.target_timeout} s, {share} "
           f"(from the next sync's session)")
 
 
@@ -87,7 +96,9 @@ def do_list(args):
     targets = open_store().targets()
     if args.json:
         print_json([{"name": t.name, "links": list(t.links), "agent": t.agent_template,
-                     "link_timeout": t.link_timeout, "target_timeout": t.target_timeout} for t in targets])
+                     "link_timeout": t.link_timeout, "target_timeout": t.target_timeout,
+                     "ssh_persist": t.ssh_persist} for t in targets])
         return
     for t in targets:
-        print(f"{t.name}\t{','.join(t.links)}\t{t.link_timeout}s/{t.target_timeout}s\t{t.agent_template}")
+        share = f"\tssh kept {t.ssh_persist}s" if t.ssh_persist else ""
+        print(f"{t.name}\t{','.join(t.links)}\t{t.link_timeout}s/{t.target_timeout}s{share}\t{t.agent_template}")

@@ -219,6 +219,13 @@ def reports():
                 _Reports._vgs = {}
 
 
+def prime(*paths: str) -> None:
+    """Read now, inside ``reports()``, the report of each VG holding one of ``paths`` (/dev/VG/LV),
+    so a caller waiting on something else (the peer's agent starting) pays for it meanwhile."""
+    for vg in dict.fromkeys(sp[0] for sp in map(_split_selector, paths) if sp and sp[1]):
+        _Reports.vg(vg)
+
+
 def _split_selector(sel: str) -> tuple[str, str] | None:
     """(VG, LV or '') for 'VG', 'VG/LV' or '/dev/VG/LV'; None for anything else (asked of LVM)."""
     parts = sel[5:].split("/") if sel.startswith("/dev/") else sel.split("/")

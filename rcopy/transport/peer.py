@@ -14,10 +14,11 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import shlex
 
 from rcopy import errors as E
-from rcopy.model import Target
+from rcopy.model import SSH_CONTROL_DIR, Target
 from rcopy.sys.channel import Channel, ChannelClosed
 
 log = logging.getLogger("rcopy.peer")
@@ -82,7 +83,11 @@ class Pending:
 class Peer:
     """A live channel to one target's agent. Use as a context manager; ``link`` is the link in use."""
 
-    def __init__(self, target: Target, *, system: str = ""):
+    def __init__(self, target: Target, *, system: str = "", wait: bool = True):
+        """Start the agent on the first link and send hello. With ``wait`` (the default) read its answer
+        now, trying the other links in turn; without, the answer is read by ``ready`` (or the first
+        request): the caller does its own local work while ssh logs in and the agent starts, which
+        is most of a quiet sync's time in the lab."""
         self.target, self.system = target, system
         self._ids = itertools.count(1)
         self.channel: Channel | None = None
@@ -94,17 +99,47 @@ class Peer:
         self._pending: Pending | None = None
         self._open_sync = False       # a begin the agent has not answered commit or abort for
         self.lost_links: dict[str, str] = {}     # link -> why: the control channel moved off it mid-sync
-        self._connect(target.links)
-
-    def _connect(self, links) -> None:
-        """The channel on the first of ``links`` whose agent answers hello."""
-        target, failures, refused = self.target, [], []
-        for link in links:
+        self._hello: Pending | E.RcopyError | None = None    # the first link's hello, not yet read
+        if wait:
+            self._connect(target.links)
+        elif target.links:
             try:
-                self.channel = Channel(shlex.split(target.agent_command(link)))
-                self.link = link
-                self.hello = self.call("hello", timeout=HELLO_TIMEOUT, protocol=PROTOCOL, peer=self.system,
-                                       idle_timeout=target.target_timeout)
+                self._hello = self._start(target.links[0])
+            except E.RcopyError as e:
+                self._hello = e
+
+    def ready(self) -> "Peer":
+        """Read the hello started by ``Peer(wait=False)``; on failure go on to the target's other links."""
+        if self._hello is not None:
+            first, self._hello = self._hello, None
+            self._connect(self.target.links, first=first)
+        return self
+
+    def _start(self, link: str) -> Pending:
+        """Spawn the agent command of ``link`` and send hello (not waiting for the answer)."""
+        target = self.target
+        if target.ssh_persist:
+            try:                # without it ssh warns and goes on unshared: never a reason to fail
+                os.makedirs(SSH_CONTROL_DIR, mode=0o700, exist_ok=True)
+            except OSError as e:
+                log.debug("no %s for ssh's shared connections: %s", SSH_CONTROL_DIR, e)
+        self.channel = Channel(shlex.split(target.agent_command(link)))
+        self.link = link
+        return self._send("hello", HELLO_TIMEOUT, dict(protocol=PROTOCOL, peer=self.system,
+                                                       idle_timeout=target.target_timeout))
+
+    def _connect(self, links, first: Pending | E.RcopyError | None = None) -> None:
+        """The channel on the first of ``links`` whose agent answers hello; ``first``: the first link's
+        hello already sent (or the error starting it raised)."""
+        target, failures, refused = self.target, [], []
+        for i, link in enumerate(links):
+            try:
+                if i == 0 and first is not None:
+                    if isinstance(first, E.RcopyError):
+                        raise first
+                    self.hello = first.result()
+                else:
+                    self.hello = self._start(link).result()
                 break
             except E.LinkError as e:
                 failures.append(f"{link}: {e}")
@@ -165,7 +200,8 @@ class Peer:
         its EOF has a sync to roll back; a connect that failed always reaps what it started."""
         if self.channel is not None:
             if wait is None:
-                wait = self._open_sync or (self._pending is not None and not self._pending.done)
+                wait = self._open_sync or (self._pending is not None and not self._pending.done
+                                           and self._hello is None)     # an unread hello has nothing to undo
             self.channel.close(wait=wait)
             self.channel = None
 
@@ -175,7 +211,11 @@ class Peer:
     def request(self, op: str, *, timeout: float = CALL_TIMEOUT, **args) -> "Pending":
         """Send a request now and answer later: the primary cuts while the backup begins. At most one
         request is outstanding: the next request (or ``result``) reads the previous answer first."""
+        self.ready()
         self._settle()
+        return self._send(op, timeout, args)
+
+    def _send(self, op: str, timeout: float, args: dict) -> "Pending":
         if self.channel is None:
             raise TargetUnreachable(target=self.target.name, detail="the channel was closed")
         rid = next(self._ids)

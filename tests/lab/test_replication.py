@@ -144,11 +144,17 @@ def test_a_sync_with_nothing_written_confirms_the_sync_point_and_any_write_makes
     """Issue 15: nothing written to either volume since sync point 1 (thin_delta against the live
     origin, the thick base's empty COW table): the sync confirms 1 current, takes no snapshot and
     sends nothing. A write to one volume, even of the bytes it already held, makes a new sync point
-    of the whole group."""
+    of the whole group. The target keeps its ssh connection between syncs (``--ssh-persist``): the
+    first sync leaves a master running, the later ones go through it."""
     lab = clean_lab
     g = group(lab)
     cut1 = g["sync_point"]["cut"]
+    rc(lab, "target", "set", "backup", "--ssh-persist", "300")
+    check_master = "ssh -O check -o ControlPath=/run/rcopy/ssh-%C root@backup"
+    assert lab.run("primary", check_master, check=False).returncode != 0       # none before
     rc(lab, "sync", "g", "--wait")
+    master = lab.run("primary", check_master, check=False)
+    assert master.returncode == 0 and "Master running" in master.stderr, master
     g = status(lab)
     rep = g["last_sync"]
     assert rep["confirmed"] and g["sync_point"]["generation"] == 1 and g["sync_point"]["cut"] > cut1, g
@@ -177,6 +183,9 @@ write_blocks(p, {{5: same}})
     g = status(lab)
     assert g["sync_point"]["generation"] == 3 and g["last_sync"]["confirmed"]
     rc(lab, "verify", "g")
+    again = lab.run("primary", check_master, check=False)
+    assert again.returncode == 0 and again.stderr == master.stderr, again       # the same master all along
+    lab.run("primary", "ssh -O exit -o ControlPath=/run/rcopy/ssh-%C root@backup", check=False)
 
 
 def test_sigkill_inside_the_cut_leaves_no_origin_suspended(clean_lab):

@@ -29,7 +29,7 @@ def test_targets_and_links(tmp_path):
     assert [l["address"] for l in links] == ["127.0.0.1", "127.0.0.2"]
     s.rcopy("link", "remove", "backup", "127.0.0.2")
     assert s.rcopy("link", "remove", "backup", "127.0.0.1", check=False).returncode == 5    # the last link
-    assert s.rcopy("link", "remove", "backup", "10.9.9.9", check=False).returncode == 3
+    assert s.rcopy("link", "remove", "backup", "169.254.99.9", check=False).returncode == 3
     out = json.loads(s.rcopy("status", "links", "--json").stdout)
     assert "groups" not in out and out["targets"][0]["name"] == "backup"
     s.rcopy("target", "remove", "backup")
@@ -168,3 +168,28 @@ def test_the_default_agent_command_gives_ssh_the_link_timeout():
     assert "ServerAliveCountMax=3 root@h" in Target("t", ("h",), link_timeout=12).agent_command("h")
     custom = Target("t", ("h",), "ssh -o ServerAliveCountMax={alive_count} {link} rcopy agent", link_timeout=40)
     assert custom.agent_command("h") == "ssh -o ServerAliveCountMax=8 h rcopy agent"
+
+
+def test_ssh_sharing_is_a_per_target_option_off_by_default(tmp_path):
+    """Issue 15: ``--ssh-persist S`` adds ssh's ControlMaster options to the default agent command (and
+    to a custom one through ``{ssh_share}``); off by default, set, shown, range-checked, turned off."""
+    from rcopy.model import Target
+    assert "Control" not in Target("t", ("h",)).agent_command("h")
+    on = Target("t", ("h",), ssh_persist=300).agent_command("h")
+    assert ("-o ControlMaster=auto -o ControlPath=/run/rcopy/ssh-%C -o ControlPersist=300 root@h rcopy agent"
+            in on)
+    custom = Target("t", ("h",), "ssh {ssh_share}{link} rcopy agent", ssh_persist=60)
+    assert custom.agent_command("h") == ("ssh -o ControlMaster=auto -o ControlPath=/run/rcopy/ssh-%C "
+                                         "-o ControlPersist=60 h rcopy agent")
+    s = _systems(tmp_path)
+    assert json.loads(s.rcopy("target", "list", "--json").stdout)[0]["ssh_persist"] == 0
+    r = s.rcopy("target", "set", "backup", "--ssh-persist", "600")
+    assert "ssh connections kept 600 s" in r.stdout
+    t = json.loads(s.rcopy("target", "list", "--json").stdout)[0]
+    assert t["ssh_persist"] == 600 and (t["link_timeout"], t["target_timeout"]) == (25, 200)
+    r = s.rcopy("target", "set", "backup", "--ssh-persist", "3", check=False)
+    assert r.returncode == 2 and "ssh persist 3 s is out of range" in r.stderr and "Traceback" not in r.stderr
+    s.rcopy("target", "set", "backup", "--ssh-persist", "0")
+    assert json.loads(s.rcopy("target", "list", "--json").stdout)[0]["ssh_persist"] == 0
+    r = s.rcopy("target", "create", "other", "--link", "h", "--ssh-persist", "120")
+    assert [t["ssh_persist"] for t in json.loads(s.rcopy("target", "list", "--json").stdout)] == [0, 120]

@@ -101,3 +101,35 @@ def test_hello_carries_the_target_timeout_and_a_ping_unanswered_for_the_link_tim
         p.close(wait=False)
     import json
     assert json.loads(seen.read_text())["idle_timeout"] == 42
+
+
+def test_a_started_peer_reads_hello_when_first_asked_and_falls_over_to_the_next_link(tmp_path):
+    """Peer(wait=False): the sync spawns the agent and sends hello, does its own work, then reads the
+    answer; a first link whose agent died is passed over then, as a waiting connect would."""
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT)
+    agent = f"sh -c 'test {{link}} = 127.0.0.2 && exec {sys.executable} {script}'"
+    p = Peer(Target("b", ("127.0.0.1", "127.0.0.2"), agent), wait=False)
+    try:
+        assert p.link == "127.0.0.1" and not hasattr(p, "hello")     # started, not read
+        assert p.ping() == {"op": "ping"}                              # ready() first, on its own
+        assert p.link == "127.0.0.2" and p.hello == {"op": "hello"}
+    finally:
+        p.close()
+    with Peer(Target("b", ("127.0.0.1",), f"{sys.executable} {script}"), wait=False) as q:
+        assert q.ready() is q and q.hello == {"op": "hello"} and q.ping() == {"op": "ping"}
+
+
+def test_a_started_peer_closed_before_its_hello_is_read_does_not_wait_for_the_agent(tmp_path):
+    """The local work that overlaps the agent's start failed: the agent has nothing to roll back, so
+    closing does not wait for it (it exits on EOF when it gets there)."""
+    script = tmp_path / "slow.py"
+    script.write_text("import sys, time\ntime.sleep(60)\nsys.stdin.read()\n")
+    p = Peer(Target("b", ("127.0.0.1",), f"{sys.executable} {script}"), wait=False)
+    proc = p.channel.proc
+    try:
+        p.close()
+        assert proc.poll() is None and p.channel is None
+    finally:
+        proc.kill()
+        proc.wait()

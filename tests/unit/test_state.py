@@ -16,7 +16,7 @@ from rcopy.state import SCHEMA_VERSION, Store
 @pytest.fixture
 def store(tmp_path):
     s = Store(str(tmp_path / "state"))
-    s.add_target(Target("backup", ("10.0.0.2", "10.0.1.2"), None))
+    s.add_target(Target("backup", ("169.254.70.2", "169.254.71.2"), None))
     s.add_group(Group("g", "backup", period=300, policies=frozenset({"auto_recover"})))
     s.add_volume(VolumePair("g", "a", "/dev/vg/a", "/dev/vg/a2", 4096))
     yield s
@@ -35,7 +35,7 @@ def test_modes_schema_and_wal(store):
 
 
 def test_round_trip_of_model_values(store):
-    assert store.target("backup").links == ("10.0.0.2", "10.0.1.2")
+    assert store.target("backup").links == ("169.254.70.2", "169.254.71.2")
     g = store.group("g")
     assert g.period == 300 and g.policies == frozenset({"auto_recover"}) and g.state is GroupState.NEW
     assert store.volume_by_local("/dev/vg/a").remote == "/dev/vg/a2"
