@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import time
 
 from rcopy import backends
 from rcopy.app import alerts, devices
@@ -154,6 +155,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
     try:
         with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports(), \
                 tempfile.TemporaryDirectory(prefix="rcopy-client-") as certs:
+            t0 = time.monotonic()
             started = start(store, g.target)         # ssh and the agent start while this host works
             try:
                 fill_kinds(store, group)
@@ -168,8 +170,9 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
                 d = driver(store, peer, progress, link_timeout=store.target(g.target).link_timeout)
                 d.reconcile(group)
                 devices.require(store, group)        # a volume gone or resized stops here, before any cut
+                setup = time.monotonic() - t0        # connect, reconcile, device check: outside every phase
                 report = d.sync(group, event=event, full=full, confirm=confirm)
-        store.set_report(group, {**report.as_dict(), **book.as_dict()})
+        store.set_report(group, {**report.as_dict(), **book.as_dict(), "setup_seconds": round(setup, 3)})
         alerts.after_sync(store, group)
     finally:
         try:

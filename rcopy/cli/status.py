@@ -18,7 +18,8 @@ point this system took over at, 0: none), kept {volume path: [snapshot names]} (
 a demoted primary's writes after its last sync point, kept until the administrator removes them),
 volumes [VOLUME...]}``, role one of primary, secondary, primary-rev, secondary-rev, and fault also
 "failover" (fenced: the backup took over),
-REPORT = ``{generation, seconds, bytes_sent, bytes_changed, phases {begin, cut, send, commit; check when confirmed} (seconds; send includes
+REPORT = ``{generation, seconds, setup_seconds (before the sync itself: the agent's connect, reconcile, the
+device check), bytes_sent, bytes_changed, phases {begin, cut, send, commit; check when confirmed} (seconds; send includes
 change detection), commands (external commands this system ran), processes (of those, the ones that
 started a process: LVM commands run in rcopy's lvm shell start none), commands_by_tool {tool: n},
 peer_commands, peer_processes (the backup's), volumes {name: {bytes_sent, bytes_changed, full_reason}}, plan [executed actions],

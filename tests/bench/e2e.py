@@ -143,7 +143,8 @@ def main(argv=None) -> int:
             rc("sync", "g", "--wait", *flags)
             rep = json.loads(rc("status", "--json"))["groups"][0]["last_sync"]
             return {"bytes_sent": rep.get("bytes_sent"), "commands_primary": rep.get("commands"),
-                    "commands_backup": rep.get("peer_commands"), "phases": rep.get("phases")}
+                    "commands_backup": rep.get("peer_commands"), "phases": rep.get("phases"),
+                    "sync_seconds": rep.get("seconds"), "setup_seconds": rep.get("setup_seconds")}
         return go
 
     def rsync_both():

@@ -297,6 +297,7 @@ def test_dry_run_prints_the_plan_that_runs_and_status_reports_the_sync(sys2):
     assert rep["plan"] == dry
     assert rep["generation"] == 2 and rep["bytes_sent"] == sum(v["bytes_sent"] for v in g["volumes"])
     assert set(rep["phases"]) == {"begin", "cut", "send", "commit"} and all(t >= 0 for t in rep["phases"].values())
+    assert rep["setup_seconds"] > 0                     # the agent's connect at least, outside every phase
     # the file back-end copies with cp: two P snapshots here, two R snapshots and nbdkit on the backup
     assert rep["commands_by_tool"].get("cp") == 2 and rep["commands"] >= 3
     assert rep["processes"] == rep["commands"]          # no LVM here: every command was a process
