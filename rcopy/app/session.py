@@ -45,11 +45,12 @@ def start(store: Store, target_name: str):
 def connect(store: Store, target_name: str, started=None):
     """A Peer on the first link that answers (``started``: the one ``start`` began), links last seen
     down tried last; records link states as seen."""
-    from rcopy.transport.peer import Peer, TargetUnreachable
+    from rcopy.transport.peer import TargetUnreachable
 
-    target = ordered(store, target_name) if started is None else started.target
+    started = started or start(store, target_name)
+    target = started.target
     try:
-        peer = Peer(target, system=store.system().name) if started is None else started.ready()
+        peer = started.ready()
     except TargetUnreachable:
         for link in target.links:
             store.set_link_state(target.name, link, LinkState.DOWN)
@@ -167,7 +168,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
                 raise
             with peer:
                 peer.certify = lambda: client_certificate(certs)     # made when begin needs it
-                d = driver(store, peer, progress, link_timeout=store.target(g.target).link_timeout)
+                d = driver(store, peer, progress, link_timeout=peer.target.link_timeout)
                 d.reconcile(group)
                 devices.require(store, group)        # a volume gone or resized stops here, before any cut
                 setup = time.monotonic() - t0        # connect, reconcile, device check: outside every phase

@@ -28,10 +28,8 @@ def _checked(args) -> dict:
         out["link_timeout"] = check_timeout("link timeout", args.link_timeout, 5)
     if args.target_timeout is not None:
         out["target_timeout"] = check_timeout("target timeout", args.target_timeout, 10)
-    if args.ssh_persist:
-        out["ssh_persist"] = check_timeout("ssh persist", args.ssh_persist, 10)
-    elif args.ssh_persist == 0:
-        out["ssh_persist"] = 0
+    if args.ssh_persist is not None:                 # 0 turns it off; anything else is a duration
+        out["ssh_persist"] = check_timeout("ssh persist", args.ssh_persist, 10) if args.ssh_persist else 0
     return out
 
 
