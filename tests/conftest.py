@@ -119,6 +119,7 @@ LAB_LONGEST_FIRST = (   # longest lab tests first (measured on a 2-core TCG host
     "tests/lab/test_replication.py::test_sigkill_inside_the_cut_leaves_no_origin_suspended",
     "tests/lab/test_replication.py::test_deleted_or_overflowed_base_makes_the_next_sync_full_and_status_says_why",
     "tests/lab/test_integrity.py::test_a_read_error_marks_the_volume_stale_and_rolls_back",
+    "tests/lab/test_vagrant_lab.py::test_vagrant_lab_boots_both_vms_replicates_through_vagrant_ssh_and_destroys_them",
     "tests/lab/test_security.py",                                                                 # ~3-4 min
     "tests/lab/test_admin.py",                                                                    # ~3-4 min
     "tests/lab/test_integrity.py",

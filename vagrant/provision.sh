@@ -11,10 +11,16 @@ recipe=/rcopy/scripts/rcopylab/recipe
 system() {
   local name=$1; shift
   mapfile -t pkgs < <(sed 's/#.*//; s/[[:space:]]//g' "$recipe/packages" | grep -v -E '^$|^linux-image|^initramfs-tools')
-  echo "provision: installing ${pkgs[*]}"
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${pkgs[@]}" gcc python3-dev libblkid-dev pkg-config
-  sed 's/#.*//' "$recipe/wheels" | xargs -r python3 -m pip install -q --break-system-packages --no-deps
+  mapfile -t missing < <(missing "${pkgs[@]}")
+  if ((${#missing[@]})); then   # a stock box; the lab's own box (scripts/vagrant-lab) has them all
+    echo "provision: installing ${missing[*]}"
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  sed 's/#.*//' "$recipe/wheels" | while read -r wheel; do
+    [ -z "$wheel" ] || python3 -m pip show -q "${wheel%%==*}" >/dev/null 2>&1 ||
+      python3 -m pip install -q --break-system-packages --no-deps "$wheel"
+  done
 
   while (($#)); do          # the peers' names resolve to their private-network (link) addresses
     sed -i "/[[:space:]]$1\$/d" /etc/hosts
@@ -29,6 +35,7 @@ system() {
   install -m 600 "$recipe/ssh_config" /root/.ssh/config
   rm -f /tmp/id_lab /tmp/id_lab.pub
 
+  mkdir -p /etc/modules-load.d
   printf '%s\n' dm_snapshot dm_thin_pool nbd loop >/etc/modules-load.d/rcopy-lab.conf
   modprobe -a dm_snapshot dm_thin_pool nbd loop
 
@@ -42,9 +49,30 @@ system() {
   echo "provision: $name ready"
 }
 
+# The Debian packages of "$@" that are not installed, one a line.
+missing() {
+  local p
+  for p; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q ' installed$' || echo "$p"
+  done
+}
+
+# A wheel built on the host (scripts/vagrant-lab puts it in vagrant/.wheel) installs in a second, as in
+# scripts/lab; without one, pip builds rcopy's C module in the VM.
 rcopy() {
-  python3 -m pip install -q --break-system-packages --no-deps --force-reinstall /rcopy
-  echo "provision: $(command -v rcopy): $(/usr/local/bin/rcopy --version)"
+  local wheel
+  wheel=$(ls /rcopy/vagrant/.wheel/rcopy-*.whl 2>/dev/null | tail -n 1)
+  if [ -n "$wheel" ]; then
+    python3 /rcopy/scripts/rcopylab/guest/install_wheel.py "$wheel"
+  else
+    mapfile -t missing < <(missing gcc python3-dev libblkid-dev pkg-config)
+    if ((${#missing[@]})); then
+      apt-get update -q
+      apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+    python3 -m pip install -q --break-system-packages --no-deps --force-reinstall /rcopy
+  fi
+  echo "provision: /usr/local/bin/rcopy: $(/usr/local/bin/rcopy --version)"
 }
 
 case ${1:-} in

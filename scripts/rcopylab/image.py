@@ -139,6 +139,9 @@ def _stage(stage: Path, image: Image, tmp: Path, log) -> None:
     initramfs = stage / "etc/initramfs-tools/conf.d"
     initramfs.mkdir(parents=True)
     shutil.copy(RECIPE / "initramfs/lab.conf", initramfs / "lab")
+    network = stage / "etc/network"
+    network.mkdir(parents=True)
+    shutil.copy(RECIPE / "interfaces", network / "interfaces")
     sshd = stage / "etc/ssh/sshd_config.d"
     sshd.mkdir(parents=True)
     shutil.copy(RECIPE / "sshd.conf", sshd / "lab.conf")

@@ -17,7 +17,7 @@ from pathlib import Path
 from rcopylab import image as images
 from rcopylab import push as pusher
 from rcopylab.config import HOSTS, LINKS, Config, load
-from rcopylab.errors import BootFailed, GuestCommandFailed, GuestHung, LabUsage, NotRunning
+from rcopylab.errors import BootFailed, GuestCommandFailed, GuestHung, LabUsage, NotRunning, one_line
 from rcopy.sys.run import CommandTimeout
 from rcopylab.ssh import Ssh, shell_text
 from rcopylab.vm import Vm
@@ -302,7 +302,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731 - stdout belongs to 'run'
-    try:
+
+    def verb() -> int:
         ns = _parse(argv)
         lab = Lab(log=log)
         if ns.host is not None:
@@ -318,16 +319,8 @@ def main(argv=None) -> int:
         else:
             getattr(lab, ns.verb)()
         return 0
-    except RcopyError as e:
-        print(str(e), file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("lab: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:   # a bug in the lab: still one line, never a traceback
-        print(f"lab: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
 
+    return one_line("lab", verb)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -72,14 +72,32 @@ def test_scripts_lab_refuses_bad_input_in_one_line(tmp_path, argv, words):
     assert words in cp.stderr and len(cp.stderr.strip().splitlines()) == 1
 
 
-def _vagrant_settings(tmp_path):
+def _vagrant_settings(tmp_path, **env):
     vagrant = REPO / "vagrant"
     syntax = subprocess.run(["ruby", "-c", vagrant / "Vagrantfile"], capture_output=True, text=True, timeout=60)
     assert syntax.stdout.strip() == "Syntax OK", syntax.stderr
     assert subprocess.run(["bash", "-n", vagrant / "provision.sh"], timeout=60).returncode == 0
     out = subprocess.run(["ruby", vagrant / "check.rb", vagrant / "Vagrantfile"], capture_output=True, text=True,
-                         timeout=60, env={"PATH": "/usr/bin:/bin", "RCOPY_LAB_KEY_DIR": str(tmp_path)}, check=True)
+                         timeout=60, env={"PATH": "/usr/bin:/bin", "RCOPY_LAB_KEY_DIR": str(tmp_path), **env},
+                         check=True)
     return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_vagrantfile_takes_this_machines_settings_from_the_environment(tmp_path):
+    """What scripts/vagrant-lab sets (rcopylab.vagrantlab.settings) reaches every VM's libvirt settings."""
+    from rcopylab.vagrantlab import settings
+    env = {k: v for k, v in settings({}).items() if k.startswith("RCOPY_")}
+    events = _vagrant_settings(tmp_path, **env, RCOPY_VAGRANT_BOX="rcopy-lab-test", RCOPY_VAGRANT_PREFIX="t_")
+    assert [e["args"] for e in events if e["call"] == "box="] == [["rcopy-lab-test"]]
+    for host, ip in zip(HOSTS, env["RCOPY_VAGRANT_LINK_IPS"].split(",")):
+        mine = {e["call"]: e for e in events if f"define:{host}" in e["scope"]}
+        lv = {c: e["args"][0] for c, e in mine.items() if c.endswith("=") and "provider:libvirt" in e["scope"]}
+        assert lv["driver="] == "qemu" and lv["cpu_mode="] == "maximum" and lv["default_prefix="] == "t_"
+        assert lv["management_network_address="] == "169.254.121.0/24"
+        assert lv["management_network_mode="] == "none"
+        net = mine["network"]["kw"]
+        assert (net["ip"], net["libvirt__forward_mode"]) == (ip, "none")
+        assert mine["serial"]["kw"]["source"]["path"].endswith(f"consoles/{host}.log")
 
 
 def test_vagrantfile_describes_the_same_two_vms(tmp_path):
