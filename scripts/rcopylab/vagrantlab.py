@@ -266,10 +266,16 @@ class VagrantLab:
         print("  backup's view:\n" + "\n".join("    " + ln for ln in backup.strip().splitlines()))
 
     def down(self) -> None:
-        if not (VAGRANT_DIR / ".vagrant" / "machines").exists():
+        if not self.machines():
             self.log("vagrant-lab: no VMs to destroy")
             return
+        self.libvirtd()        # a VM of ours may outlive the libvirtd that started it
         self.vagrant("destroy", "-f", timeout=600)
+
+    def machines(self) -> list[str]:
+        """The VMs vagrant has created here (an id in its machine folder), destroyed or not."""
+        dot = Path(os.environ.get("VAGRANT_DOTFILE_PATH") or VAGRANT_DIR / ".vagrant")
+        return sorted(f.parent.parent.name for f in (dot / "machines").glob("*/*/id") if f.read_text().strip())
 
     # --- helpers -------------------------------------------------------------------------------------
     def ssh(self, host: str, cmd: str) -> str:
