@@ -11,6 +11,7 @@ Vagrant never calls out: its version check and box catalogue are off or pointed 
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import os
@@ -19,6 +20,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from xml.etree import ElementTree
@@ -155,10 +157,10 @@ class VagrantLab:
             return self.user_box
         image = images.build(self.cfg.cache, self.log)
         name = boxes.name(image)
-        listed = self.vagrant("box", "list", "--machine-readable", capture=True)
+        listed = vagrant("box", "list", "--machine-readable", capture=True)
         if f",box-name,{name}\n" not in listed + "\n":
             path = boxes.build(image, self.cfg.cache / "vagrant", self.log)
-            self.vagrant("box", "add", "--force", "--name", name, str(path), capture=True)
+            vagrant("box", "add", "--force", "--name", name, str(path), capture=True)
             self.log(f"vagrant-lab: box {name} added")
             for old in re.findall(r",box-name,(rcopy-lab-[0-9a-f]+)$", listed, re.M):
                 if old != name:   # an older recipe's; vagrant refuses (and keeps it) while a VM uses it
@@ -168,7 +170,7 @@ class VagrantLab:
     def forget_box(self, name: str) -> None:
         """Remove a box and the copy vagrant-libvirt uploaded of it into libvirt's default pool."""
         try:
-            self.vagrant("box", "remove", "--all", name, capture=True)
+            vagrant("box", "remove", "--all", name, capture=True)
         except VagrantFailed as e:
             self.log(f"vagrant-lab: kept the old box {name}: {e}")
             return
@@ -191,7 +193,7 @@ class VagrantLab:
         self.log(f"vagrant-lab: set-up {time.monotonic() - t0:.0f} s; vagrant up (box {name}, "
                  f"provider {os.environ['RCOPY_VAGRANT_PROVIDER']})")
         t1 = time.monotonic()
-        self.vagrant("up", "--provider", os.environ["RCOPY_VAGRANT_PROVIDER"], timeout=UP_TIMEOUT)
+        vagrant("up", "--provider", os.environ["RCOPY_VAGRANT_PROVIDER"], timeout=UP_TIMEOUT)
         self.log(f"vagrant-lab: both VMs up and provisioned in {time.monotonic() - t1:.0f} s "
                  f"({time.monotonic() - t0:.0f} s in all)")
         self.networks()
@@ -270,7 +272,7 @@ class VagrantLab:
             self.log("vagrant-lab: no VMs to destroy")
             return
         self.libvirtd()        # a VM of ours may outlive the libvirtd that started it
-        self.vagrant("destroy", "-f", timeout=600)
+        vagrant("destroy", "-f", timeout=600)
 
     def machines(self) -> list[str]:
         """The VMs vagrant has created here (an id in its machine folder), destroyed or not."""
@@ -279,38 +281,45 @@ class VagrantLab:
 
     # --- helpers -------------------------------------------------------------------------------------
     def ssh(self, host: str, cmd: str) -> str:
-        return self.vagrant("ssh", host, "-c", cmd, timeout=CHECK_TIMEOUT)
+        return vagrant("ssh", host, "-c", cmd, timeout=CHECK_TIMEOUT)
 
-    def vagrant(self, *args: str, timeout: float = 600.0, capture: bool = False, check: bool = True) -> str:
-        """Run vagrant in vagrant/, its output passed through (progress bars dropped) and kept; on failure
-        raise with vagrant's own last lines. A process group, so a timeout kills ruby and its ssh too."""
-        argv = ["vagrant", *args, *([] if args[0] in ("box", "ssh") else ["--no-color"])]
-        proc = subprocess.Popen(argv, cwd=VAGRANT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        lines: list[str] = []
-        deadline = time.monotonic() + timeout
-        try:
-            for raw in proc.stdout:
-                line = raw.decode(errors="replace").rstrip()
-                line = line.rsplit("\r", 1)[-1].replace("\x1b[K", "")
-                if "Progress:" in line:
-                    continue
-                lines.append(line)
-                if not capture:
-                    print(line, file=sys.stderr, flush=True)
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(argv, timeout)
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+
+def vagrant(*args: str, timeout: float = 600.0, capture: bool = False) -> str:
+    """Run vagrant in vagrant/, its output passed through (progress bars dropped) and kept; on failure
+    raise with vagrant's own last lines. Its own process group, killed whole (ruby, its ssh) by a
+    watchdog if it has not ended after timeout: a hang guard that does not depend on output."""
+    argv = ["vagrant", *args, *([] if args[0] in ("box", "ssh") else ["--no-color"])]
+    proc = subprocess.Popen(argv, cwd=VAGRANT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    fired = threading.Event()
+
+    def kill():
+        fired.set()
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise VagrantFailed(args=" ".join(args), rc="timeout",
-                                last=f"no end after {timeout:.0f} s; its last line: {_last(lines)}") from None
-        if rc != 0 and check:
-            if capture:
-                print("\n".join(lines), file=sys.stderr)
-            raise VagrantFailed(args=" ".join(args[:2] if args[0] == "ssh" else args), rc=rc, last=_last(lines))
-        return "\n".join(lines)
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.start()
+    lines: list[str] = []
+    try:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip().rsplit("\r", 1)[-1].replace("\x1b[K", "")
+            if "Progress:" in line:
+                continue
+            lines.append(line)
+            if not capture:
+                print(line, file=sys.stderr, flush=True)
+        rc = proc.wait()
+    finally:
+        watchdog.cancel()
+    shown = " ".join(args[:2] if args[0] == "ssh" else args)
+    if fired.is_set():
+        raise VagrantFailed(args=shown, rc="killed", last=f"no end after {timeout:.0f} s; its last words: "
+                                                          f"{_last(lines)}")
+    if rc != 0:
+        if capture:
+            print("\n".join(lines), file=sys.stderr)
+        raise VagrantFailed(args=shown, rc=rc, last=_last(lines))
+    return "\n".join(lines)
 
 
 def _installed(pkg: str) -> bool:
