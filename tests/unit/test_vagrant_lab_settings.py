@@ -44,11 +44,16 @@ def test_scripts_vagrant_lab_refuses_an_unknown_verb_in_one_line(capsys):
     assert err == ["vagrant-lab: unknown or extra words 'sideways' (see 'scripts/vagrant-lab --help')"]
 
 
-def test_a_vagrant_that_never_ends_is_killed_by_the_watchdog_with_its_last_words(tmp_path, monkeypatch):
+def fake_vagrant(tmp_path, monkeypatch, script: str) -> None:
+    """A stand-in `vagrant` first on PATH, running script."""
     fake = tmp_path / "vagrant"
-    fake.write_text("#!/bin/sh\necho 'Bringing machine primary up...'\nsleep 600 &\nsleep 600\n")
+    fake.write_text("#!/bin/sh\n" + script)
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def test_a_vagrant_that_never_ends_is_killed_by_the_watchdog_with_its_last_words(tmp_path, monkeypatch):
+    fake_vagrant(tmp_path, monkeypatch, "echo 'Bringing machine primary up...'\nsleep 600 &\nsleep 600\n")
     with pytest.raises(vagrantlab.VagrantFailed) as e:
         vagrantlab.vagrant("up", timeout=1, capture=True)
     assert str(e.value) == ("vagrant-lab: 'vagrant up' failed (exit killed): no end after 1 s; its last words: "
@@ -56,10 +61,7 @@ def test_a_vagrant_that_never_ends_is_killed_by_the_watchdog_with_its_last_words
 
 
 def test_a_failed_vagrant_is_one_line_with_its_message(tmp_path, monkeypatch):
-    fake = tmp_path / "vagrant"
-    fake.write_text("#!/bin/sh\necho 'The provider x could not be found.'\necho\necho 'Known: libvirt'\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    fake_vagrant(tmp_path, monkeypatch, "echo 'The provider x could not be found.'\necho\necho 'Known: libvirt'\nexit 1\n")
     with pytest.raises(vagrantlab.VagrantFailed) as e:
         vagrantlab.vagrant("up", "--provider", "x", capture=True)
     assert str(e.value) == ("vagrant-lab: 'vagrant up --provider x' failed (exit 1): "
