@@ -4,16 +4,15 @@
 These drive VMs of their own (libvirt domains), not the qemu lab's, so they take no `lab` fixture; the
 time limits below are hang guards, not speed checks.
 """
-import ipaddress
 import os
 import subprocess
 
 import pytest
 
 from rcopylab.config import REPO
+from rcopylab.vagrantlab import private_addresses
 
 VAGRANT_LAB = REPO / "scripts" / "vagrant-lab"
-PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")]
 
 
 def vagrant_lab(verb, timeout=1800, **env):
@@ -25,12 +24,6 @@ def domains():
     out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
                          text=True, timeout=60)
     return set(out.stdout.split())
-
-
-def private_addresses():
-    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=60).stdout
-    return [w[3] for w in (ln.split() for ln in out.splitlines())
-            if any(ipaddress.ip_interface(w[3]).ip in n for n in PRIVATE)]
 
 
 def test_vagrant_lab_boots_both_vms_replicates_through_vagrant_ssh_and_destroys_them():
