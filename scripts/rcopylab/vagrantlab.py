@@ -96,11 +96,11 @@ class VagrantFailed(VagrantLabError):
 class VagrantLab:
     def __init__(self, log=print):
         self.log = log
-        self.env = settings()
-        os.environ.update(self.env)
+        os.environ.update(settings())
         self.cfg = load()
         self.user_box = os.environ.get("RCOPY_VAGRANT_BOX")
-        os.environ["RCOPY_VAGRANT_BOX"] = self.box_name()   # what the Vagrantfile reads, in every verb
+        # what the Vagrantfile reads, in every verb: the user's box, else the current lab image's
+        os.environ["RCOPY_VAGRANT_BOX"] = self.user_box or boxes.name(images.image_for(self.cfg.cache))
         self.domains = [os.environ.get("RCOPY_VAGRANT_PREFIX", "vagrant_") + h for h in ("primary", "backup")]
 
     # --- host set-up ---------------------------------------------------------------------------------
@@ -111,10 +111,9 @@ class VagrantLab:
             return
         t0 = time.monotonic()
         self.log(f"vagrant-lab: installing {' '.join(missing)}")
-        env = {"DEBIAN_FRONTEND": "noninteractive"}
         for argv in (["apt-get", "update", "-q"], ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q",
                                                     "--no-install-recommends", *missing]):
-            res = run(["env", *(f"{k}={v}" for k, v in env.items()), *argv], timeout=900)
+            res = run(["env", "DEBIAN_FRONTEND=noninteractive", *argv], timeout=900)
             if not res.ok:
                 raise VagrantLabError(f"cannot install {' '.join(missing)}: {describe(res)}")
         self.log(f"vagrant-lab: packages installed in {time.monotonic() - t0:.0f} s")
@@ -146,10 +145,6 @@ class VagrantLab:
                 return
             time.sleep(0.5)
         raise VagrantLabError("libvirtd started but does not answer on qemu:///system (see /var/log/libvirt/libvirtd.log)")
-
-    def box_name(self) -> str:
-        """The user's RCOPY_VAGRANT_BOX, else the box of the current lab image."""
-        return self.user_box or boxes.name(images.image_for(self.cfg.cache))
 
     def box(self) -> str:
         """The box to boot: the user's RCOPY_VAGRANT_BOX as given, else the lab image's, added once."""
@@ -258,7 +253,7 @@ class VagrantLab:
         nets = self.networks()
         self.log(f"vagrant-lab: check passed in {time.monotonic() - t0:.0f} s")
         print("vagrant-lab check proved, through 'vagrant ssh' on the Vagrantfile's two VMs "
-              f"(box {self.box_name()}, libvirt driver "
+              f"(box {os.environ['RCOPY_VAGRANT_BOX']}, libvirt driver "
               f"{os.environ['RCOPY_VAGRANT_DRIVER']}):")
         print(f"  - primary reaches backup by name on the private link ({link_ip}): the agent ran over ssh root@backup")
         print(f"  - a thin and a thick volume ({CHECK_MIB} MiB each) were admitted, fully synced, written and "
