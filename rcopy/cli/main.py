@@ -2,8 +2,9 @@
 
 Each noun module (target, group, sync, status, extents, ...) exposes ``register(subparsers)``; its
 handlers return an exit code (or None for 0). Every RcopyError becomes one line on stderr and its exit
-code; anything else is a bug: one line plus a pointer to ``--debug``, exit 1. ``--debug`` re-raises
-with the traceback and prints the flight recorder of recent commands.
+code; anything else is a bug: one line plus a pointer to ``--debug``, exit 1. ``--debug`` adds the
+flight recorder of recent commands and the traceback (an RcopyError still ends with its line and
+its exit code; a bug is re-raised).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 from rcopy import __version__
 from rcopy.errors import RcopyError, UsageError
@@ -78,9 +80,9 @@ def main(argv=None) -> int:
         rc = args.func(args)
         return 0 if rc is None else int(rc)
     except RcopyError as e:
-        if debug:
+        if debug:   # the traceback for whoever asked, then the same line and exit code as without it
             _print_recorder()
-            raise
+            traceback.print_exc()
         print(f"rcopy: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -32,3 +32,12 @@ def test_unknown_command_is_one_line_exit_2():
 def test_main_returns_code_instead_of_exiting(capsys):
     assert main(["--bogus-flag"]) == 2
     assert "rcopy: error:" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback_and_keeps_the_errors_line_and_exit_code(tmp_path):
+    plain = run_cli("--state-dir", str(tmp_path), "sync", "no-such-group")
+    debug = run_cli("--state-dir", str(tmp_path), "--debug", "sync", "no-such-group")
+    assert plain.returncode == debug.returncode not in (0, 1)
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
+    last = plain.stderr.strip().splitlines()[-1]
+    assert last.startswith("rcopy: error:") and debug.stderr.strip().splitlines()[-1] == last
