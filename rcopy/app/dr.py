@@ -22,6 +22,7 @@ import logging
 
 from rcopy import backends, faults
 from rcopy.app import session
+from rcopy.app.local import kept
 from rcopy.engine import cycle, roles
 from rcopy.engine.states import Event
 from rcopy.errors import Busy, DeviceUnsafe, RcopyError, StateError
@@ -129,12 +130,6 @@ def _settle_sender(store: Store, g: Group, vols, generation: int, sync_id: str) 
         backends.delete([cycle._snap(g, v, "P", p) for v in vols])
         store.abort_sync(g.name, g.reason, state=None)
     return store.group(g.name)
-
-
-def kept(store: Store, g: Group) -> dict[str, list[str]]:
-    """path -> the F and K snapshots rcopy keeps for the administrator on that volume."""
-    found = backends.kept([(v.backend, v.local, v.name) for v in store.volumes(g.name)], g.name)
-    return {p: names for p, names in found.items() if names}
 
 
 def fence(store: Store, group: str, by: str) -> Group:

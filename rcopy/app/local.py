@@ -50,6 +50,13 @@ def resume_idle(store: Store) -> None:
             os.close(fd)
 
 
+def kept(store: Store, g) -> dict[str, list[str]]:
+    """path -> the F and K snapshots rcopy keeps for the administrator on that volume (``rcopy status``
+    shows them; the DR flows report them)."""
+    found = backends.kept([(v.backend, v.local, v.name) for v in store.volumes(g.name)], g.name)
+    return {p: names for p, names in found.items() if names}
+
+
 def fill_kinds(store: Store, group: str) -> None:
     """Volumes admitted before the back-end was stored with them (state schema 1) are probed once."""
     for v in store.volumes(group):

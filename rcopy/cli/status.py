@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import time
 
-from rcopy.app import dr, metrics
-from rcopy.app.local import open_store
+from rcopy.app import metrics
+from rcopy.app.local import kept, open_store
 from rcopy.sys import lvm
 from rcopy.cli.common import print_json
 from rcopy.engine.schedule import next_start
@@ -92,7 +92,7 @@ def group_dict(store, g, now: float | None = None) -> dict:
             "last_sync_bytes_sent": f["last_sync_bytes_sent"], "last_sync_bytes_changed": f["last_sync_bytes_changed"],
             "syncing_generation": g.pending_generation, "last_sync_start": g.last_sync_start,
             "last_sync_end": g.last_sync_end, "next_sync": _next(g), "last_sync": report,
-            "failover_point": g.failover_point, "kept": dr.kept(store, g), "volumes": vols}
+            "failover_point": g.failover_point, "kept": kept(store, g), "volumes": vols}
 
 
 def _next(g) -> float | None:
