@@ -127,8 +127,15 @@ class Campaign:
 
     # -- one run -----------------------------------------------------------------------------------
     def run(self, kind: str) -> dict:
+        steps, t = {}, time.monotonic()
+
+        def step(name):                         # seconds per step, in the run's record
+            nonlocal t
+            now = time.monotonic()
+            steps[name], t = round(now - t, 1), now
         if not self.ready:
             self.setup()
+            step("setup")
         rnd = self.rnd
         before = self.status("backup")["sync_point"]["generation"]
         blocks = rnd.randrange(50, 1500)
@@ -141,18 +148,25 @@ class Campaign:
         delay = round(rnd.uniform(0.0, 8.0), 1)
         self.sh("primary", "rcopy sync g >/dev/null 2>&1 || true")
         time.sleep(delay)
+        step("start")
         self.fault(kind, rnd)
+        step("fault")
         self.repair(kind)
+        step("repair")
         self.settle()
+        step("settle")
         self.sh("primary", "kill $(cat /run/rcopy-writer) 2>/dev/null || true")
         point = self.check_one_point()
+        step("check")
         if kind in ("link1", "link2") and point <= before:
             raise Lost(f"the sync did not commit with one link up all along (backup at {point}, was {before}): "
                        f"{self.status('primary')['reason']}")
         recovered = self.recover()
+        step("recover")
         self.census(recovered)
+        step("census")
         return {"kind": kind, "delay": delay, "blocks": blocks, "before": before, "held": point,
-                "after": recovered}
+                "after": recovered, "steps": steps}
 
     def fault(self, kind: str, rnd: random.Random):
         if kind == "link-short":

@@ -72,7 +72,7 @@ from rcopy.backends import for_device
 KIND = {kind!r}
 A, B = volume(KIND, "a", 8), volume(KIND, "b", 8)
 WRITER = '''
-import mmap, os, struct, sys
+import mmap, os, struct, sys, time
 fa, fb = (os.open(p, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC) for p in sys.argv[1:3])
 buf = mmap.mmap(-1, 4096)
 n, errors = 0, 0
@@ -84,6 +84,7 @@ while not os.path.exists("/tmp/stop-writer"):
             os.pwritev(fd, [buf], 0)
         except OSError:
             errors += 1
+    time.sleep(0.01)         # between pairs: the 1-vCPU guest still runs the cuts beside it
 print(n, errors)
 '''
 w = subprocess.Popen([sys.executable, "-c", WRITER, A, B], stdout=subprocess.PIPE, text=True)
