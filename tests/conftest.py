@@ -108,25 +108,27 @@ def pytest_report_header(config):
 # and they leave the other worker to the lab); every lab test is a work unit of its own (they share
 # nothing but the session's lab, and each worker has its own), handed out longest first so that the
 # last ones to start are short: a worker queues up to two tests ahead, which must not be long ones.
-LAB_LONGEST_FIRST = (   # longest lab tests first (measured on a 2-core TCG host); the rest follow in file order
-    "tests/lab/test_faults.py::test_every_fault_kind_leaves_one_sync_point_and_recovers[power-and-signals]",
-    "tests/lab/test_faults.py",
-    "tests/lab/test_replication.py::test_mixed_group_is_cut_at_one_instant_over_six_syncs",      # 10-16 min
-    "tests/lab/test_replication.py::test_link_cut_mid_sync_rolls_back_then_delta_after_link_up",  # 5-10 min
-    "tests/lab/test_dr.py::test_planned_migration_with_a_backup_crash_in_recover_never_goes_full",  # ~7 min
-    "tests/lab/test_dr.py::test_power_cut_mid_sync_failover_recover_keeps_the_primarys_writes_then_restore",
-    "tests/lab/test_integrity.py::test_a_full_resync_cut_by_the_link_rolls_the_thick_secondary_back_exactly",
-    "tests/lab/test_replication.py::test_sigkill_inside_the_cut_leaves_no_origin_suspended",
-    "tests/lab/test_replication.py::test_deleted_or_overflowed_base_makes_the_next_sync_full_and_status_says_why",
-    "tests/lab/test_integrity.py::test_a_read_error_marks_the_volume_stale_and_rolls_back",
+LAB_LONGEST_FIRST = (   # longest lab tests first; seconds from a full run on a 2-core TCG host (--durations)
+    "tests/lab/test_faults.py::test_every_fault_kind_leaves_one_sync_point_and_recovers[link-and-agent]",      # 722
+    "tests/lab/test_faults.py::test_every_fault_kind_leaves_one_sync_point_and_recovers[disk-space-and-control-link]",  # 678
+    "tests/lab/test_faults.py",                                                                   # 627
+    "tests/lab/test_replication.py::test_mixed_group_is_cut_at_one_instant_over_six_syncs",      # 597
+    "tests/lab/test_dr.py::test_planned_migration_with_a_backup_crash_in_recover_never_goes_full",  # 537
+    "tests/lab/test_dr.py::test_power_cut_mid_sync_failover_recover_keeps_the_primarys_writes_then_restore",  # 506
+    "tests/lab/test_replication.py::test_two_links_carry_the_data_and_one_lost_mid_sync_is_an_alert_not_a_failure",  # 475
+    "tests/lab/test_replication.py::test_link_cut_mid_sync_rolls_back_then_delta_after_link_up",  # 295
     "tests/lab/test_vagrant_lab.py::test_vagrant_lab_boots_both_vms_replicates_through_vagrant_ssh_and_destroys_them",
-    "tests/lab/test_security.py",                                                                 # ~3-4 min
-    "tests/lab/test_admin.py",                                                                    # ~3-4 min
-    "tests/lab/test_integrity.py",
-    "tests/lab/test_replication.py",
-    "tests/lab/test_changes.py::test_group_cut_is_crash_consistent",                             # ~1.5-2 min each
-    "tests/lab/test_snapshots.py::test_backend_cut_find_delete_are_idempotent",
-    "tests/lab/test_lab_smoke.py::test_crash_and_start_keep_the_backups_lvs_and_their_data",
+    "tests/lab/test_admin.py",                                                                    # 243
+    "tests/lab/test_integrity.py::test_a_full_resync_cut_by_the_link_rolls_the_thick_secondary_back_exactly",  # 221
+    "tests/lab/test_replication.py::test_a_sync_with_nothing_written_confirms_the_sync_point_and_any_write_makes_a_new_one",  # 211
+    "tests/lab/test_security.py::test_only_the_primary_of_the_session_reaches_the_export",       # 177
+    "tests/lab/test_replication.py::test_deleted_or_overflowed_base_makes_the_next_sync_full_and_status_says_why",  # 158
+    "tests/lab/test_integrity.py",                                                                # 125-146 each
+    "tests/lab/test_replication.py",                                                              # 108-128 each
+    "tests/lab/test_security.py",                                                                 # 111-122 each
+    "tests/lab/test_changes.py::test_group_cut_is_crash_consistent",                             # 70-94 each
+    "tests/lab/test_lab_smoke.py::test_crash_and_start_keep_the_backups_lvs_and_their_data",     # 60
+    "tests/lab/test_snapshots.py::test_backend_cut_find_delete_are_idempotent",                  # 27-39 each
     "tests/lab/test_changes.py",
 )
 
