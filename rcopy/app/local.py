@@ -10,6 +10,7 @@ import os
 
 from rcopy import backends
 from rcopy.errors import PermissionDenied
+from rcopy.model import Group
 from rcopy.state import Store
 from rcopy.sys import dmsetup
 
@@ -50,7 +51,7 @@ def resume_idle(store: Store) -> None:
             os.close(fd)
 
 
-def kept(store: Store, g) -> dict[str, list[str]]:
+def kept(store: Store, g: Group) -> dict[str, list[str]]:
     """path -> the F and K snapshots rcopy keeps for the administrator on that volume (``rcopy status``
     shows them; the DR flows report them)."""
     found = backends.kept([(v.backend, v.local, v.name) for v in store.volumes(g.name)], g.name)

@@ -75,7 +75,8 @@ if [[ ! -s $scan ]]; then
   grep -q '^backup ' $scan.new && grep -q '^primary ' $scan.new \
     || { rm -f $scan.new; echo "reset: ssh-keyscan found no host key for primary or backup" >&2; exit 1; }
   # link 2's names reach the same sshd: the same keys (a scan over link 2 would only cost time)
-  sed -n 's/^\(primary\|backup\) /\1-2 /p' $scan.new >>$scan.new
+  aliases=$(sed -n 's/^\(primary\|backup\) /\1-2 /p' $scan.new)
+  echo "$aliases" >>$scan.new
   mv -f $scan.new $scan
 fi
 cp -f $scan /root/.ssh/known_hosts
