@@ -62,8 +62,11 @@ class Snapshotter(Protocol):
 
 
 class ChangeSource(Protocol):
-    def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
-        """Sorted, non-overlapping extents of ``new`` that differ from ``old`` (zero runs marked)."""
+    def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096,
+                remote=None) -> Iterator[Extent]:
+        """Sorted, non-overlapping extents of ``new`` that differ from ``old`` (zero runs marked).
+        ``remote`` (rcopy.changes.digest.Remote) asks the backup for its digests of candidate blocks:
+        a source may use it to read ``new`` only (thin does), or ignore it."""
 
     def unchanged_since(self, base: Snapshot, origin: str) -> bool:
         """True only when nothing was written to ``origin`` since ``base`` was taken, known from

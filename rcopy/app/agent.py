@@ -17,6 +17,9 @@ Operations (all idempotent where a retry can happen):
 - ``commit {group, generation, sync_id}``: stop the exports, commit durably, delete R(n); answers the
   number of external commands this side ran for the sync (``commands``).
 - ``abort {group, generation, sync_id, reason}``: stop the exports, promote R(n) onto every secondary.
+- ``digests {group, sync_id, remote, spans}`` -> ``{digests}``: base64 of one 16-byte BLAKE2b digest per
+  4 KiB block of ``spans`` ([start, end] byte pairs) of secondary ``remote`` of the sync in flight, as
+  it holds them now: the primary's refine compares them with the new snapshot's (rcopy.changes.digest).
 - ``hash {group}`` -> ``{path: sha256}`` for ``rcopy verify``. ``ping`` -> ``{time}`` (heartbeat).
 - ``attach {group, sync_id}``: the primary lost the link its channel to the agent serving that sync ran
   on and came back on another: this process hands its channel to that agent (rcopy.app.handover) and
@@ -31,6 +34,7 @@ holding a group (its ssh session outlived a cut link) is stopped by the next age
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import inspect
 import json
@@ -532,6 +536,18 @@ class Agent:
     def op_relabel(self, group: str):
         from rcopy.app import dr
         return {"role": dr.relabel(self.store, group).role.value}
+
+    def op_digests(self, group: str, sync_id: str, remote: str, spans: list):
+        """Only the secondaries of the sync this agent serves, only while it is in flight: before their
+        first write of this sync (the primary asks before it sends that volume anything)."""
+        active = self.active.get(group)
+        if active is None or active[2] != sync_id:
+            raise StateError(f"group {group} has no sync {sync_id} in flight on {self.store.system().name}")
+        if remote not in self.begun.get(group, {}).get("volumes", {}):
+            raise NotFound(f"{remote} is not a secondary of the sync of group {group} in flight on "
+                           f"{self.store.system().name}")
+        from rcopy.changes.digest import digests_of          # not imported by an agent that never syncs
+        return {"digests": base64.b64encode(digests_of(remote, spans)).decode()}
 
     def op_hash(self, group: str):
         g = self._secondary(group)

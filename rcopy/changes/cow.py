@@ -45,7 +45,7 @@ class CowChanges:
 
     check_commands = 0        # unchanged_since reads the COW table: no command
 
-    def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
+    def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096, remote=None) -> Iterator[Extent]:
         a, b = lvm.by_path(old.path), lvm.by_path(new.path)
         if not (a.is_cow_snapshot and b.is_cow_snapshot and a.vg == b.vg and a.origin == b.origin):
             raise Refused(f"{old.path} and {new.path} are not dm-snapshots of one origin")

@@ -34,7 +34,7 @@ def full_compare(old_path: str, new_path: str, *, block_size: int = 4096,
 class FullCompare:
     """Implements ChangeSource by reading both snapshots whole (no metadata: the file simulator)."""
 
-    def changed(self, old, new, *, block_size: int = 4096) -> Iterator[Extent]:
+    def changed(self, old, new, *, block_size: int = 4096, remote=None) -> Iterator[Extent]:
         return full_compare(old.path, new.path, block_size=block_size)
 
     def unchanged_since(self, base, origin: str) -> bool:

@@ -63,7 +63,7 @@ class BadChunkSize(UsageError):
 
 
 @dataclasses.dataclass
-class _Source:
+class Source:
     """One open file or block device and how it is read."""
 
     path: str
@@ -76,7 +76,7 @@ class _Source:
         return self.file.fileno()
 
     @classmethod
-    def open(cls, path, direct: bool) -> "_Source":
+    def open(cls, path, direct: bool) -> "Source":
         path = os.fspath(path)
         fd = None
         if direct:
@@ -146,11 +146,11 @@ def scan(old_path, new_path, *, ranges: Iterable[Extent] | None = None, block_si
         raise BadChunkSize(chunk_size=chunk_size, block_size=block_size)
     if depth < 1:
         raise UsageError(f"read-ahead depth {depth} must be at least 1")
-    sources: list[_Source] = []
+    sources: list[Source] = []
     try:
         for path in (old_path, new_path):
             if path is not None:
-                sources.append(_Source.open(path, direct))
+                sources.append(Source.open(path, direct))
         size = _common_size(sources, old_path is not None, size)
     except BaseException:
         for s in sources:
@@ -158,11 +158,11 @@ def scan(old_path, new_path, *, ranges: Iterable[Extent] | None = None, block_si
         raise
     job = _Job(sources, old_path is not None, size, block_size, chunk_size, max(block_size, PIECE_SIZE),
                depth, drop_cache, kernel)
-    spans = [(0, size)] if ranges is None else _spans(ranges, size, block_size)
+    spans = [(0, size)] if ranges is None else block_spans(ranges, size, block_size)
     return _coalesced(job.run(spans))
 
 
-def _common_size(sources: list[_Source], has_old: bool, size: int | None) -> int:
+def _common_size(sources: list[Source], has_old: bool, size: int | None) -> int:
     if size is None:
         if has_old and sources[0].size != sources[1].size:
             old, new = sources
@@ -176,7 +176,7 @@ def _common_size(sources: list[_Source], has_old: bool, size: int | None) -> int
     return size
 
 
-def _spans(ranges: Iterable[Extent], size: int, block_size: int) -> Iterator[tuple[int, int]]:
+def block_spans(ranges: Iterable[Extent], size: int, block_size: int) -> Iterator[tuple[int, int]]:
     """(start, end) byte spans to compare: ranges aligned out to blocks, clamped, overlaps merged.
 
     Lazy, so a long candidate list is never held whole; checked, because an unsorted list means a
@@ -244,7 +244,7 @@ class _Job:
     0.85; depth 2 to 8 and 4 or 8 MiB chunks all gave 0.16-0.24), so it is not the default.
     """
 
-    sources: list[_Source]
+    sources: list[Source]
     has_old: bool
     size: int
     block_size: int

@@ -7,7 +7,8 @@ ALWAYS release it (a held metadata snapshot pins metadata blocks, and a second r
 Cost grows with the metadata, not the volume: no data block is read outside the candidates.
 Snapshots in different pools (or not thin) fall back to the full compare. Granularity is the pool
 chunk: 1% of 4 KiB blocks written at random touch 1-0.99^16 = 15% of 64 KiB chunks, so the refine reads
-~15% of the volume from each snapshot (measured: tests/bench/extents.py); clustered writes cost far less.
+~15% of the volume from each snapshot (measured: tests/bench/extents.py), or from the new one only when
+the backup hashes its side (rcopy.changes.digest); clustered writes cost far less.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import logging
 import os
 from typing import Iterator
 
+from rcopy.changes.digest import Remote, refine_remote
 from rcopy.changes.refine import full_compare, refine
 from rcopy.ports import Snapshot
 from rcopy.errors import Refused
@@ -80,7 +82,9 @@ class ThinChanges:
 
     check_commands = 1        # unchanged_since runs one thin_delta
 
-    def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096) -> Iterator[Extent]:
+    def changed(self, old: Snapshot, new: Snapshot, *, block_size: int = 4096,
+                remote: Remote | None = None) -> Iterator[Extent]:
+        """With ``remote`` (the backup's digests of the same blocks) only ``new`` is read here."""
         a, b = lvm.by_path(old.path), lvm.by_path(new.path)
         if a.volume_size != b.volume_size:
             raise Refused(f"{old.name} and {new.name} differ in size: not snapshots of one volume")
@@ -88,6 +92,8 @@ class ThinChanges:
                 and a.thin_id is not None and b.thin_id is not None):
             log.info("%s and %s are not thin snapshots in one pool: full compare", old.path, new.path)
             return full_compare(old.path, new.path, block_size=block_size)
+        if remote is not None:
+            return refine_remote(old.path, new.path, candidates(a, b), remote, block_size=block_size, size=b.size)
         return refine(old.path, new.path, candidates(a, b), block_size=block_size, size=b.size)
 
     def unchanged_since(self, base: Snapshot, origin: str) -> bool:

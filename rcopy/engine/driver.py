@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -423,7 +424,7 @@ class Driver:
             base = backend.snapshotter.find(a.origin, a.base)
             if base is None:
                 raise SyncFailed(f"base snapshot {a.base} vanished during the sync: the next sync is full")
-            extents = backend.changes.changed(base, source)
+            extents = backend.changes.changed(base, source, remote=self._remote_digests(run, a))
         else:
             extents = backend.full(source)
         flow = _Position(extents)
@@ -449,6 +450,15 @@ class Driver:
         run.stats[a.volume] = (sent, a.reason)
         run.changed[a.volume] = flow.bytes
         self.progress.finish(a.volume, sent, a.reason)
+
+    def _remote_digests(self, run: _Run, a: P.Send):
+        """What asks the backup for its digests of the volume's candidate blocks, so the refine reads
+        only the new snapshot here (rcopy.changes.digest); None when the peer cannot answer them."""
+        ask = getattr(self.peer, "digests", None)
+        group, sync_id = run.in_flight
+        if ask is None or not sync_id:
+            return None
+        return functools.partial(ask, group, sync_id, a.remote)
 
     def _do_PeerCommit(self, a: P.PeerCommit, run):
         try:

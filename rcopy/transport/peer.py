@@ -11,11 +11,15 @@ closes the agent's stdin: an agent with an uncommitted sync then promotes its ro
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import json
 import logging
 import os
 import shlex
+import threading
+from typing import Callable
 
 from rcopy import errors as E
 from rcopy.model import SSH_CONTROL_DIR, Target
@@ -31,6 +35,9 @@ PROTOCOL = 1
 HELLO_TIMEOUT = 300.0
 ABORT_TIMEOUT = 300.0
 CALL_TIMEOUT = 3600.0     # begin snapshots every secondary; a full copy-based snapshot can take long
+# A batch of digests is 16 MiB read on the backup: a disk slower than ~0.3 MB/s is stuck, and the
+# heartbeat waits behind the answer, so a hung backup must not hold it for CALL_TIMEOUT.
+DIGESTS_TIMEOUT = 60.0
 
 
 class TargetUnreachable(E.LinkError):
@@ -71,8 +78,9 @@ class Pending:
         self.done, self.value, self.error = False, None, None
 
     def result(self):
-        if self.peer._pending is self:
-            self.peer._settle()
+        with self.peer.lock:
+            if self.peer._pending is self:
+                self.peer._settle()
         if not self.done:
             raise TargetUnreachable(target=self.peer.target.name, detail="the channel closed before the answer")
         if self.error is not None:
@@ -89,6 +97,10 @@ class Peer:
         request): the caller does its own local work while ssh logs in and the agent starts, which
         is most of a quiet sync's time in the lab."""
         self.target, self.system = target, system
+        # One request at a time on the channel, whoever asks: the engine's main thread, its heartbeat
+        # thread, and send workers asking for digests (rcopy.changes.digest). Held from a request until
+        # it is sent, and while an answer is read; a reply read by another thread is kept in its Pending.
+        self.lock = threading.RLock()
         self._ids = itertools.count(1)
         self.channel: Channel | None = None
         self.link = ""
@@ -110,9 +122,10 @@ class Peer:
 
     def ready(self) -> "Peer":
         """Read the hello started by ``Peer(wait=False)``; on failure go on to the target's other links."""
-        if self._hello is not None:
-            first, self._hello = self._hello, None
-            self._connect(self.target.links, first=first)
+        with self.lock:
+            if self._hello is not None:
+                first, self._hello = self._hello, None
+                self._connect(self.target.links, first=first)
         return self
 
     def _start(self, link: str) -> Pending:
@@ -174,6 +187,10 @@ class Peer:
         data goes on over the links still up) and its rollback point. Returns the link now in use;
         raises if no other link answers or the sync is no longer in flight there (it rolled back), or,
         with ``settled``, keeps the new channel then (a commit asked again learns what became of it)."""
+        with self.lock:
+            return self._reattach(group, sync_id, why, settled=settled)
+
+    def _reattach(self, group: str, sync_id: str, why: str, *, settled: bool) -> str:
         old, dead = self.channel, self.link
         others = [link for link in self.target.links if link != dead]
         self.channel, self._pending = None, None
@@ -198,6 +215,10 @@ class Peer:
     def close(self, *, wait: bool | None = None):
         """Close the channel. By default wait for the agent to exit (or kill it after a while) only when
         its EOF has a sync to roll back; a connect that failed always reaps what it started."""
+        with self.lock:
+            self._close(wait)
+
+    def _close(self, wait: bool | None):
         if self.channel is not None:
             if wait is None:
                 wait = self._open_sync or (self._pending is not None and not self._pending.done
@@ -211,9 +232,10 @@ class Peer:
     def request(self, op: str, *, timeout: float = CALL_TIMEOUT, **args) -> "Pending":
         """Send a request now and answer later: the primary cuts while the backup begins. At most one
         request is outstanding: the next request (or ``result``) reads the previous answer first."""
-        self.ready()
-        self._settle()
-        return self._send(op, timeout, args)
+        with self.lock:
+            self.ready()
+            self._settle()
+            return self._send(op, timeout, args)
 
     def _send(self, op: str, timeout: float, args: dict) -> "Pending":
         if self.channel is None:
@@ -236,15 +258,21 @@ class Peer:
     def _reply(self, rid: int, timeout: float):
         if self.channel is None:
             raise TargetUnreachable(target=self.target.name, detail="the channel was closed")
-        line = self.channel.receive(timeout)
-        try:
-            reply = json.loads(line)
-            ok = reply["ok"]
-            if reply.get("id") != rid:
-                raise ValueError(f"reply id {reply.get('id')} for request {rid}")
-        except (ValueError, KeyError, TypeError) as e:
-            raise AgentProtocolError(target=self.target.name, detail=f"{e}: {line[:80]!r}",
-                                     version=PROTOCOL) from None
+        while True:
+            line = self.channel.receive(timeout)
+            try:
+                reply = json.loads(line)
+                ok = reply["ok"]
+                if isinstance(reply.get("id"), int) and reply["id"] < rid:
+                    # the late answer to a request given up on (its timeout passed): not this one's
+                    log.debug("skipped the late answer to request %s", reply["id"])
+                    continue
+                if reply.get("id") != rid:
+                    raise ValueError(f"reply id {reply.get('id')} for request {rid}")
+            except (ValueError, KeyError, TypeError) as e:
+                raise AgentProtocolError(target=self.target.name, detail=f"{e}: {line[:80]!r}",
+                                         version=PROTOCOL) from None
+            break
         if ok:
             return reply.get("result")
         err = reply.get("error") or {}
@@ -284,6 +312,20 @@ class Peer:
                         timeout=ABORT_TIMEOUT)
         self._open_sync = False
         return res
+
+    def digests(self, group: str, sync_id: str, remote: str, spans) -> Callable[[], bytes]:
+        """Ask for the digests of the blocks of ``spans`` of secondary ``remote`` (rcopy.changes.digest);
+        returns what waits for them. The caller hashes its own side meanwhile."""
+        pending = self.request("digests", group=group, sync_id=sync_id, remote=remote,
+                               spans=[list(s) for s in spans], timeout=max(DIGESTS_TIMEOUT, self.target.link_timeout))
+
+        def answer() -> bytes:
+            res = pending.result()
+            try:
+                return base64.b64decode(res["digests"], validate=True)
+            except (KeyError, TypeError, binascii.Error) as e:
+                raise AgentProtocolError(target=self.target.name, detail=f"digests: {e}", version=PROTOCOL) from None
+        return answer
 
     def ping(self) -> dict:
         """The heartbeat: a link that stays silent for the target's link timeout is down."""

@@ -83,6 +83,19 @@ def fill_random(path, mib, seed):
         os.close(fd)
 
 
+def change_blocks(path, mib, seed=7):
+    """Write 60 random blocks of the volume: 40 with new data, 10 again with the data they hold (no
+    change), 10 with zeroes. Returns the three sorted index lists."""
+    rnd = random.Random(seed)
+    idx = rnd.sample(range(mib * 256), 60)
+    changed, same, zeroed = sorted(idx[:40]), sorted(idx[40:50]), sorted(idx[50:])
+    blocks = {i: rnd.randbytes(BLOCK) for i in changed}
+    blocks.update({i: read_block(path, i) for i in same})
+    blocks.update({i: bytes(BLOCK) for i in zeroed})
+    write_blocks(path, blocks)
+    return changed, same, zeroed
+
+
 def read_block(path, i):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:

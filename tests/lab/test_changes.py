@@ -10,7 +10,6 @@ pytestmark = pytest.mark.lab
 
 MIB = 32
 EXACT = """
-import random
 from rcopy import backends
 from rcopy.changes import thin as thin_changes, cow as cow_changes
 from rcopy.sys import lvm
@@ -20,13 +19,7 @@ fill_random(v, MIB, seed=1)
 bk = backends.for_device(v)
 s = bk.snapshotter
 (p1,) = s.cut([(v, "rcopy.t.vol.P1")])
-rnd = random.Random(7)
-idx = rnd.sample(range(MIB * 256), 60)
-changed, same, zeroed = sorted(idx[:40]), sorted(idx[40:50]), sorted(idx[50:])
-blocks = {{i: rnd.randbytes(BLOCK) for i in changed}}
-blocks.update({{i: read_block(v, i) for i in same}})
-blocks.update({{i: bytes(BLOCK) for i in zeroed}})
-write_blocks(v, blocks)
+changed, same, zeroed = change_blocks(v, MIB)
 (p2,) = s.cut([(v, "rcopy.t.vol.P2")])
 src = bk.changes
 devs = data_devices(KIND, "vol", [p1.name, p2.name])
@@ -64,6 +57,44 @@ def test_refined_extents_are_exactly_the_changed_blocks(clean_lab, kind):
     assert out["candidate_bytes"] < out["volume_bytes"] // 8
     # the whole data disk (LVM's label scans and pool metadata included) reads far less than a full compare
     assert out["disk_read_bytes"] < 2 * out["volume_bytes"] // 8
+
+
+REMOTE = """
+import subprocess
+from rcopy import backends
+from rcopy.changes import digest, thin as thin_changes
+from rcopy.sys import lvm
+MIB = {mib}
+v = volume("thin", "vol", MIB)
+fill_random(v, MIB, seed=1)
+bk = backends.for_device(v)
+(p1,) = bk.snapshotter.cut([(v, "rcopy.t.vol.P1")])
+bak = thick_volume("bak", MIB)                 # what the backup holds: sync point 1, on another device
+subprocess.run(["dd", f"if={{p1.path}}", f"of={{bak}}", "bs=1M", "oflag=direct", "status=none"], check=True)
+changed, same, zeroed = change_blocks(v, MIB)
+(p2,) = bk.snapshotter.cut([(v, "rcopy.t.vol.P2")])
+asked = []
+def remote(spans):
+    asked.append(sum(e - s for s, e in spans))
+    return lambda: digest.digests_of(bak, [list(s) for s in spans])
+devs = data_devices("thin", "vol", [])
+drop_caches()
+d0 = dm_sectors_read(devs)
+ext = list(bk.changes.changed(p1, p2, remote=remote))
+d1 = dm_sectors_read(devs)
+cand = thin_changes.candidates(lvm.by_path(p1.path), lvm.by_path(p2.path))
+OUT.update(changed=changed, zeroed=zeroed, extents=extents_json(ext), data_read_bytes=(d1 - d0) * 512,
+           candidate_bytes=sum(c.length for c in cand), asked_bytes=sum(asked))
+"""
+
+
+def test_a_thin_refine_against_the_backups_digests_reads_only_the_new_snapshot(clean_lab):
+    """rcopy.changes.digest on real dm-thin: the same exact extents as the local refine, while the
+    pool's data device reads each candidate chunk once (the new side) instead of twice."""
+    out = run_guest(clean_lab, REMOTE.format(mib=MIB))
+    assert out["extents"] == expected(out["changed"], out["zeroed"])
+    assert out["asked_bytes"] == out["candidate_bytes"] > 0
+    assert 0 < out["data_read_bytes"] <= out["candidate_bytes"]
 
 
 CUT = """

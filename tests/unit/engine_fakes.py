@@ -81,7 +81,7 @@ class FakeChanges:
     def __init__(self, snapper: FakeSnapshotter):
         self.snapper = snapper
 
-    def changed(self, old, new, *, block_size=BLOCK):
+    def changed(self, old, new, *, block_size=BLOCK, remote=None):
         return coalesce(_blocks(self.snapper.data(old.path), self.snapper.data(new.path)))
 
     def unchanged_since(self, base, origin):

@@ -419,3 +419,50 @@ def test_rcopy_agent_timeout_on_the_backup_wins_over_hello(tmp_path, monkeypatch
     b = agent_mod.Agent(store)
     b.op_hello(1, "primary", idle_timeout=30)
     assert b.idle_timeout == 7                          # what the agent read from the environment at start
+
+
+@needs_nbdkit
+def test_the_backup_answers_digests_of_the_sync_in_flight_only(backup, tmp_path):
+    """``digests`` through rcopy.transport.peer: the blocks the secondary holds, only for a secondary of
+    the sync in flight, spans checked; a heartbeat thread pinging meanwhile gets its own answer, and
+    the refine built on it gives the local refine's extents."""
+    import threading
+
+    from rcopy.changes import digest
+    from rcopy.changes.scan import scan
+    from rcopy.errors import NotFound, StateError, UsageError
+    from rcopy.extent import Extent
+    from rcopy.model import Target
+    from rcopy.transport.peer import Peer
+    tmp, sec = backup
+    agent = f"env RCOPY_ALLOW_NONROOT=1 {sys.executable} -m rcopy --state-dir {tmp / 'B'} agent"
+    with Peer(Target("backup", ("127.0.0.1",), agent)) as peer:
+        with pytest.raises(StateError, match="no sync two in flight"):
+            peer.digests("g", "two", sec, [(0, 8192)])()
+        peer.begin_start("g", 2, "two", 1, "one", [sec], peer.link)()
+        spans = [(0, 8192), (65536, 3 * 65536)]
+        assert peer.digests("g", "two", sec, spans)() == digest.digests_of(sec, [list(s) for s in spans])
+        with pytest.raises(NotFound, match="not a secondary of the sync"):
+            peer.digests("g", "two", str(tmp / "other.img"), spans)()
+        with pytest.raises(StateError, match="no sync other"):
+            peer.digests("g", "other", sec, spans)()
+        with pytest.raises(UsageError, match="unaligned"):
+            peer.digests("g", "two", sec, [(0, 100)])()
+        # the heartbeat's ping reads the digests' answer on the way and keeps it for their asker
+        answer = peer.digests("g", "two", sec, [(0, SIZE)])
+        pings = []
+        t = threading.Thread(target=lambda: pings.append(peer.ping()))
+        t.start()
+        t.join()
+        assert pings and "time" in pings[0]
+        assert answer() == digest.digests_of(sec, [[0, SIZE]])
+        # the refine against the backup: old = what it holds, new = that with a few blocks changed
+        new = tmp_path / "new.img"
+        data = bytearray(open(sec, "rb").read())
+        data[4096:8192] = os.urandom(4096)
+        data[70000:70010] = b"\0" * 10
+        new.write_bytes(data)
+        cands = [Extent(0, 65536), Extent(65536, 65536)]
+        got = list(digest.refine_remote(sec, str(new), cands, lambda s: peer.digests("g", "two", sec, s)))
+        assert got == list(scan(sec, str(new), ranges=cands)) == [Extent(4096, 4096), Extent(69632, 4096)]
+        peer.abort("g", 2, "two", "test")

@@ -133,3 +133,29 @@ def test_a_started_peer_closed_before_its_hello_is_read_does_not_wait_for_the_ag
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_digests_given_up_on_are_a_link_error_and_their_late_answer_is_skipped(tmp_path, monkeypatch):
+    """A backup slow to hash (a stuck disk) fails the digests after their timeout, a link error the
+    refine falls back on; the answer that comes later is not taken for the next request's."""
+    from rcopy.errors import LinkError
+    from rcopy.transport import peer as peer_mod
+    script = tmp_path / "agent.py"
+    script.write_text(textwrap.dedent("""
+        import base64, json, sys, time
+        for line in sys.stdin:
+            req = json.loads(line)
+            if req["op"] == "digests":
+                time.sleep(1.5)
+                result = {"digests": base64.b64encode(b"d" * 16).decode()}
+            else:
+                result = {"op": req["op"]}
+            print(json.dumps({"id": req["id"], "ok": True, "result": result}), flush=True)
+    """))
+    monkeypatch.setattr(peer_mod, "DIGESTS_TIMEOUT", 0.5)
+    with Peer(Target("b", ("127.0.0.1",), f"{sys.executable} {script}", link_timeout=0.5)) as p:
+        with pytest.raises(LinkError, match="within 0.5 s"):
+            p.digests("g", "s", "/dev/x", [(0, 4096)])()
+        assert p.call("ping", timeout=10) == {"op": "ping"}          # the late digests answer skipped
+        monkeypatch.setattr(peer_mod, "DIGESTS_TIMEOUT", 30)
+        assert p.digests("g", "s", "/dev/x", [(0, 4096)])() == b"d" * 16

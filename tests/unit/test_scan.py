@@ -134,7 +134,7 @@ def test_unreadable_path_is_a_device_error(tmp_path, bad):
 def test_short_read_names_path_and_offset(tmp_path):
     p = tmp_path / "short"
     p.write_bytes(bytes(5000))
-    src = scanmod._Source.open(p, direct=False)
+    src = scanmod.Source.open(p, direct=False)
     with mmap.mmap(-1, 8192) as buf:
         with pytest.raises(scanmod.ShortRead) as e:
             src.read_into(buf, 4096, 4096)
@@ -145,7 +145,7 @@ def test_short_read_names_path_and_offset(tmp_path):
 
 def test_read_error_names_path_and_offset():
     # /proc/self/mem fails with EIO where nothing is mapped (address 0): a real read error, no root needed.
-    src = scanmod._Source("/proc/self/mem", io.FileIO("/proc/self/mem", "rb"), 4096, False)
+    src = scanmod.Source("/proc/self/mem", io.FileIO("/proc/self/mem", "rb"), 4096, False)
     with mmap.mmap(-1, 4096) as buf:
         with pytest.raises(scanmod.ReadError) as e:
             src.read_into(buf, 0, 4096)
@@ -163,7 +163,7 @@ def test_read_error_during_scan_reaches_the_caller(tmp_path, monkeypatch, direct
     def failing_fds(flags, fd_old, fd_new, offset, *a, **kw):   # the buffered path reads in C
         raise native.FdReadError(which="new", offset=offset + 4096, errno=errno.EIO)
 
-    monkeypatch.setattr(scanmod._Source, "read_into", failing)
+    monkeypatch.setattr(scanmod.Source, "read_into", failing)
     monkeypatch.setattr(native, "compare_fds", failing_fds)
     with pytest.raises(scanmod.ReadError) as e:
         list(scan(o, n, chunk_size=4 * 4096, direct=direct))
@@ -180,8 +180,8 @@ def test_closing_early_stops_the_reader_and_read_ahead_is_bounded(tmp_path, monk
     size = 256 * 4096
     o, n = write_pair(tmp_path, bytes(size), (b"\x01" * 4096 + bytes(4096)) * (size // 8192))
     reads = []
-    real = scanmod._Source.read_into
-    monkeypatch.setattr(scanmod._Source, "read_into", lambda *a: (reads.append(a[2]), real(*a)))
+    real = scanmod.Source.read_into
+    monkeypatch.setattr(scanmod.Source, "read_into", lambda *a: (reads.append(a[2]), real(*a)))
     it = scan(o, n, chunk_size=8 * 4096, depth=2, direct=True)   # O_DIRECT: the threaded mode
     assert next(it) == Extent(0, 4096)
     assert _readers()
