@@ -22,7 +22,8 @@ import mmap
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Sequence
 
-from rcopy.changes.scan import Source, block_spans, scan
+from rcopy.changes.refine import refine
+from rcopy.changes.scan import Source, block_spans
 from rcopy.errors import RcopyError, UsageError
 from rcopy.extent import Extent, coalesce
 
@@ -153,8 +154,8 @@ def _refine(old_path, new: Source, todo: Iterator[Spans], remote: Remote, block_
     log.debug("%s: %d candidate blocks compared with the backup's digests%s", new.path, asked,
               ", the rest here" if rest is not None else "")
     if rest is not None:
-        ranges = (Extent(s, e - s) for batch in rest for s, e in batch)
-        yield from scan(old_path, new.path, ranges=ranges, block_size=block_size, size=size, direct=True)
+        yield from refine(old_path, new.path, (Extent(s, e - s) for batch in rest for s, e in batch),
+                          block_size=block_size, size=size)
 
 
 class _Fallback(Exception):

@@ -92,9 +92,10 @@ class ThinChanges:
                 and a.thin_id is not None and b.thin_id is not None):
             log.info("%s and %s are not thin snapshots in one pool: full compare", old.path, new.path)
             return full_compare(old.path, new.path, block_size=block_size)
+        cands = candidates(a, b)
         if remote is not None:
-            return refine_remote(old.path, new.path, candidates(a, b), remote, block_size=block_size, size=b.size)
-        return refine(old.path, new.path, candidates(a, b), block_size=block_size, size=b.size)
+            return refine_remote(old.path, new.path, cands, remote, block_size=block_size, size=b.size)
+        return refine(old.path, new.path, cands, block_size=block_size, size=b.size)
 
     def unchanged_since(self, base: Snapshot, origin: str) -> bool:
         """The origin still shares every mapping with ``base``: any write since the snapshot broke

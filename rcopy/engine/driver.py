@@ -455,10 +455,7 @@ class Driver:
         """What asks the backup for its digests of the volume's candidate blocks, so the refine reads
         only the new snapshot here (rcopy.changes.digest); None when the peer cannot answer them."""
         ask = getattr(self.peer, "digests", None)
-        group, sync_id = run.in_flight
-        if ask is None or not sync_id:
-            return None
-        return functools.partial(ask, group, sync_id, a.remote)
+        return None if ask is None else functools.partial(ask, *run.in_flight, a.remote)
 
     def _do_PeerCommit(self, a: P.PeerCommit, run):
         try:
