@@ -245,6 +245,8 @@ class Group:
     fault: str = ""                # why it stopped, as policy sees it: one of FAULTS ("" when running)
     failover_point: int = 0        # the sync point this side failed over at: its F snapshots are the
                                    # base of the next sync (rcopy.engine.roles), 0: none
+    tidy: int = 0                  # backup: the committed sync point whose R snapshots and mark are still
+                                   # to do (rcopy.app.agent: the commit answers first), 0: none
 
     @property
     def sends(self) -> bool:

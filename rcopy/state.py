@@ -6,7 +6,7 @@ committed transaction survives a host crash and a killed writer leaves the previ
 Each sync-point commit is ONE transaction (group generation, sync-point row, volume states together),
 which is what makes the two-phase commit of rcopy/DESIGN.md §4 recoverable (rcopy/engine/DESIGN.md).
 
-Schema (version 6, in ``meta.schema_version``; ``_MIGRATIONS[n]`` upgrades n-1 -> n):
+Schema (version 8, in ``meta.schema_version``; ``_MIGRATIONS[n]`` upgrades n-1 -> n):
 
 ``meta(key PRIMARY KEY, value)``
     ``schema_version``, ``system`` (this system's name; default the host name or $RCOPY_SYSTEM_NAME).
@@ -40,6 +40,14 @@ full_reason, backend, device_id, PRIMARY KEY(grp, name))``
     written: v4 moved its text here.
 ``links.since`` (v5)
     when the link was last found in its present state (Unix seconds; 0: never probed).
+``targets.ssh_persist`` (v7)
+    share one ssh connection to the target's agent across runs (``rcopy target set --ssh-persist``).
+``groups.tidy`` (v8)
+    on a backup: the committed sync point whose tidy-up (delete R of the point before it, mark the
+    secondaries read-only with this point) is not done yet, 0: none. Set in the commit's transaction,
+    cleared once done, so an agent that dies in between leaves the next one the exact work, and an
+    agent start with nothing to tidy reads no LVM report. The upgrade sets it on every secondary group
+    once (the older agents swept R snapshots at each start).
 
 Locks: ``locks/<group>.lock`` held with ``flock(LOCK_EX|LOCK_NB)`` for the duration of a sync (on the
 primary by the syncing process, on the backup by the agent serving it); the kernel drops it when the
@@ -65,7 +73,7 @@ from rcopy.model import (LINK_TIMEOUT, TARGET_TIMEOUT, Alert, Group, GroupState,
                          System, Target, VolumePair, VolumeState, check_name)
 
 DEFAULT_DIR = "/var/lib/rcopy"
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -116,8 +124,12 @@ ALTER TABLE targets ADD COLUMN target_timeout INTEGER NOT NULL DEFAULT {TARGET_T
 _SCHEMA_V7 = """
 ALTER TABLE targets ADD COLUMN ssh_persist INTEGER NOT NULL DEFAULT 0
 """
+_SCHEMA_V8 = """
+ALTER TABLE groups ADD COLUMN tidy INTEGER NOT NULL DEFAULT 0;
+UPDATE groups SET tidy=generation WHERE role IN ('secondary', 'secondary-rev') AND generation > 1
+"""
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5,
-                               6: _SCHEMA_V6, 7: _SCHEMA_V7}
+                               6: _SCHEMA_V6, 7: _SCHEMA_V7, 8: _SCHEMA_V8}
 
 
 def state_dir(explicit: str | None = None) -> str:
@@ -157,7 +169,7 @@ def _values(obj, columns: tuple[str, ...]) -> list:
 
 _GROUP_COLS = ("name", "target", "role", "mode", "period", "policies", "state", "reason", "generation", "sync_id",
                "pending_generation", "pending_id", "last_sync_start", "last_sync_end", "alert", "fault",
-               "failover_point")
+               "failover_point", "tidy")
 _VOLUME_COLS = ("grp", "name", "local", "remote", "size", "state", "bytes_done", "bytes_total", "bytes_sent",
                 "last_sync", "full_reason", "backend", "device_id")
 
@@ -442,11 +454,13 @@ class Store:
         return self.group(group)
 
     def commit_sync(self, group: str, generation: int, sync_id: str, stats: dict[str, tuple[int, str]] | None = None,
-                    *, state: GroupState = GroupState.STARTED, reason: str = "", fault: str = "") -> Group:
+                    *, state: GroupState = GroupState.STARTED, reason: str = "", fault: str = "",
+                    tidy: bool = False) -> Group:
         """Make ``generation`` the group's sync point: ONE transaction (rcopy/DESIGN.md §4). Idempotent.
 
         ``stats`` maps volume name -> (bytes sent, full-sync reason) for the volumes that were synced;
         ``state``/``reason`` are the group's after the commit (rcopy.engine.states, event sync-done).
+        ``tidy`` (a backup) records in the same transaction that the point's tidy-up is still to do.
         """
         now = time.time()
         with self.tx() as db:
@@ -459,13 +473,18 @@ class Store:
             db.execute("UPDATE sync_points SET committed=1, ended=? WHERE grp=? AND generation=?", (now, group, generation))
             db.execute("DELETE FROM sync_points WHERE grp=? AND generation<>?", (group, generation))
             db.execute("UPDATE groups SET generation=?, sync_id=?, pending_generation=0, pending_id='', "
-                       "last_sync_end=?, state=?, reason=?, fault=? WHERE name=?",
-                       (generation, sync_id, now, state.value, reason, fault, group))
+                       "last_sync_end=?, state=?, reason=?, fault=?, tidy=? WHERE name=?",
+                       (generation, sync_id, now, state.value, reason, fault, generation if tidy else 0, group))
             for name, (sent, why) in (stats or {}).items():
                 db.execute("UPDATE volumes SET state='synced', bytes_sent=?, full_reason=?, last_sync=?, "
                            "bytes_done=bytes_total WHERE grp=? AND name=?", (sent, why, now, group, name))
             db.execute("UPDATE volumes SET state='synced', last_sync=? WHERE grp=? AND state='syncing'", (now, group))
         return self.group(group)
+
+    def tidied(self, group: str, generation: int):
+        """The tidy-up of sync point ``generation`` is done (a later commit's own is left alone)."""
+        with self.tx() as db:
+            db.execute("UPDATE groups SET tidy=0 WHERE name=? AND tidy=?", (group, generation))
 
     def confirm_sync(self, group: str, generation: int, sync_id: str, *, when: float, started: float,
                      state: GroupState = GroupState.STARTED, reason: str = "", fault: str = "") -> Group:

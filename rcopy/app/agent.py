@@ -60,6 +60,7 @@ from rcopy.sys.channel import ChannelTimeout, LineReader, LineTooLong
 log = logging.getLogger("rcopy.agent")
 PROTOCOL = 1
 TAKEOVER_WAIT = 60.0
+TIDY_WAIT = 120.0        # s a begin waits for another agent's tidy-up after its commit (seconds, usually)
 HANDOVER_POLL = 1.0      # s between looks for a channel handed over while a sync is in flight
 
 
@@ -159,49 +160,44 @@ class Agent:
         self.idle_timeout = float(fixed or TARGET_TIMEOUT)
         self.listening: dict[str, socket.socket] = {}    # group -> where a new channel may attach
         self.begun: dict[str, dict] = {}                 # group -> the answer to its sync's begin
+        # group -> (lock fd, secondaries' LVs, generation of its R) of a commit answered, not tidied yet
+        self.tidying: dict[str, tuple[int, dict, int]] = {}
+        self.untidy: dict[str, Exception] = {}          # group -> why its last tidy-up failed
         self.channel: socket.socket | None = None        # the channel handed over to us, once one was
         self.relay: socket.socket | None = None          # the serving agent we attached to (we relay)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def recover(self):
-        """Roll back every sync left in flight by a dead agent (its lock is free); drop R snapshots
-        left behind by an agent that died between its commit and their deletion."""
+        """Roll back every sync left in flight by a dead agent (its lock is free), and finish the
+        tidy-up of a commit whose agent died before it (``groups.tidy``): nothing to do reads no report."""
         for g in self.store.groups():
-            if g.role not in (Role.SECONDARY, Role.SECONDARY_REV):
-                continue
-            if g.pending_generation:
-                self.rollback_abandoned(g)           # a live agent's sync (lock held) is left alone
-                continue
-            if g.generation <= 1:
-                continue
-            fd = self.store.try_lock(g.name)
-            if fd is None:
-                continue            # a live agent is serving a sync of that group
-            try:
-                fill_kinds(self.store, g.name)       # (suspended secondaries were resumed by open_store)
-                self._delete_all(g, "R", g.generation - 1)
-            finally:
-                os.close(fd)
+            if g.role in (Role.SECONDARY, Role.SECONDARY_REV) and (g.pending_generation or g.tidy):
+                self.rollback_abandoned(g)
 
     def rollback_abandoned(self, g: Group) -> bool:
-        """Roll back a sync in flight that no agent serves any more (its agent was killed); a live
-        agent's sync (its lock held) is left alone. The backup's daemon calls this each tick."""
+        """Roll back a sync in flight that no agent serves any more (its agent was killed), or finish
+        a committed one's tidy-up; a live agent's group (its lock held) is left alone. The backup's
+        daemon calls this each tick."""
         fd = self.store.try_lock(g.name)
         if fd is None:
             return False
         try:
             g = self.store.group(g.name)
-            if not g.pending_generation or g.sends:
+            if g.sends or not (g.pending_generation or g.tidy):
                 return False
-            fill_kinds(self.store, g.name)
-            self._rollback(g, f"the agent serving sync point {g.pending_generation} died; rolled back to "
-                              f"sync point {g.generation}")
+            fill_kinds(self.store, g.name)      # (suspended secondaries were resumed by open_store)
+            if g.pending_generation:
+                self._rollback(g, f"the agent serving sync point {g.pending_generation} died; rolled back to "
+                                  f"sync point {g.generation}")
+            else:
+                self._tidy(g, g.generation - 1, sure=False)
             return True
         finally:
             os.close(fd)
 
     def hangup(self):
         """stdin closed: whatever is still in flight is rolled back (nothing was committed)."""
+        self.tidy_up()
         for name in list(self.active):
             g = self.store.group(name)
             self._release(name, rollback_reason=f"the primary went away during sync point "
@@ -381,13 +377,17 @@ class Agent:
         if g.pending_generation:
             self.settle_abandoned(g)
             g = self.store.group(group)
-        fd = self.store.try_lock(group)
+        # nothing in flight: a holder is finishing the last commit's tidy-up (seconds)
+        fd = self.store.try_lock(group) if g.pending_generation else self.store.wait_lock(group, TIDY_WAIT)
         if fd is None:
             raise Busy(f"group {group} is busy on {self.store.system().name}: another sync is being served")
         self._listen(group)                 # from now: a channel that moves mid-begin waits to be taken
         try:
             if g.pending_generation:
                 self._rollback(g, f"sync point {g.pending_generation} was left in flight")
+                g = self.store.group(group)
+            elif g.tidy:                        # its agent died after the commit: finish, as a start does
+                self._tidy(g, g.generation - 1, sure=False)
                 g = self.store.group(group)
             vols = {v.local: v for v in self.store.volumes(group)}
             missing = [r for r in remotes if r not in vols]
@@ -465,23 +465,39 @@ class Agent:
         export.stop()                                  # nbdkit gone: every write it acknowledged is on disk
         faults.point("agent-before-commit", 98)
         after = transition(g, Event.SYNC_DONE)
-        self.store.commit_sync(group, generation, sync_id, state=after.state, reason=after.reason, fault=after.fault)
+        self.store.commit_sync(group, generation, sync_id, state=after.state, reason=after.reason, fault=after.fault,
+                               tidy=True)
         faults.point("agent-after-commit", 98)
-        with run.ledger(self.books.get(group)), lvm.reports():
-            try:
-                if g.generation:                       # R(n) first, from this request's one report
-                    self._delete_all(g, "R", g.generation)
-            finally:
-                # read-only again, marked with the sync point they now hold, from what begin's protect
-                # left (no report: the lvremove dropped it). A crash before this line leaves the old
-                # mark: the next begin reports the secondary as not held, and it goes full.
-                backends.protect([(v.backend, v.local) for v in self.store.volumes(group)], writable=False,
-                                 group=group, mark=backends.mark_of(group, generation, sync_id), known=held)
         del self.active[group]
         self._unlisten(group)
-        os.close(fd)
+        # The tidy-up runs right after this answer (tidy_up), still under the group's lock, while the
+        # primary deletes its own old snapshots: the two sides' clean-ups overlap.
+        self.tidying[group] = (fd, held, g.generation)
+        return {"committed": generation, "tidy": True}
+
+    def op_tidy(self, group: str):
+        """The commands this sync cost here, its tidy-up included (done by the time this request is
+        read); the tidy-up's error if it failed (the next agent start, begin or daemon tick retries it)."""
+        self.tidy_up()
         book = self.books.pop(group, None)
-        return {"committed": generation, **(book.as_dict() if book else {"commands": None, "commands_by_tool": {}})}
+        why = self.untidy.pop(group, None)
+        if why is not None:
+            raise why
+        return {"tidied": True, **(book.as_dict() if book else {"commands": None, "commands_by_tool": {}})}
+
+    def tidy_up(self):
+        """Tidy up the commits answered (see op_commit); a failure is kept for op_tidy and the log."""
+        for group in list(self.tidying):
+            fd, held, r_generation = self.tidying.pop(group)
+            try:
+                with run.ledger(self.books.get(group)), lvm.reports():
+                    self._tidy(self.store.group(group), r_generation, known=held)
+            except RcopyError as e:
+                log.error("group %s: the tidy-up after sync point %s failed (retried at the next start): %s",
+                          group, r_generation + 1, e)
+                self.untidy[group] = e
+            finally:
+                os.close(fd)
 
     def op_abort(self, group: str, generation: int, sync_id: str, reason: str = ""):
         g = self._secondary(group)
@@ -594,6 +610,27 @@ class Agent:
             log.error("group %s: cannot make the secondaries read-only again: %s", g.name, e)
         after = transition(g, Event.SYNC_FAILED, reason, "interrupted")
         self.store.abort_sync(g.name, after.reason, state=after.state, fault=after.fault, marks=broken)
+
+    def _tidy(self, g: Group, r_generation: int, *, known: dict | None = None, sure: bool = True):
+        """After the commit of g's sync point: delete R(``r_generation``), the rollback point, then make
+        the secondaries read-only again, marked with the point they now hold. ``sure``: this agent
+        committed it, so every secondary holds it; else (finishing a dead agent's) only those marked
+        with the point before are re-marked, and the others go full at the next sync, as before."""
+        faults.point("agent-before-tidy", 98)
+        vols = [(v.backend, v.local) for v in self.store.volumes(g.name)]
+        mark = backends.mark_of(g.name, g.generation, g.sync_id)
+        try:
+            if r_generation:
+                self._delete_all(g, "R", r_generation)
+        finally:
+            if sure:
+                backends.protect(vols, writable=False, group=g.name, mark=mark, known=known)
+            else:
+                had, before = backends.marks(vols, g.name), f"rcopy:{g.name}:{g.generation - 1}:"
+                held = [(k, p) for k, p in vols if had.get(p) == mark or (had.get(p) or "").startswith(before)]
+                backends.protect(held, writable=False, group=g.name, mark=mark)
+                backends.protect([kp for kp in vols if kp not in held], writable=False)
+        self.store.tidied(g.name, g.generation)
 
     def _delete_all(self, g: Group, kind: str, generation: int):
         self.delete([(v.backend, v.local, snapshot_name(g.name, v.name, kind, generation))
@@ -708,6 +745,7 @@ def _serve(agent: Agent, stdin, stdout) -> int:
             else:
                 stdout.write(json.dumps(reply) + "\n")
                 stdout.flush()
+            agent.tidy_up()                     # a commit's, once its answer is on the way
             if agent.relay is not None:         # attached: the serving agent answers from now on
                 handover.relay(stdin.fileno(), stdout.fileno(), agent.relay)
                 return 0

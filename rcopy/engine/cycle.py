@@ -110,7 +110,7 @@ def plan_sync(g: Group, volumes: list[VolumePair], generation: int, sync_id: str
     plan += [P.PeerCommit(g.name, generation, sync_id), P.Commit(g.name, generation, sync_id)]
     if n:
         plan.append(P.DeleteSnapshots(bases(g, volumes, n)))
-    return plan
+    return plan + [P.PeerTidied(g.name, generation)]
 
 
 def may_confirm(g: Group, volumes: list[VolumePair], base_states: dict[str, str | None], peer: PeerView,

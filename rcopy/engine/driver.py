@@ -118,6 +118,7 @@ class _Run:
     heartbeat: tuple[threading.Event, threading.Thread] | None = None
     begun: Callable[[], dict] | None = None          # waits for the backup's answer to PeerBegin
     begin: tuple = ()                                # PeerBegin's arguments (sent again after a move)
+    tidied: Callable[[], dict] | None = None         # waits for the backup's tidy-up after its commit
 
     @property
     def in_flight(self) -> tuple[str, str]:
@@ -466,10 +467,22 @@ class Driver:
             if not self._move_channel(a.group, a.sync_id, e, settled=True):
                 raise
             res = self.peer.commit(a.group, a.generation, a.sync_id) or {}
-        run.peer_commands = res.get("commands")
-        run.peer_commands_by_tool = res.get("commands_by_tool") or {}
-        run.peer_processes = res.get("processes")
+        _count_peer(run, res)
+        if res.get("tidy"):         # the backup tidies up now, while this side deletes its old snapshots
+            try:
+                run.tidied = self.peer.tidy(a.group)
+            except RcopyError as e:
+                log.warning("group %s: could not ask for the backup's tidy-up: %s", a.group, e)
         faults.point("after-peer-commit")
+
+    def _do_PeerTidied(self, a: P.PeerTidied, run):
+        if run.tidied is None:
+            return
+        try:
+            _count_peer(run, run.tidied() or {})
+        except RcopyError as e:
+            log.warning("group %s: sync point %s is committed, but the backup's tidy-up did not answer (%s); "
+                        "it finishes it at its next start", a.group, a.generation, e)
 
     def _do_Commit(self, a: P.Commit, run):
         after = transition(self.store.group(a.group), Event.SYNC_DONE)
@@ -525,6 +538,14 @@ class _Position:
         if not self.position:
             return size
         return max(self.bytes, self.bytes * size // self.position)
+
+
+def _count_peer(run: _Run, res: dict) -> None:
+    """What the backup's answer says the sync cost there (a commit's, or its tidy-up's: the whole)."""
+    if "commands" in res:
+        run.peer_commands = res.get("commands")
+        run.peer_commands_by_tool = res.get("commands_by_tool") or {}
+        run.peer_processes = res.get("processes")
 
 
 def fault_of(e: BaseException) -> str:

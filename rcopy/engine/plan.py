@@ -92,7 +92,8 @@ class PeerCommit(Action):
     sync_id: str
 
     def describe(self):
-        return f"backup: flush and durably commit sync point {self.generation}, delete its R snapshots"
+        return (f"backup: flush and durably commit sync point {self.generation}, then delete its R snapshots "
+                f"and mark the secondaries read-only while this side goes on")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,17 @@ class Commit(Action):
 
     def describe(self):
         return f"commit sync point {self.generation} of {self.group} here"
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerTidied(Action):
+    """Wait for the backup's tidy-up that PeerCommit started (it overlaps this side's own): the sync
+    is committed either way, so a failure here is a warning, and the backup retries it."""
+    group: str
+    generation: int
+
+    def describe(self):
+        return f"backup: answers that its tidy-up after sync point {self.generation} is done"
 
 
 @dataclasses.dataclass(frozen=True)

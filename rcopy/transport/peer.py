@@ -38,6 +38,7 @@ CALL_TIMEOUT = 3600.0     # begin snapshots every secondary; a full copy-based s
 # A batch of digests is 16 MiB read on the backup: a disk slower than ~0.3 MB/s is stuck, and the
 # heartbeat waits behind the answer, so a hung backup must not hold it for CALL_TIMEOUT.
 DIGESTS_TIMEOUT = 60.0
+TIDY_TIMEOUT = 300.0      # an lvremove and an lvchange after the commit; the sync is committed already
 
 
 class TargetUnreachable(E.LinkError):
@@ -305,6 +306,11 @@ class Peer:
         res = self.call("commit", group=group, generation=generation, sync_id=sync_id)
         self._open_sync = False
         return res
+
+    def tidy(self, group: str) -> Callable[[], dict]:
+        """Ask for the backup's tidy-up after a commit that announced one (R deleted, secondaries
+        read-only again; it runs meanwhile); returns what waits for its answer: the sync's commands there."""
+        return self.request("tidy", group=group, timeout=TIDY_TIMEOUT).result
 
     def abort(self, group, generation, sync_id, reason) -> dict:
         # short: on a dead link the agent rolls back by itself (EOF, or its idle timeout)

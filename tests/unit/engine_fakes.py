@@ -126,6 +126,20 @@ class FakeExport:
         self.stopped = True
 
 
+def _later(fn, *args, **kw):
+    """A request answered later (rcopy.transport.peer.Pending), synchronous here: the answer is ready
+    (or its error raised) when asked for."""
+    try:
+        res = fn(*args, **kw)
+    except Exception as e:
+        err = e
+
+        def fail():
+            raise err
+        return fail
+    return lambda: res
+
+
 class LocalPeer:
     """The real Agent, in process, behind the same JSON round trip as the stdio channel."""
 
@@ -150,21 +164,30 @@ class LocalPeer:
         try:
             reply = self.agent.handle(json.loads(json.dumps({"id": 1, "op": op, "args": args})))
         except Crash:
-            # The agent process died: its locks go with it (those of syncs it serves, and the one this
-            # call took; never close other fds, their numbers may have been reused).
-            self.closed = True
-            for fd in set(self.fds) | {fd for fd, *_ in self.agent.active.values()}:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            del self.agent.store.try_lock
+            self._died()
             raise LinkError("the agent died (channel closed)") from None
+        try:
+            self.agent.tidy_up()                # as the serve loop does, once the answer is on its way
+        except Crash:
+            self._died()                        # after its answer: the answer still arrived
         reply = json.loads(json.dumps(reply))
         if reply["ok"]:
             return reply["result"]
         err = reply["error"]
         raise _error_class(err["class"], err["exit_code"])(err["message"])
+
+    def _died(self):
+        """The agent process died: its locks go with it (those of syncs it serves or tidies, and the one
+        this call took; never close other fds, their numbers may have been reused)."""
+        self.closed = True
+        held = {fd for fd, *_ in self.agent.active.values()} | {fd for fd, *_ in self.agent.tidying.values()}
+        self.agent.tidying.clear()
+        for fd in set(self.fds) | held:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        del self.agent.store.try_lock
 
     def status(self, group):
         return self.call("status", group=group)
@@ -174,19 +197,13 @@ class LocalPeer:
                          base_generation=base_generation, base_id=base_id, remotes=remotes, bind=bind)
 
     def begin_start(self, *args):
-        """Synchronous here: the answer is ready (or its error raised) when asked for."""
-        try:
-            res = self.begin(*args)
-        except Exception as e:
-            err = e
-
-            def fail():
-                raise err
-            return fail
-        return lambda: res
+        return _later(self.begin, *args)
 
     def commit(self, group, generation, sync_id):
         return self.call("commit", group=group, generation=generation, sync_id=sync_id)
+
+    def tidy(self, group):
+        return _later(self.call, "tidy", group=group)
 
     def abort(self, group, generation, sync_id, reason):
         return self.call("abort", group=group, generation=generation, sync_id=sync_id, reason=reason)

@@ -264,7 +264,7 @@ def test_plan_is_data_and_says_full_or_delta():
     view = PeerView(generation=3, sync_id="abc", volumes={"/b/a": "synced", "/b/b": "synced"})
     plan = plan_sync(g, vols, 4, "new", {"a": None, "b": None}, view)
     assert [a.kind for a in plan] == ["RecordBegin", "PeerBegin", "Cut", "PeerBegun", "Send", "Send",
-                                      "PeerCommit", "Commit", "DeleteSnapshots"]
+                                      "PeerCommit", "Commit", "DeleteSnapshots", "PeerTidied"]
     assert plan[4].base == "rcopy.g.a.P3" and plan[4].source == "rcopy.g.a.P4"
     assert plan[5].base is None and "new" in plan[5].reason
     assert "full sync" in P.render(plan)
@@ -539,3 +539,79 @@ def test_the_quiet_check_asks_the_answers_that_cost_no_command_first_and_stops_a
     vols = [dataclasses.replace(a, backend="thinlike"), dataclasses.replace(b, backend="thicklike")]
     assert rig.driver.unchanged(rig.a.group("g"), vols) is False
     assert asked == [b.local]                     # the free answer said "written": no thin_delta ran
+
+
+# -- the backup's tidy-up after its commit: answered first, durable, finished by whoever comes next ------
+
+def test_the_backup_answers_its_commit_before_its_tidy_up(rig, monkeypatch):
+    rig.sync(Event.START)
+    rig.write("/p/a", 0, os.urandom(4096))
+    seen = []
+    tidy_up = rig.agent.tidy_up
+
+    def look():                          # what the backup holds once its commit's answer is on its way
+        if rig.agent.tidying:
+            seen.append((rig.b.group("g").generation, rig.b.group("g").tidy, sorted(n for _, n in rig.bsnap.snaps)))
+        tidy_up()
+    monkeypatch.setattr(rig.agent, "tidy_up", look)
+    rig.sync()
+    assert seen == [(2, 2, ["rcopy.g.a.R1", "rcopy.g.b.R1"])]     # committed, R1 kept, the tidy-up recorded
+    assert rig.b.group("g").tidy == 0
+    assert [e[1] for e in rig.log if e[0] == "peer"][-2:] == ["commit", "tidy"]
+    rig.assert_consistent()
+
+
+def test_an_agent_dead_after_answering_its_commit_leaves_its_tidy_up_to_the_next_start(rig, monkeypatch):
+    rig.sync(Event.START)
+    rig.write("/p/a", 0, os.urandom(4096))
+    _crash_at(monkeypatch, "agent-before-tidy")
+    rep = rig.sync()                     # committed on both sides: the lost tidy-up is only a warning
+    monkeypatch.setattr(faults, "point", lambda p, code=99: None)
+    assert rep.generation == 2 and rig.a.group("g").generation == rig.b.group("g").generation == 2
+    assert rig.b.group("g").tidy == 2 and ("/b/a", "rcopy.g.a.R1") in rig.bsnap.snaps
+    rig.connect()                        # the next agent's start finishes it
+    assert rig.b.group("g").tidy == 0
+    rig.assert_consistent()
+    rig.write("/p/b", 4096, os.urandom(4096))
+    rep = rig.sync()
+    assert rep.volumes == {"a": (0, ""), "b": (4096, "")}        # deltas: the backup still holds point 2
+    rig.assert_consistent()
+
+
+def test_an_agent_start_with_nothing_to_tidy_looks_for_no_snapshot(rig):
+    rig.sync(Event.START)
+    rig.write("/p/a", 0, os.urandom(4096))
+    rig.sync()
+    asked = []
+    agent = make_agent(rig.b, rig.bsnap, None)
+    agent.delete = lambda requests: asked.append(tuple(requests)) or 0
+    agent.recover()
+    assert asked == []
+    rig.b.update_group("g", tidy=2)      # as an agent dead inside its tidy-up leaves it
+    agent.recover()
+    assert asked == [(("fake", "/b/a", "rcopy.g.a.R1"), ("fake", "/b/b", "rcopy.g.b.R1"))]
+    assert rig.b.group("g").tidy == 0
+
+
+def test_a_begin_waits_for_another_agents_tidy_up_instead_of_refusing(rig):
+    import threading
+    rig.sync(Event.START)
+    first = rig.agent                    # answers a commit and has not tidied up yet ...
+    ok = first.handle({"id": 1, "op": "begin", "args": dict(
+        group="g", generation=2, sync_id="two", base_generation=1, base_id=rig.b.group("g").sync_id,
+        remotes=list(VOLS.values()), bind="127.0.0.1")})
+    assert ok["ok"], ok
+    assert first.handle({"id": 2, "op": "commit", "args": dict(group="g", generation=2, sync_id="two")})["ok"]
+    assert first.tidying
+    second = make_agent(rig.b, rig.bsnap, lambda vols, bind, cert="", granule=0, **links: FakeExport(vols, bind, rig.bdisks))
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(second.handle({"id": 1, "op": "begin", "args": dict(
+        group="g", generation=3, sync_id="three", base_generation=2, base_id="two",
+        remotes=list(VOLS.values()), bind="127.0.0.1")})))
+    t.start()                            # ... when a new session's begin comes: it waits for the lock
+    t.join(0.5)
+    assert t.is_alive() and not answers
+    first.tidy_up()
+    t.join(30)
+    assert answers and answers[0]["ok"], answers
+    assert ("/b/a", "rcopy.g.a.R1") not in rig.bsnap.snaps and ("/b/a", "rcopy.g.a.R2") in rig.bsnap.snaps

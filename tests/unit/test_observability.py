@@ -264,6 +264,7 @@ def test_state_v3_alert_text_moves_into_the_alerts_table(tmp_path):
         c.execute("ALTER TABLE targets DROP COLUMN link_timeout")
         c.execute("ALTER TABLE targets DROP COLUMN target_timeout")
         c.execute("ALTER TABLE targets DROP COLUMN ssh_persist")
+        c.execute("ALTER TABLE groups DROP COLUMN tidy")
         c.execute("INSERT INTO groups (name, target, role, mode, state, alert, last_sync_end) VALUES "
                   "('g', 't', 'primary', 'periodic', 'started', 'thin pool vg/pool is 95% full', 100)")
         c.execute("UPDATE meta SET value='3' WHERE key='schema_version'")

@@ -116,6 +116,24 @@ def test_newer_schema_is_refused(store):
         Store(store.dir)
 
 
+def test_an_upgrade_to_v8_leaves_each_secondary_one_tidy_up(tmp_path):
+    """Older agents swept R snapshots at every start; v8 records the one to do: the upgrade asks once."""
+    s = Store(str(tmp_path / "st"))
+    for name, role, gen in (("p", "primary", 5), ("s", "secondary", 5), ("new", "secondary", 1)):
+        s.add_group(Group(name, "t", role=role, generation=gen))
+    s.close()
+    with sqlite3.connect(os.path.join(str(tmp_path / "st"), "rcopy.db")) as db:
+        db.execute("ALTER TABLE groups DROP COLUMN tidy")
+        db.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
+    s = Store(str(tmp_path / "st"))
+    assert {g.name: g.tidy for g in s.groups()} == {"p": 0, "s": 5, "new": 0}
+    s.tidied("s", 4)                     # another point's tidy-up leaves this one to do
+    assert s.group("s").tidy == 5
+    s.tidied("s", 5)
+    assert s.group("s").tidy == 0
+    s.close()
+
+
 _HOLDER = "import sys, time\nfrom rcopy.state import Store\nfd = Store(sys.argv[1]).try_lock('g')\nprint(fd is not None, flush=True)\ntime.sleep(60)\n"
 
 
