@@ -71,8 +71,8 @@ class Service:
         for name in [n for n, t in self.running.items() if not t.is_alive()]:
             del self.running[name]
         for g in self.store.groups():
-            if g.role not in SENDING_ROLES and g.pending_generation and self.abandoned is not None:
-                self.abandoned(g)             # the backup's side: a killed agent's sync is rolled back
+            if g.role not in SENDING_ROLES and (g.pending_generation or g.tidy) and self.abandoned is not None:
+                self.abandoned(g)             # the backup's side: a killed agent's sync rolled back, or its tidy-up done
             if g.role not in SENDING_ROLES or g.name in self.running:
                 continue
             live = self.store.held(g.name) if g.syncing else False
