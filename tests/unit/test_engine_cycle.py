@@ -615,3 +615,17 @@ def test_a_begin_waits_for_another_agents_tidy_up_instead_of_refusing(rig):
     t.join(30)
     assert answers and answers[0]["ok"], answers
     assert ("/b/a", "rcopy.g.a.R1") not in rig.bsnap.snaps and ("/b/a", "rcopy.g.a.R2") in rig.bsnap.snaps
+
+
+def test_the_backups_daemon_finishes_a_dead_agents_tidy_up(rig, monkeypatch):
+    from rcopy.app.service import Service
+    rig.sync(Event.START)
+    rig.write("/p/a", 0, os.urandom(4096))
+    _crash_at(monkeypatch, "agent-before-tidy")
+    rig.sync()
+    monkeypatch.setattr(faults, "point", lambda p, code=99: None)
+    assert rig.b.group("g").tidy == 2                # and no agent starts: the primary is gone for a while
+    svc = Service(rig.b, lambda g: None, abandoned=make_agent(rig.b, rig.bsnap, None).rollback_abandoned,
+                  probe=lambda link: False, clock=lambda: 1000.0)
+    svc.tick()
+    assert rig.b.group("g").tidy == 0 and not rig.bsnap.snaps
