@@ -17,6 +17,7 @@ import time
 from rcopy import backends
 from rcopy.app import alerts, devices
 from rcopy.app.local import fill_kinds, resume_origins
+from rcopy.app.reach import start
 from rcopy.app.signals import unwind_on_signals
 from rcopy.engine.driver import Driver, SyncReport
 from rcopy.engine.states import Event, transition
@@ -26,20 +27,6 @@ from rcopy.state import Store
 from rcopy.sys import lvm, nbdkit, netlink, run
 
 log = logging.getLogger("rcopy")
-
-
-def ordered(store: Store, target_name: str):
-    """The target with its links last seen down last (each costs the ssh ConnectTimeout)."""
-    target = store.target(target_name)
-    down = {link.address for link in store.links(target_name) if link.state is LinkState.DOWN}
-    return dataclasses.replace(target, links=tuple(sorted(target.links, key=lambda a: a in down)))
-
-
-def start(store: Store, target_name: str):
-    """A Peer whose first link's agent is starting (ssh login, the agent's start-up): ``connect``
-    reads its hello later, so the caller's own local work overlaps that."""
-    from rcopy.transport.peer import Peer
-    return Peer(ordered(store, target_name), system=store.system().name, wait=False)
 
 
 def connect(store: Store, target_name: str, started=None):
@@ -150,14 +137,17 @@ def plan(store: Store, group: str, *, full: str = ""):
 
 
 def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str = "", progress=None,
-             lock_held: bool = False, confirm: bool = True) -> SyncReport:
+             lock_held: bool = False, confirm: bool = True, started=None) -> SyncReport:
+    """``started``: the Peer ``reach.start_early`` began for this group's target (closed on failure)."""
     g = store.group(group)
     d = None
     try:
         with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports(), \
                 tempfile.TemporaryDirectory(prefix="rcopy-client-") as certs:
             t0 = time.monotonic()
-            started = start(store, g.target)         # ssh and the agent start while this host works
+            if started is not None and started.channel is not None:
+                book.add(tuple(started.channel.argv))      # begun before this ledger (reach.start_early)
+            started = started or start(store, g.target)   # ssh and the agent start while this host works
             try:
                 fill_kinds(store, group)
                 resume_origins(store, group)
@@ -237,12 +227,19 @@ def background(store: Store, group: str, fn) -> int:
 
 
 def launch(store: Store, group: str, *, event: Event, full: str = "", progress=None,
-           wait: bool = False) -> SyncReport | int:
+           wait: bool = False, started=None) -> SyncReport | int:
     """Run a sync point now: in the foreground (``wait``: returns the report) or detached (3PAR's
-    default: returns the child's pid)."""
-    check(store, group, event)
+    default: returns the child's pid). ``started``: see ``run_sync`` (foreground only)."""
+    try:
+        check(store, group, event)
+    except BaseException:
+        if started is not None:
+            started.close()
+        raise
     if wait:
-        return run_sync(store, group, event=event, full=full, progress=progress)
+        return run_sync(store, group, event=event, full=full, progress=progress, started=started)
+    if started is not None:                     # the detached child starts its own
+        started.close()
     directory = store.dir
     return background(store, group, lambda: run_sync(Store(directory), group, event=event, full=full,
                                                       lock_held=True))

@@ -18,12 +18,13 @@ def print_report(report):
           f"in {report.seconds:.1f} s" + (f"; full: {', '.join(full)}" if full else ""))
 
 
-def start_sync(store, group: str, *, event, full: str = "", wait: bool = False) -> int:
-    """``sync`` and ``group start``: in the foreground with progress, or detached (3PAR's default)."""
+def start_sync(store, group: str, *, event, full: str = "", wait: bool = False, started=None) -> int:
+    """``sync`` and ``group start``: in the foreground with progress, or detached (3PAR's default).
+    ``started``: the agent rcopy.app.reach.start_early began for it."""
     from rcopy.app import progress, session
     if wait:
         print_report(session.launch(store, group, event=event, full=full, progress=progress.for_terminal(),
-                                    wait=True))
+                                    wait=True, started=started))
         return 0
     g = store.group(group)
     session.launch(store, group, event=event, full=full)

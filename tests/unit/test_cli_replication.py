@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import textwrap
 import sys
 import time
 
@@ -303,6 +304,34 @@ def test_dry_run_prints_the_plan_that_runs_and_status_reports_the_sync(sys2):
     assert rep["processes"] == rep["commands"]          # no LVM here: every command was a process
     assert rep["peer_commands"] >= 3 and rep["peer_processes"] == rep["peer_commands"]
     assert "v1-img" in rep["volumes"] and "missing" in rep["volumes"]["v1-img"]["full_reason"]
+
+
+def test_sync_wait_starts_the_backups_agent_before_importing_the_sync_machinery(sys2):
+    """Issue 15: ssh and the agent's start-up overlap this process's own imports (rcopy.app.reach); the
+    early channel is the sync's (its command counted), and a sync refused at once closes it."""
+    s = _started(sys2)
+    s.write_random(list(s.vols)[0], 3, seed=7)
+    spy = textwrap.dedent(f"""
+        import sys
+        from rcopy.transport import peer
+        init = peer.Peer.__init__
+        def spied(self, *a, **k):
+            print("machinery imported when the agent started:", "rcopy.app.session" in sys.modules, flush=True)
+            init(self, *a, **k)
+        peer.Peer.__init__ = spied
+        from rcopy.cli.main import main
+        sys.exit(main(["--state-dir", {s.A!r}, "sync", sys.argv[1], "--wait"]))
+    """)
+    r = subprocess.run([sys.executable, "-c", spy, "g"], capture_output=True, text=True, env=s.env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "machinery imported when the agent started: False", r.stdout
+    rep = s.status()["groups"][0]["last_sync"]
+    assert rep["generation"] == 2 and rep["commands_by_tool"].get(os.path.basename(sys.executable)) == 1, rep
+    s.rcopy("group", "create", "h", "--target", "backup")                  # never started: refused
+    r = subprocess.run([sys.executable, "-c", spy, "h"], capture_output=True, text=True, env=s.env, timeout=300)
+    assert r.returncode not in (0, 1) and "Traceback" not in r.stderr and "start" in r.stderr, r.stderr
+    assert r.stdout.splitlines() == ["machinery imported when the agent started: False"], r.stdout
+    assert s.status(s.B)["groups"][0]["sync_point"]["generation"] == 2     # the early agent changed nothing
 
 
 def test_a_crashed_primary_sync_is_never_stuck(sys2):
