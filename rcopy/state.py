@@ -169,7 +169,7 @@ def _values(obj, columns: tuple[str, ...]) -> list:
 
 _GROUP_COLS = ("name", "target", "role", "mode", "period", "policies", "state", "reason", "generation", "sync_id",
                "pending_generation", "pending_id", "last_sync_start", "last_sync_end", "alert", "fault",
-               "failover_point", "tidy")
+               "failover_point")           # not tidy: only commit_sync and tidied write it
 _VOLUME_COLS = ("grp", "name", "local", "remote", "size", "state", "bytes_done", "bytes_total", "bytes_sent",
                 "last_sync", "full_reason", "backend", "device_id")
 

@@ -183,6 +183,9 @@ class Agent:
             return False
         try:
             g = self.store.group(g.name)
+            if g.tidy and (g.sends or g.tidy != g.generation):
+                self.store.tidied(g.name, g.tidy)   # stale: the side took over since (its takeover tidied)
+                g = self.store.group(g.name)
             if g.sends or not (g.pending_generation or g.tidy):
                 return False
             fill_kinds(self.store, g.name)      # (suspended secondaries were resumed by open_store)

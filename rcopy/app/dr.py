@@ -34,10 +34,14 @@ LOCK_WAIT = 60.0        # a sync of the group that is failing (its peer took ove
 
 
 def _settle_receiver(store: Store, g: Group) -> Group:
-    """A sync in flight on a receiving side is rolled back (its serving agent, if alive, is stopped)."""
-    if g.pending_generation and not g.sends:
+    """A sync in flight on a receiving side is rolled back (its serving agent, if alive, is stopped);
+    the tidy-up of a commit whose agent died is finished (a live agent's: the lock waits for it)."""
+    if (g.pending_generation or g.tidy) and not g.sends:
         from rcopy.app.agent import Agent
-        Agent(store).settle_abandoned(g)
+        if g.pending_generation:
+            Agent(store).settle_abandoned(g)
+        else:
+            Agent(store).rollback_abandoned(g)
     return store.group(g.name)
 
 

@@ -139,6 +139,21 @@ def test_failover_during_a_sync_brings_every_volume_back_to_the_previous_point(t
     assert s.shas(sec) == point1
 
 
+def test_a_failover_first_finishes_the_tidy_up_of_an_agent_dead_after_its_commit(two):
+    s = two
+    prim, sec = list(s.vols), list(s.vols.values())
+    _writes(s, prim, 9)
+    r = s.rcopy("sync", "g", "--wait", env={"RCOPY_FAULT": "agent-before-tidy"}, check=False)
+    assert r.returncode == 0 and "tidy-up did not answer" in r.stderr, r.stderr    # committed all the same
+    point2 = s.shas(sec)
+    rollback = [kept_path(v, "R1") for v in sec]
+    assert all(os.path.exists(p) for p in rollback)       # the dead agent's R snapshots are still there
+    s.rcopy("group", "failover", "g", "-f", state=s.B)
+    b = s.group(state=s.B)
+    assert b["role"] == "primary-rev" and b["sync_point"]["generation"] == 2
+    assert not any(os.path.exists(p) for p in rollback) and s.shas(sec) == point2
+
+
 def test_a_backup_crash_in_recover_is_finished_by_the_next_recover_by_delta(two):
     s = two
     sec = list(s.vols.values())

@@ -587,7 +587,8 @@ def test_an_agent_start_with_nothing_to_tidy_looks_for_no_snapshot(rig):
     agent.delete = lambda requests: asked.append(tuple(requests)) or 0
     agent.recover()
     assert asked == []
-    rig.b.update_group("g", tidy=2)      # as an agent dead inside its tidy-up leaves it
+    with rig.b.tx() as db:               # as an agent dead inside its tidy-up leaves it
+        db.execute("UPDATE groups SET tidy=2 WHERE name='g'")
     agent.recover()
     assert asked == [(("fake", "/b/a", "rcopy.g.a.R1"), ("fake", "/b/b", "rcopy.g.b.R1"))]
     assert rig.b.group("g").tidy == 0
