@@ -5,7 +5,9 @@
 set -u
 shopt -s nullglob extglob
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-pkill -9 -f '^(nbdkit|qemu-nbd|nbd-server|nbdcopy|nbd-client|nbdsh)( |$)|/usr/local/bin/rcopy|python3 -m rcopy'
+# LVM too: rcopy runs its LVM commands in a long-lived lvm shell, which outlives a killed rcopy and would
+# go on creating or removing devices under the teardown below
+pkill -9 -f '^(nbdkit|qemu-nbd|nbd-server|nbdcopy|nbd-client|nbdsh|lvm|lv[a-z]+|vg[a-z]+)( |$)|/usr/local/bin/rcopy|python3 -m rcopy'
 
 # throttled replication links (Lab.throttle)
 if [[ -e /run/lab-throttle ]]; then
@@ -39,6 +41,10 @@ if ((${#maps[@]})); then
   done
 fi
 ((${#loops[@]})) && losetup -D
+# udev may still be working through events of devices the last test made (an LVM command killed above,
+# an lvchange just before the end): such an event re-creates a /dev/VG link after the sweep below unless
+# the queue is drained first (seen once: the next vgcreate failed, "/dev/rcopytest: already exists")
+((${#maps[@]})) && udevadm settle --timeout=30
 # /dev/VG folders outlive their dm devices (dmsetup removed them behind LVM's back), and a stale one
 # makes the next vgcreate of that name fail: drop folders holding nothing but dangling links.
 for dir in /dev/*/; do
