@@ -77,7 +77,12 @@ rm -f /root/.ssh/id_ecdsa /root/.ssh/id_ecdsa.pub
 # they change only with a new image, and that comes with new root disks (and no kept scan).
 scan=/root/.ssh/known_hosts.lab
 if [[ ! -s $scan ]]; then
-  ssh-keyscan -T 10 primary backup >$scan.new 2>/dev/null
+  # right after both VMs booted, the peer's sshd can miss the first 10 s under a busy host: try again
+  for try in 1 2 3; do
+    ssh-keyscan -T 10 primary backup >$scan.new 2>/dev/null
+    grep -q '^backup ' $scan.new && grep -q '^primary ' $scan.new && break
+    sleep 3
+  done
   grep -q '^backup ' $scan.new && grep -q '^primary ' $scan.new \
     || { rm -f $scan.new; echo "reset: ssh-keyscan found no host key for primary or backup" >&2; exit 1; }
   # link 2's names reach the same sshd: the same keys (a scan over link 2 would only cost time)
