@@ -279,9 +279,8 @@ class Demo:
                                  f"point {gen} (rcopy.g.<volume>.P{gen})", ok,
                                  "" if ok else f"sha256 primary vs backup: {pairs}")
 
-    def numbers(self, g: dict, now: float, kind: str, changed: int, what: str = "changed") -> SyncRow:
-        """Print the figures of the sync that just committed and keep a row for the final table.
-        ``changed``: the bytes written per volume since the sync point before (``what`` says where)."""
+    def numbers(self, g: dict, now: float, kind: str, changed: int) -> SyncRow:
+        """Print the figures of the sync that just committed and keep a row for the final table."""
         rep = g["last_sync"]
         sent = [v["bytes_sent"] for v in g["volumes"]]
         lag = now - g["last_sync_start"] if g["last_sync_start"] else None
@@ -289,7 +288,7 @@ class Demo:
         row = SyncRow(g["sync_point"]["generation"], kind, changed, sent, rep.get("seconds", 0.0), phases(rep),
                       f"{rep.get('commands', '-')}/{rep.get('peer_commands', '-')}", lag)
         self.rows.append(row)
-        per_vol = "; ".join(f"{v['name']}: {size(changed)} {what}, {size(v['bytes_sent'])} sent"
+        per_vol = "; ".join(f"{v['name']}: {size(changed)} changed, {size(v['bytes_sent'])} sent"
                             + (f" ({v['bytes_sent'] / changed:.2f}x)" if changed else "")
                             + (f", full: {v['full_reason']}" if v["full_reason"] else ", delta")
                             for v in g["volumes"])
@@ -537,16 +536,13 @@ class Demo:
                           r.returncode == 17, (r.stdout + r.stderr).strip()[-200:])
         self.sh("backup", "rcopy group recover g -f", head=6, tail=3)
         g, now_t = self.status("backup", show="excerpt")
-        # what differs: the backup's writes since the failover, and the primary's own un-replicated
-        # writes, which the recover undoes (random blocks, so the two sets may overlap a little)
-        changed = 2 * DELTA_BLOCKS * BLOCK
-        self.numbers(g, now_t, "recover (reverse delta)", changed, what="written on either side")
+        self.numbers(g, now_t, "recover (reverse delta)", DELTA_BLOCKS * BLOCK)
         a, _ = self.status("primary")
-        self.claims.claim(f"recover: primary is secondary-rev; only the differences travelled back, the "
-                          f"backup's writes and the primary's un-replicated ones undone "
-                          f"({' and '.join(size(v['bytes_sent']) for v in g['volumes'])} for up to {size(changed)} "
-                          f"written on either side per volume, not {MIB} MiB)",
-                          a["role"] == "secondary-rev" and all(v["full_reason"] == "" and v["bytes_sent"] <= changed
+        changed = DELTA_BLOCKS * BLOCK
+        self.claims.claim(f"recover: primary is secondary-rev; only the backup's changes travelled back "
+                          f"({' and '.join(size(v['bytes_sent']) for v in g['volumes'])} for {size(changed)} "
+                          f"written per volume, not {MIB} MiB)",
+                          a["role"] == "secondary-rev" and all(v["full_reason"] == "" and v["bytes_sent"] <= 2 * changed
                                                                for v in g["volumes"]), f"{excerpt(g)}")
         kept = [f"rcopy.g.{v}.K{n}" for v in VOLS]
         self.sh("primary", f"lvchange -ay -K {VG}/{kept[0]}", show=False, check=False)
