@@ -229,17 +229,11 @@ def background(store: Store, group: str, fn) -> int:
 def launch(store: Store, group: str, *, event: Event, full: str = "", progress=None,
            wait: bool = False, started=None) -> SyncReport | int:
     """Run a sync point now: in the foreground (``wait``: returns the report) or detached (3PAR's
-    default: returns the child's pid). ``started``: see ``run_sync`` (foreground only)."""
-    try:
-        check(store, group, event)
-    except BaseException:
-        if started is not None:
-            started.close()
-        raise
+    default: returns the child's pid). ``started``: see ``run_sync`` (foreground only; whoever began it
+    closes it if this raises)."""
+    check(store, group, event)
     if wait:
         return run_sync(store, group, event=event, full=full, progress=progress, started=started)
-    if started is not None:                     # the detached child starts its own
-        started.close()
     directory = store.dir
     return background(store, group, lambda: run_sync(Store(directory), group, event=event, full=full,
                                                       lock_held=True))
