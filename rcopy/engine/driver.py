@@ -471,8 +471,8 @@ class Driver:
         if res.get("tidy"):         # the backup tidies up now, while this side deletes its old snapshots
             try:
                 run.tidied = self.peer.tidy(a.group)
-            except RcopyError as e:
-                log.warning("group %s: could not ask for the backup's tidy-up: %s", a.group, e)
+            except RcopyError as e:       # the agent went between its answer and the request
+                _tidy_lost(a, e)
         faults.point("after-peer-commit")
 
     def _do_PeerTidied(self, a: P.PeerTidied, run):
@@ -481,8 +481,7 @@ class Driver:
         try:
             _count_peer(run, run.tidied() or {})
         except RcopyError as e:
-            log.warning("group %s: sync point %s is committed, but the backup's tidy-up did not answer (%s); "
-                        "it finishes it at its next start", a.group, a.generation, e)
+            _tidy_lost(a, e)
 
     def _do_Commit(self, a: P.Commit, run):
         after = transition(self.store.group(a.group), Event.SYNC_DONE)
@@ -538,6 +537,12 @@ class _Position:
         if not self.position:
             return size
         return max(self.bytes, self.bytes * size // self.position)
+
+
+def _tidy_lost(a, e: RcopyError) -> None:
+    """One warning whether the agent died before the tidy request or before its answer: a race."""
+    log.warning("group %s: sync point %s is committed, but the backup's tidy-up did not answer (%s); "
+                "it finishes it at its next start", a.group, a.generation, e)
 
 
 def _count_peer(run: _Run, res: dict) -> None:
