@@ -47,7 +47,8 @@ def _settle_receiver(store: Store, g: Group) -> Group:
 
 # -- the two local steps ------------------------------------------------------------------------------
 def take_over(store: Store, group: str, *, role: Role, kind: str = "F", state: GroupState = GroupState.STOPPED,
-              reason: str = "") -> Group:
+              reason: str | None = None) -> Group:
+    """``reason`` None: a failover's (what to run when the peer is back); restore hands over with ""."""
     g = _settle_receiver(store, store.group(group))
     if g.sends:
         if g.role is role and g.fault == "failover" and state is GroupState.STARTED:
@@ -64,9 +65,10 @@ def take_over(store: Store, group: str, *, role: Role, kind: str = "F", state: G
         backends.cut([cycle._snap(g, v, kind, g.generation) for v in vols])
         faults.point("dr-after-takeover-cut")
         backends.protect([(v.backend, v.local) for v in vols], writable=True)
-        after = roles.took_over(g, role, kind=kind, state=state, reason=reason or roles.failover_reason(g))
+        after = roles.took_over(g, role, kind=kind, state=state, reason=roles.failover_reason(g) if reason is None else reason)
         store.put_group(after)
-    log.warning("group %s: %s at sync point %s (%s)", group, role.value, g.generation, after.reason)
+    log.log(logging.WARNING if after.reason else logging.INFO, "group %s: %s at sync point %s%s", group,
+            role.value, g.generation, f" ({after.reason})" if after.reason else "")
     return after
 
 
@@ -116,7 +118,10 @@ def step_down(store: Store, group: str, *, role: Role, generation: int, sync_id:
         store.put_group(roles.stepped_down(g, role, n, g.sync_id))
         out = {"stepped_down": True, "kept": kept(store, store.group(group)),
                "not_held": sorted(v.local for v in vols if not held[v.name])}
-    log.warning("group %s: %s of %s at sync point %s; kept %s", group, role.value, g.target, n, out["kept"])
+    # a warning when data was set aside or a volume goes full; a clean hand-over (restore) is no news
+    log.log(logging.WARNING if out["kept"] or out["not_held"] else logging.INFO,
+            "group %s: %s of %s at sync point %s; kept %s%s", group, role.value, g.target, n, out["kept"] or "nothing",
+            f"; not at the point: {', '.join(out['not_held'])}" if out["not_held"] else "")
     return out
 
 

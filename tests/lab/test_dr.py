@@ -105,6 +105,7 @@ def test_power_cut_mid_sync_failover_recover_keeps_the_primarys_writes_then_rest
     assert "restored" in out
     b, a = status(lab, "backup"), status(lab, "primary")
     assert (a["role"], a["state"], b["role"]) == ("primary", "started", "secondary")
+    assert (a["reason"], b["reason"]) == ("", "")           # no stale failover advice after the hand-over
     written = write_random(lab, "primary", 30, seed=4)
     rc(lab, "sync", "g", "--wait")
     assert_delta(status(lab, "primary"), written)
