@@ -293,6 +293,10 @@ class Demo:
                             + (f", full: {v['full_reason']}" if v["full_reason"] else ", delta")
                             for v in g["volumes"])
         self.say(f"  numbers: sync point {row.point}: {per_vol}")
+        if changed and any(v["name"] == "thinvol" and v["bytes_sent"] > changed for v in g["volumes"]):
+            self.say("           (thinvol read more changed blocks than were written: its pool has zeroing off, "
+                     "-Zn, so a write into a 64 KiB chunk provisioned just now brings that chunk's old pool "
+                     "contents into the volume; rcopy sends what the volume reads)")
         self.say(f"           {row.seconds:.1f} s = {row.phases} (seconds per phase); commands run: primary "
                  f"{rep.get('commands', '-')} ({by_tool}), backup {rep.get('peer_commands', '-')}")
         if lag is not None:
