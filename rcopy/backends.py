@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import stat
 import threading
 from typing import Iterable, Iterator, Sequence
 
@@ -223,6 +225,48 @@ def write_granule(volumes: Sequence[tuple[str, str]]) -> int:
         if pool is not None and not pool.zero:
             granule = max(granule, pool.chunk_size or 65536)
     return granule
+
+
+def unmap_granules(volumes: Sequence[tuple[str, str]], sysfs: str = "/sys") -> dict[str, int]:
+    """Secondaries whose zero runs may unmap whole pool blocks instead of writing zeroes (rcopy's nbdkit
+    unmap filter), with the block size: a thin LV with no origin (an external origin would show through
+    an unmapped block), in a pool that zeroes new blocks (-Zy: a later partial write to an unmapped
+    block gets zeroes around it, not stale data), whose queue takes discards (a pool with discards
+    ignored does not). A thin secondary then holds what its primary holds, not its whole size."""
+    from rcopy.sys import lvm
+    out: dict[str, int] = {}
+    for kind, path in volumes:
+        if kind != "thin":
+            continue
+        lv = lvm.by_path(path)
+        pool = lvm.get(lv.vg, lv.pool) if lv.pool else None
+        if lv.segtype != "thin" or lv.origin or pool is None or not pool.zero:
+            continue
+        queue = _queue_dir(path, sysfs)
+        if queue is None or _sysfs_int(queue, "discard_max_bytes") <= 0:
+            continue
+        granule = max(_sysfs_int(queue, "discard_granularity"), pool.chunk_size or 0)
+        if granule >= 512 and granule & (granule - 1) == 0:
+            out[path] = granule
+    return out
+
+
+def _queue_dir(path: str, sysfs: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return os.path.join(sysfs, "dev", "block", f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}", "queue")
+
+
+def _sysfs_int(queue: str, name: str) -> int:
+    try:
+        with open(os.path.join(queue, name)) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def used_bytes(kind: str, path: str) -> int:

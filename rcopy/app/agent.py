@@ -119,7 +119,7 @@ def peer_addresses(links) -> tuple[str, ...]:
 
 
 def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "", granule: int = 0,
-                      links: tuple[str, ...] = (), peers: tuple[str, ...] = ()):
+                      links: tuple[str, ...] = (), peers: tuple[str, ...] = (), unmap: dict[str, int] | None = None):
     """Export the volumes on the control channel's link and on every other link of ``links`` that is an
     address here; admit the primary's address on the control link and ``peers`` (its other links)."""
     from rcopy.transport.export import Export
@@ -134,7 +134,7 @@ def _default_exporter(volumes: dict[str, str], bind: str, client_cert: str = "",
     allow = tuple(dict.fromkeys([first, *peer_addresses(peers)])) if first else ()
     ex = Export(volumes, host=host, tls=tls, client_cert_pem=client_cert or None,
                 minblock=granule if granule <= EXPORT_RMW_MAX else 0, allow_peers=allow,
-                more_hosts=local_addresses(l for l in links if l != bind))
+                more_hosts=local_addresses(l for l in links if l != bind), unmap=unmap)
     ex.start()
     if granule > EXPORT_RMW_MAX:
         ex.infos = {n: dataclasses.replace(i, write_align=granule) for n, i in ex.infos.items()}
@@ -408,13 +408,14 @@ class Agent:
                 # lvcreates drop it: asked after them, they would cost another lvs each)
                 pairs = [(vols[r].backend, r) for r in remotes]
                 granule, known = backends.write_granule(pairs), backends.resolve(pairs)
+                unmap = {vols[r].name: g for r, g in backends.unmap_granules(pairs).items()}
                 # An existing complete R(n) is kept (reuse): a leftover of a failed begin, taken when the
                 # secondary already read as sync point n; deleting it could lose the only copy.
                 self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced],
                          idle=True)                     # read-only until the protect below: nobody writes
                 held = backends.protect(pairs, writable=True, known=known)
                 export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert, granule,
-                                       links=tuple(links), peers=self._peer_links(g))
+                                       links=tuple(links), peers=self._peer_links(g), unmap=unmap)
         except Exception:
             self._unlisten(group)
             self.store.abort_sync(group, "begin failed", state=None)

@@ -22,8 +22,11 @@ from rcopy.sys.run import run, spawn
 
 PROBE_DIR = "/run/rcopy"
 _TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
-# rcopy's own nbdkit filter (native/rcopy_peer_filter.c, built by setup.py): admits the primary's link addresses
-PEER_FILTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbdkit-rcopy-peer.so")
+# rcopy's own nbdkit filters (native/, built by setup.py): the peer filter admits the primary's link
+# addresses only; the unmap filter turns zero runs into discards of whole thin pool blocks
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_FILTER = os.path.join(_HERE, "nbdkit-rcopy-peer.so")
+UNMAP_FILTER = os.path.join(_HERE, "nbdkit-rcopy-unmap.so")
 log = logging.getLogger("rcopy")
 
 
@@ -72,24 +75,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-@functools.lru_cache(maxsize=1)
 def peer_filter() -> str | None:
-    """The path of rcopy's peer filter if this nbdkit loads it, else None (not built: no nbdkit headers
-    where rcopy was built; or built for another nbdkit version, which nbdkit refuses). nbdkit's own ip
-    filter would do, but 1.32.5's rejects every address rule ("cannot parse address")."""
-    if not os.path.exists(PEER_FILTER):
+    """The path of rcopy's peer filter if this nbdkit loads it, else None. nbdkit's own ip filter would
+    do, but 1.32.5's rejects every address rule ("cannot parse address")."""
+    return _own_filter(PEER_FILTER)
+
+
+def unmap_filter() -> str | None:
+    """The path of rcopy's unmap filter (native/rcopy_unmap_filter.c) if this nbdkit loads it, else None."""
+    return _own_filter(UNMAP_FILTER)
+
+
+@functools.lru_cache(maxsize=None)
+def _own_filter(path: str) -> str | None:
+    """``path`` if this nbdkit loads that filter of rcopy's, else None (not built: no nbdkit headers where
+    rcopy was built; or built for another nbdkit version, which nbdkit refuses)."""
+    if not os.path.exists(path):
         return None
     # One probe per boot, not per sync (each sync's agent is a new process): remembered in /run, keyed
     # by both files, so an upgraded nbdkit or rcopy is probed again.
-    stamp = ":".join(_stamp(p) for p in (shutil.which("nbdkit") or "nbdkit", PEER_FILTER))
-    mark = os.path.join(PROBE_DIR, "peer-filter-loads")
+    stamp = ":".join(_stamp(p) for p in (shutil.which("nbdkit") or "nbdkit", path))
+    mark = os.path.join(PROBE_DIR, os.path.basename(path).replace("nbdkit-rcopy-", "").replace(".so", "") + "-filter-loads")
     try:
         with open(mark) as f:
             if f.read() == stamp:
-                return PEER_FILTER
+                return path
     except OSError:
         pass
-    res = run(["nbdkit", f"--filter={PEER_FILTER}", "null", "--dump-plugin"], timeout=30)
+    res = run(["nbdkit", f"--filter={path}", "null", "--dump-plugin"], timeout=30)
     if not res.ok:
         return None
     try:
@@ -98,7 +111,7 @@ def peer_filter() -> str | None:
             f.write(stamp)
     except OSError:
         pass                                    # only the next probe is lost
-    return PEER_FILTER
+    return path
 
 
 def _stamp(path: str) -> str:
@@ -111,12 +124,20 @@ def _stamp(path: str) -> str:
 
 def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | None = None,
           readonly: bool = False, tls_dir: str | None = None, verify_peer: bool = False,
-          filters: tuple[str, ...] = (), allow_peers: tuple[str, ...] = (),
+          filters: tuple[str, ...] = (), allow_peers: tuple[str, ...] = (), unmap: tuple[str, ...] = (),
           extra: tuple[str, ...] = (), ready_timeout: float = 15.0) -> NbdkitServer:
     """Start ``nbdkit PLUGIN ARGS`` listening on host:port (a free port when None) and wait until it
     accepts connections. With ``allow_peers`` (IP addresses) every connection from another address is
     closed before the NBD handshake, by rcopy's peer filter; where nbdkit cannot load it, a warning, and
-    the export relies on TLS (``verify_peer``) alone."""
+    the export relies on TLS (``verify_peer``) alone. ``unmap``: EXPORT:GRANULARITY:PATH entries for rcopy's
+    unmap filter, innermost (it sees the blocks the other filters leave); without it, zeroes are written."""
+    if unmap:
+        thin = unmap_filter()
+        if thin:
+            filters, plugin_args = (*filters, thin), (*plugin_args, *(f"unmap={u}" for u in unmap))
+        else:
+            log.info("nbdkit cannot load rcopy's unmap filter (%s): zero runs allocate the thin secondaries",
+                     UNMAP_FILTER)
     if allow_peers:
         fence = peer_filter()
         if fence:

@@ -54,7 +54,8 @@ class Export:
 
     def __init__(self, volumes: Mapping[str, str], *, host: str = "127.0.0.1", port: int | None = None,
                  tls: bool = False, readonly: bool = False, client_cert_pem: str | None = None,
-                 minblock: int = 0, allow_peers: tuple[str, ...] = (), more_hosts: tuple[str, ...] = ()):
+                 minblock: int = 0, allow_peers: tuple[str, ...] = (), more_hosts: tuple[str, ...] = (),
+                 unmap: Mapping[str, int] | None = None):
         for name in volumes:
             if not _NAME.match(name):
                 raise BadExportName(name=name)
@@ -64,6 +65,8 @@ class Export:
         self.client_cert_pem = client_cert_pem
         self.minblock = minblock
         self.allow_peers = tuple(allow_peers)
+        # volume name -> pool block size: its zero runs unmap whole blocks (rcopy.backends.unmap_granules)
+        self.unmap = {n: g for n, g in (unmap or {}).items() if n in self.volumes}
         self.servers: list[nbdkit.NbdkitServer] = []
         self.infos: dict[str, ExportInfo] = {}
         self._dir: str | None = None
@@ -86,6 +89,7 @@ class Export:
             # filter reads, modifies and writes the block around a smaller request): what a thin pool
             # without zeroing needs (rcopy.backends.write_granule)
             blocks = ("blocksize",) if self.minblock else ()
+            unmap = tuple(f"{n}:{g}:{os.path.abspath(self.volumes[n])}" for n, g in sorted(self.unmap.items()))
             for i, host in enumerate((self.host, *self.more_hosts)):
                 try:
                     self.servers.append(nbdkit.start(
@@ -93,7 +97,7 @@ class Export:
                         *([f"minblock={self.minblock}"] if self.minblock else []),
                         host=host, port=self.port if i == 0 else None, readonly=self.readonly, tls_dir=tls_dir,
                         verify_peer=bool(self.client_cert_pem), filters=("exportname", *blocks),
-                        allow_peers=self.allow_peers))
+                        allow_peers=self.allow_peers, unmap=unmap))
                 except nbdkit.NbdkitError as e:
                     if i == 0:
                         raise

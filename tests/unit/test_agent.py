@@ -384,7 +384,7 @@ def test_the_peer_filter_is_probed_once_per_boot_and_again_after_an_upgrade(tmp_
     probes = []
 
     def counted():
-        nbdkit.peer_filter.cache_clear()
+        nbdkit._own_filter.cache_clear()
         with runner.ledger() as book:
             assert nbdkit.peer_filter() == str(filt)
         probes.append(book.commands)
