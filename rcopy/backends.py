@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import stat
 import threading
 from typing import Iterable, Iterator, Sequence
 
@@ -234,6 +233,7 @@ def unmap_granules(volumes: Sequence[tuple[str, str]], sysfs: str = "/sys") -> d
     block gets zeroes around it, not stale data), whose queue takes discards (a pool with discards
     ignored does not). A thin secondary then holds what its primary holds, not its whole size."""
     from rcopy.sys import lvm
+    from rcopy.sys.nodes import read_int
     out: dict[str, int] = {}
     for kind, path in volumes:
         if kind != "thin":
@@ -243,30 +243,18 @@ def unmap_granules(volumes: Sequence[tuple[str, str]], sysfs: str = "/sys") -> d
         if lv.segtype != "thin" or lv.origin or pool is None or not pool.zero:
             continue
         queue = _queue_dir(path, sysfs)
-        if queue is None or _sysfs_int(queue, "discard_max_bytes") <= 0:
+        if queue is None or read_int(os.path.join(queue, "discard_max_bytes"), 0) <= 0:
             continue
-        granule = max(_sysfs_int(queue, "discard_granularity"), pool.chunk_size or 0)
+        granule = max(read_int(os.path.join(queue, "discard_granularity"), 0), pool.chunk_size or 0)
         if granule >= 512 and granule & (granule - 1) == 0:
             out[path] = granule
     return out
 
 
 def _queue_dir(path: str, sysfs: str) -> str | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    return os.path.join(sysfs, "dev", "block", f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}", "queue")
-
-
-def _sysfs_int(queue: str, name: str) -> int:
-    try:
-        with open(os.path.join(queue, name)) as f:
-            return int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0
+    from rcopy.sys.nodes import sysfs_dir
+    node = sysfs_dir(path, sysfs)
+    return None if node is None else os.path.join(node, "queue")
 
 
 def used_bytes(kind: str, path: str) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import stat
 
 from rcopy.errors import NotFound, ToolError
 from rcopy.poll import until
@@ -212,13 +211,11 @@ def suspended_name(path: str, sysfs: str = "/sys") -> str | None:
     Read from sysfs (``/sys/dev/block/MAJ:MIN/dm/{name,suspended}``), so checking every volume of a
     group before each run costs no command.
     """
-    try:
-        st = os.stat(path)
-    except OSError:
+    from rcopy.sys.nodes import sysfs_dir
+    node = sysfs_dir(path, sysfs)
+    if node is None:
         return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    base = os.path.join(sysfs, "dev", "block", f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}", "dm")
+    base = os.path.join(node, "dm")
     try:
         with open(os.path.join(base, "suspended")) as f:
             flag = f.read().strip()

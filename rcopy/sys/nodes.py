@@ -19,6 +19,17 @@ def read_int(path: str, default: int) -> int:
         return default
 
 
+def sysfs_dir(path: str, sysfs: str = "/sys") -> str | None:
+    """``/sys/dev/block/MAJ:MIN`` of the block device at ``path``; None for anything else."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return os.path.join(sysfs, "dev", "block", f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Presence:
     """A volume's node as the kernel has it. A regular file (the host simulator's volumes) counts as
