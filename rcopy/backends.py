@@ -270,7 +270,8 @@ def used_bytes(kind: str, path: str) -> int:
 def create_secondary(spec: str, name: str, size: int, used: int) -> str:
     """Create a secondary for a primary volume of ``size`` bytes (3PAR admitrcopyvv -createvv): thick
     in VG, or thin in VG/POOL when ``spec`` names a pool; returns its path. Refused, with the numbers,
-    when the name exists or the space is short (``used``: what the primary holds, for a thin pool)."""
+    when the name exists or the space is short (``used``: what the primary holds, what a full copy
+    allocates in a pool that zeroes new blocks)."""
     from rcopy.errors import AlreadyExists, NoSpace, NotFound
     from rcopy.sys import lvm
     vg_name, _, pool = spec.partition("/")
@@ -291,9 +292,12 @@ def create_secondary(spec: str, name: str, size: int, used: int) -> str:
         if p is None or p.segtype != "thin-pool":
             raise NotFound(f"thin pool {vg_name}/{pool} not found: give an existing pool as VG/POOL")
         free = int(p.size * (1 - p.data_percent / 100.0))
-        if used > free:
-            raise NoSpace(f"thin pool {vg_name}/{pool} has {free // mib} MiB free, the primary holds "
-                          f"{used // mib} MiB: extend the pool or pick another")
+        # a zeroing pool gets what the primary holds (zero runs unmap: unmap_granules); one that does not
+        # zero (-Zn) gets the zeroes written, so a full copy allocates the whole volume
+        need, what = (used, "the primary holds") if p.zero else (size, "a full copy into a pool without zeroing (-Zn) allocates")
+        if need > free:
+            raise NoSpace(f"thin pool {vg_name}/{pool} has {free // mib} MiB free, {what} "
+                          f"{need // mib} MiB: extend the pool or pick another")
     elif size > vg.free:
         raise NoSpace(f"volume group {vg_name} has {vg.free // mib} MiB free, {name} needs {size // mib} MiB: "
                       "extend the VG or pick another")

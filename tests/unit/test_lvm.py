@@ -129,7 +129,7 @@ class _FakeVG:
 def test_create_secondary_makes_thick_in_vg_and_thin_in_pool(monkeypatch):
     from rcopy import backends
     (pool,) = lvm.parse_lvs_json(_report(vg_name="vg-dr", lv_name="pool-b", segtype="thin-pool",
-                                         lv_size=str(64 << 20), data_percent="50.00"))
+                                         lv_size=str(64 << 20), data_percent="50.00", zero="zero"))
     fake = _FakeVG(monkeypatch, 100, [pool])
     assert backends.create_secondary("vg-dr", "app-log", 96 << 20, 96 << 20) == "/dev/vg-dr/app-log"
     assert backends.create_secondary("vg-dr/pool-b", "app-db", 512 << 20, 30 << 20) == "/dev/vg-dr/app-db"
@@ -139,6 +139,8 @@ def test_create_secondary_makes_thick_in_vg_and_thin_in_pool(monkeypatch):
 @pytest.mark.parametrize("spec,name,size,used,err,text", [
     ("vg-dr", "big", 101 << 20, 0, "NoSpace", "volume group vg-dr has 100 MiB free, big needs 101 MiB"),
     ("vg-dr/pool-b", "db", 512 << 20, 33 << 20, "NoSpace", "thin pool vg-dr/pool-b has 32 MiB free, the primary holds 33 MiB"),
+    ("vg-dr/pool-zn", "db", 40 << 20, 1 << 20, "NoSpace",
+     "thin pool vg-dr/pool-zn has 32 MiB free, a full copy into a pool without zeroing (-Zn) allocates 40 MiB"),
     ("vg-dr", "app-log", 1 << 20, 0, "AlreadyExists", "vg-dr/app-log already exists"),
     ("vg-nope", "x", 1 << 20, 0, "NotFound", "volume group vg-nope not found"),
     ("vg-dr/nopool", "x", 1 << 20, 0, "NotFound", "thin pool vg-dr/nopool not found"),
@@ -150,9 +152,11 @@ def test_create_secondary_makes_thick_in_vg_and_thin_in_pool(monkeypatch):
 def test_create_secondary_refuses_with_the_reason_and_creates_nothing(monkeypatch, spec, name, size, used, err, text):
     from rcopy import backends, errors
     (pool,) = lvm.parse_lvs_json(_report(vg_name="vg-dr", lv_name="pool-b", segtype="thin-pool",
-                                         lv_size=str(64 << 20), data_percent="50.00"))
+                                         lv_size=str(64 << 20), data_percent="50.00", zero="zero"))
+    (zn,) = lvm.parse_lvs_json(_report(vg_name="vg-dr", lv_name="pool-zn", segtype="thin-pool",
+                                       lv_size=str(64 << 20), data_percent="50.00", zero="0"))
     (mine,) = lvm.parse_lvs_json(_report(vg_name="vg-dr", lv_name="app-log", segtype="linear", pool_lv=""))
-    fake = _FakeVG(monkeypatch, 100, [pool, mine])
+    fake = _FakeVG(monkeypatch, 100, [pool, zn, mine])
     with pytest.raises(getattr(errors, err), match=text.replace("(", r"\(").replace(")", r"\)")):
         backends.create_secondary(spec, name, size, used)
     assert fake.made == []
