@@ -34,18 +34,20 @@ NOT_BUILT = ("reverse --natural/--current and a power cut during a sync before f
 
 
 
-def lvm_setup(vg: str, mib: int, pool_mib: int) -> str:
-    """Shell script: VG on /dev/vdb, a thin pool (64 KiB chunks, no zeroing) with thinvol, and thickvol."""
+def lvm_setup(vg: str, mib: int, pool_mib: int, zero: bool = False) -> str:
+    """Shell script: VG on /dev/vdb, a thin pool (64 KiB chunks; zeroing new blocks or not) with thinvol,
+    and thickvol."""
     return f"""set -e
 pvcreate -qq -y -ff /dev/vdb >/dev/null
 vgcreate -qq -s 1m {vg} /dev/vdb >/dev/null
-lvcreate -qq -y -L {pool_mib}m -T {vg}/pool --chunksize 64k -Zn >/dev/null
+lvcreate -qq -y -L {pool_mib}m -T {vg}/pool --chunksize 64k -Z{'y' if zero else 'n'} >/dev/null
 lvcreate -qq -y -V {mib}m -T {vg}/pool -n thinvol >/dev/null
 lvcreate -qq -y -Wy -Zy -L {mib}m -n thickvol {vg} >/dev/null
 """
 
 
-SETUP = lvm_setup(VG, MIB, 192)
+# LVM's default pool (zeroing new blocks): the thin secondary then gets only what its primary holds
+SETUP = lvm_setup(VG, MIB, 192, zero=True)
 FILL = "; ".join(f"dd if=/dev/urandom of=/dev/{VG}/{v} bs=1M count={FILL_MIB} oflag=direct status=none"
                  for v in VOLS)
 # Distinct random blocks (never block 0), fresh random data, O_DIRECT: each one is a changed 4 KiB block.
@@ -343,6 +345,14 @@ class Demo:
                           g["state"] == "started" and g["sync_point"]["generation"] == 1
                           and all(v["full_reason"] == "initial sync" for v in g["volumes"])
                           and sent == [FILL_MIB << 20] * len(VOLS), f"status: {excerpt(g)}")
+        used = {h: float(self.sh(h, f"lvs --noheadings -o data_percent {VG}/thinvol", show=False).stdout)
+                for h in ("primary", "backup")}
+        self.say(f"demo: thinvol allocates {used['primary']:.1f} % of its {MIB} MiB on primary, its secondary "
+                 f"{used['backup']:.1f} % on backup")
+        self.claims.claim(f"the thin secondary holds what its primary holds ({used['backup']:.1f} % of {MIB} MiB "
+                          f"allocated, primary {used['primary']:.1f} %): its zero runs unmapped pool blocks "
+                          f"instead of writing zeroes into them",
+                          used["backup"] <= used["primary"] + 1, f"{used}")
 
     def delta_sync(self) -> None:
         self.step("3. writes, then a delta sync: only the changed blocks travel")
