@@ -8,7 +8,9 @@
  * block is known to read as zeroes and to be zeroed when provisioned again: a dm-thin volume with no
  * external origin, in a pool that zeroes new blocks (-Zy), whose queue accepts discards
  * (rcopy.backends.unmap_granules). A client's NO_HOLE flag is honoured (nothing is unmapped), and a
- * discard the device refuses falls back to writing the zeroes, so the answer is always the same data. */
+ * discard the device refuses falls back to writing the zeroes, so the answer is always the same data.
+ * Like the zeroes written, the unmapping is durable once the client's FLUSH is answered (dm-thin commits
+ * its metadata on a flush); rcopy flushes every connection before it commits a sync point. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -112,7 +114,8 @@ static int unmap_zero(nbdkit_next *next, void *handle, uint32_t count, uint64_t 
   struct handle *h = handle;
   uint64_t end = offset + count, first, last, range[2];
 
-  if (h->fd == -1 || !(flags & NBDKIT_FLAG_MAY_TRIM))
+  /* a discard is made durable by the next flush, not by FUA: such a request writes its zeroes */
+  if (h->fd == -1 || !(flags & NBDKIT_FLAG_MAY_TRIM) || (flags & NBDKIT_FLAG_FUA))
     return next->zero(next, count, offset, flags, err);
   first = (offset + h->granularity - 1) & ~(h->granularity - 1);
   last = end & ~(h->granularity - 1);
