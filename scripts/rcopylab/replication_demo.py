@@ -411,26 +411,26 @@ class Demo:
             if g["syncing"] or self.lab.run("primary", "test -e /tmp/demo-sync.rc", check=False).returncode == 0:
                 break
             time.sleep(0.5)
-        # The secondaries' write counters (/sys/block/dm-N/stat) rise when the first blocks of n+1 land.
-        r = self.sh("backup", WRITTEN + f"b={base}; for i in $(seq 3000); do n=$(w); [ $n -gt $b ] && {{ "
-                              "echo \"sectors written: $b -> $n\"; exit 0; }; sleep 0.1; done; exit 1",
-                    label=f"watch the secondaries' write counters (/sys/block/dm-N/stat) until blocks of sync point "
-                          f"{n + 1} arrive", check=False, timeout=400)
-        # What the backup acknowledged (the primary's progress), not the device counters: on a -Zn thin
-        # pool the export rewrites whole 64 KiB chunks, so the secondaries see more bytes than were sent.
-        g, _ = self.status("primary", show="line")
-        arriving = g["syncing"] and r.returncode == 0
+        # The first blocks of n+1 acknowledged by the backup (the primary's progress in its state). Not the
+        # secondaries' write counters: nbdkit writes through the backup's page cache, so they may rise only
+        # at the flush before the commit (they did, with a zeroing pool and no read-modify-write filter).
+        while time.monotonic() - t < 300:
+            g, _ = self.status("primary")
+            acked = sum(v.get("bytes_done") or 0 for v in g["volumes"])
+            if acked or not g["syncing"]:
+                break
+            time.sleep(0.2)
+        self.say(f"demo: the backup has acknowledged {size(acked)} of sync point {n + 1}")
+        arriving = g["syncing"] and acked > 0
         self.say(f"demo: lab.link(False): cutting the replication link (both NICs lose carrier), "
                  f"{time.monotonic() - t:.0f} s after the sync started")
         self.lab.link(False)
         cut = time.monotonic()
         got = (int(self.sh("backup", WRITTEN + "w", show=False).stdout) - base) * 512
-        acked = sum(v.get("bytes_done") or 0 for v in g["volumes"])
         self.claims.claim(f"the link went down while sync point {n + 1} was in flight: blocks were landing on the "
                           f"backup, {size(acked)} of its {size(2 * changed)} acknowledged",
-                          arriving and got > 0 and acked < 2 * changed,
-                          f"status when cut: {excerpt(g)}; backup watch exit {r.returncode}; {got} bytes written "
-                          f"on backup's devices")
+                          arriving and acked < 2 * changed,
+                          f"status when cut: {excerpt(g)}; {got} bytes written on backup's devices")
         # Both sides on their own: the primary's sync must fail, the backup's agent must give up and roll back.
         waits = {
             "primary": ("for i in $(seq 900); do [ -e /tmp/demo-sync.rc ] && break; sleep 1; done; "
