@@ -294,7 +294,8 @@ def create_secondary(spec: str, name: str, size: int, used: int) -> str:
         free = int(p.size * (1 - p.data_percent / 100.0))
         # a zeroing pool gets what the primary holds (zero runs unmap: unmap_granules); one that does not
         # zero (-Zn) gets the zeroes written, so a full copy allocates the whole volume
-        need, what = (used, "the primary holds") if p.zero else (size, "a full copy into a pool without zeroing (-Zn) allocates")
+        need, what = ((used, "the primary holds") if p.zero else
+                      (size, "a full copy into a pool without zeroing (-Zn) allocates"))
         if need > free:
             raise NoSpace(f"thin pool {vg_name}/{pool} has {free // mib} MiB free, {what} "
                           f"{need // mib} MiB: extend the pool or pick another")

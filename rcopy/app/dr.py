@@ -65,7 +65,8 @@ def take_over(store: Store, group: str, *, role: Role, kind: str = "F", state: G
         backends.cut([cycle._snap(g, v, kind, g.generation) for v in vols])
         faults.point("dr-after-takeover-cut")
         backends.protect([(v.backend, v.local) for v in vols], writable=True)
-        after = roles.took_over(g, role, kind=kind, state=state, reason=roles.failover_reason(g) if reason is None else reason)
+        after = roles.took_over(g, role, kind=kind, state=state,
+                                reason=roles.failover_reason(g) if reason is None else reason)
         store.put_group(after)
     log.log(logging.WARNING if after.reason else logging.INFO, "group %s: %s at sync point %s%s", group,
             role.value, g.generation, f" ({after.reason})" if after.reason else "")

@@ -95,7 +95,8 @@ def _own_filter(path: str) -> str | None:
     # One probe per boot, not per sync (each sync's agent is a new process): remembered in /run, keyed
     # by both files, so an upgraded nbdkit or rcopy is probed again.
     stamp = ":".join(_stamp(p) for p in (shutil.which("nbdkit") or "nbdkit", path))
-    mark = os.path.join(PROBE_DIR, os.path.basename(path).replace("nbdkit-rcopy-", "").replace(".so", "") + "-filter-loads")
+    name = os.path.basename(path).replace("nbdkit-rcopy-", "").replace(".so", "")
+    mark = os.path.join(PROBE_DIR, f"{name}-filter-loads")
     try:
         with open(mark) as f:
             if f.read() == stamp:
