@@ -25,8 +25,10 @@ def sysfs_dir(path: str, sysfs: str = "/sys") -> str | None:
         st = os.stat(path)
     except OSError:
         return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
+    return _block_dir(st, sysfs) if stat.S_ISBLK(st.st_mode) else None
+
+
+def _block_dir(st: os.stat_result, sysfs: str = "/sys") -> str:
     return os.path.join(sysfs, "dev", "block", f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
 
 
@@ -48,7 +50,7 @@ def presence(path: str) -> Presence:
         return Presence(True, st.st_size)
     if not stat.S_ISBLK(st.st_mode):
         return Presence(False)
-    sysdir = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    sysdir = _block_dir(st)
     if not os.path.isdir(sysdir):            # a node left behind by a device that is gone
         return Presence(False)
     return Presence(True, read_int(os.path.join(sysdir, "size"), 0) * SECTOR,
