@@ -71,11 +71,7 @@ class CowSnapshotter(LvmSnapshotter):
     def _part(self, origins: list[lvm.LV], names: list[str]) -> CutPart:
         """lvcreate inside the group's suspension: it finds the origin already suspended, loads the
         snapshot tables and resumes the origin once its snapshot exists (measured, LVM 2.03.16)."""
-        made: list[lvm.LV] = []
-
-        def take():
-            made.extend(lvm.create_cow_snapshot(o.vg, o.name, n, self.cow_size(o, n)) for o, n in zip(origins, names))
-        return CutPart([o.dm_name for o in origins], take, lambda: self._finished(origins, made))
+        return self._plain_part(origins, names, suspend=True)
 
     def _before_cut(self, origin: lvm.LV) -> None:
         """A merge in progress into this origin forbids a new snapshot: wait for it to finish."""

@@ -81,21 +81,17 @@ class LvmSnapshotter:
         """Hook: the COW store a classic snapshot needs (0: a thin snapshot)."""
         return 0
 
-    def _idle_part(self, origins: list[lvm.LV], names: list[str]) -> CutPart:
-        """The cut of origins nobody writes (the backup's read-only secondaries): no instant to share,
-        so each snapshot is one plain ``lvcreate`` (LVM suspends the origin for it), made active and
-        complete at once, and nothing is read back."""
-        paths: list[str] = []
-
+    def _plain_part(self, origins: list[lvm.LV], names: list[str], *, suspend: bool) -> CutPart:
+        """Each snapshot one plain ``lvcreate``, made active and complete at once, nothing read back
+        (lvcreate fails if it did not make it; a report read inside the suspension would lengthen the
+        applications' freeze). ``suspend``: inside the group's suspension, which LVM finds and keeps
+        (the thick cut); without, for origins nobody writes (the backup's read-only secondaries: no
+        instant to share), LVM suspends each origin itself for its moment."""
         def take():
-            paths.extend(lvm.snapshot_now(o.vg, o.name, n, size=self._size(o, n)) for o, n in zip(origins, names))
-
-        def finish() -> list[Snapshot]:
-            for p in paths:
-                udev.wait_for(p)
-            return [Snapshot(origin=o.path, name=n, path=p, backend=self.backend)
-                    for o, n, p in zip(origins, names, paths)]
-        return CutPart([], take, finish)
+            for o, n in zip(origins, names):
+                lvm.snapshot_now(o.vg, o.name, n, size=self._size(o, n))
+        return CutPart([o.dm_name for o in origins] if suspend else [], take,
+                       lambda: self._finished(origins, names, [lvm.lv_path(o.vg, n) for o, n in zip(origins, names)]))
 
     def prepare(self, requests: Sequence[tuple[str, str]], *, idle: bool = False) -> CutPart:
         """Everything before the suspension. Any existing snapshot of these names is from another
@@ -116,13 +112,14 @@ class LvmSnapshotter:
         self._check_space(origins, names)
         for o in origins:
             self._before_cut(o)
-        return self._idle_part(origins, names) if idle else self._part(origins, names)
+        return self._plain_part(origins, names, suspend=False) if idle else self._part(origins, names)
 
-    def _finished(self, origins: list[lvm.LV], made: list[lvm.LV]) -> list[Snapshot]:
+    def _finished(self, origins: list[lvm.LV], names: list[str], paths: list[str]) -> list[Snapshot]:
+        """The cut's snapshots once their device nodes are there (udev)."""
         snaps = []
-        for o, lv in zip(origins, made):
-            udev.wait_for(lv.path)
-            snaps.append(self._snapshot(o, lv))
+        for o, n, p in zip(origins, names, paths):
+            udev.wait_for(p)
+            snaps.append(Snapshot(origin=o.path, name=n, path=p, backend=self.backend))
         return snaps
 
     def _foreign(self, origin: lvm.LV, name: str):

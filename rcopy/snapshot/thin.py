@@ -14,8 +14,8 @@ LVM already knows:
    for each snapshot send the pool ``delete ID`` and ``create_snap ID ORIGIN_ID``: the snapshot now
    holds the origin at the cut instant. These messages do not touch the pool's transaction id, so
    LVM's metadata stays exact.
-3. After the resume, clear activation skip and activate each snapshot. A snapshot still flagged
-   activation-skip is unfinished: a later cut removes and re-takes it.
+3. After the resume, clear activation skip and activate the snapshots (one ``lvchange`` for all). A
+   snapshot still flagged activation-skip is unfinished: a later cut removes and re-takes it.
 
 HAZARD: a crash between ``delete ID`` and ``create_snap ID`` (two consecutive ioctls) leaves an LV whose
 thin device is gone; it cannot be activated and ``lvremove`` of it must be forced. SIGTERM and SIGINT
@@ -73,8 +73,8 @@ class ThinSnapshotter(LvmSnapshotter):
                               f"snapshots: extend the pool (lvextend) or free space, then retry")
 
     def _part(self, origins: list[lvm.LV], names: list[str]) -> CutPart:
-        made = [lvm.deactivate(lvm.create_thin_snapshot(o.vg, o.name, n, active=False))
-                for o, n in zip(origins, names)]
+        made = [lvm.deactivate(lv) for lv in
+                lvm.create_thin_snapshots([(o.vg, o.name, n) for o, n in zip(origins, names)])]
         pools = {(o.vg, o.pool): pool_device(o.vg, o.pool) for o in origins}
 
         def take() -> None:
@@ -88,7 +88,7 @@ class ThinSnapshotter(LvmSnapshotter):
                     signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
         def finish() -> list[Snapshot]:
-            return self._finished(origins, [lvm.activate(lv) for lv in made])
+            return self._finished(origins, names, lvm.activate_all(made))
         return CutPart([o.dm_name for o in origins], take, finish)
 
     def valid(self, snap: Snapshot) -> bool:
