@@ -4,8 +4,11 @@ Runs in the lab, on its own instance (.lab-bench unless RCOPY_LAB_DIR says other
 sizes for the run. On `primary`: a thin and a thick volume of --size MiB, filled with random data and
 replicated by rcopy to `backup`; a second pair of secondaries on `backup` is kept equal by rsync over
 ssh on the link (`rsync --inplace --no-whole-file --copy-devices --write-devices`, device nodes, not
-the /dev/VG links rsync would skip). Then for each --percent, the same random 4 KiB blocks change on
-both volumes and three copies run one after the other on that one change:
+the /dev/VG links rsync would skip). Then for each --pattern and --percent, the same blocks change on
+both volumes and three copies run one after the other on that one change. `random`: 4 KiB blocks
+anywhere, the worst case for a thin volume (the pool's metadata tracks 64 KiB chunks, the smallest
+dm-thin allows, and 1 % of blocks at random touch ~15 % of them); `clustered`: as many blocks, written
+as whole 64 KiB chunks (the metadata then marks exactly what changed):
 
     rcopy     `rcopy sync g --wait`          (only what changed, found from LVM metadata)
     rsync     rsync of both volumes           (reads both sides whole, sends what differs)
@@ -16,7 +19,7 @@ bytes on the link (the primary's link interface, both directions), external comm
 own counter; rsync: one process a side), bytes changed, and whether every copy hash-equals its source.
 Figures drift under TCG: compare the rows of one run, not runs with each other.
 
-    scripts/bench e2e [--size MIB] [--percent 1,10,50] [--seed N]
+    scripts/bench e2e [--size MIB] [--percent 1,10,50] [--pattern random,clustered] [--seed N]
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ sys.path[:0] = [TOP, os.path.join(TOP, "scripts")]   # rcopy, tests.lab; rcopyla
 
 VG, PVS = "bench", ("/dev/vdb", "/dev/vdc")
 VOLS = ("bthin", "bthick")
+RUNS = {"random": 1, "clustered": 16}      # 4 KiB blocks written together, aligned on their count
 
 SETUP = """
 sh("pvcreate", "-qq", "-y", "-ff", *{pvs!r})
@@ -49,11 +53,13 @@ OUT["dev"] = {{n: os.path.realpath(f"/dev/{vg}/" + n) for n in ("bthin", "bthick
 CHANGE = """
 import random
 rnd = random.Random({seed})
+n, run = {mib} * 256, {run}
+count = max(1, n * {percent} // 100)
 for v in ("bthin", "bthick"):
-    n = {mib} * 256
-    idx = rnd.sample(range(n), max(1, n * {percent} // 100))
-    write_blocks("/dev/{vg}/" + v, {{i: rnd.randbytes(BLOCK) for i in idx}})
-OUT["blocks"] = max(1, {mib} * 256 * {percent} // 100)
+    # `run` blocks at a time, aligned on `run`: 1 (random 4 KiB blocks) or 16 (whole 64 KiB thin chunks)
+    starts = rnd.sample(range(0, n, run), max(1, count // run))
+    write_blocks("/dev/{vg}/" + v, {{s + i: rnd.randbytes(BLOCK) for s in starts for i in range(run)}})
+OUT["blocks"] = max(1, count // run) * run
 """
 
 COUNTERS = r"""
@@ -72,9 +78,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench e2e", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=512, help="MiB per volume (default 512)")
     ap.add_argument("--percent", default="1,10,50", help="percentages of 4 KiB blocks changed (default 1,10,50)")
+    ap.add_argument("--pattern", default="random",
+                    help="random (4 KiB blocks anywhere), clustered (whole 64 KiB chunks, the thin pool's "
+                         "block), or both comma separated (default random)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args(argv)
     percents = [int(p) for p in args.percent.split(",") if p.strip()]
+    patterns = [p.strip() for p in args.pattern.split(",") if p.strip()]
+    if not patterns or any(p not in RUNS for p in patterns):
+        ap.error(f"--pattern: one or more of {', '.join(RUNS)}")
     mib = args.size
     # A thin pool must hold its volume about twice and stay under rcopy's 80% guard: a full resync
     # rewrites every block while R (backup) keeps the old ones, and 10% of 4 KiB blocks changed at random
@@ -125,7 +137,7 @@ def main(argv=None) -> int:
         sectors, link = sh("primary", COUNTERS).split()     # mawk's %d stops at 2^31: sectors, not bytes
         return int(sectors) * 512, int(link)
 
-    def measure(method, percent, blocks, run):
+    def measure(method, percent, pattern, blocks, run):
         sh("primary", DROP)
         sh("backup", DROP)
         r0, l0 = counters()
@@ -135,7 +147,7 @@ def main(argv=None) -> int:
         r1, l1 = counters()
         src = {v: sh("primary", f"sha256sum {dev_p[v]}").split()[0] for v in VOLS}
         dst = {v: sh("backup", f"sha256sum {dev_b[('r' + v[1:]) if method == 'rsync' else v]}").split()[0] for v in VOLS}
-        row = {"bench": "e2e", "method": method, "percent": percent, "volume_mib": mib,
+        row = {"bench": "e2e", "method": method, "percent": percent, "pattern": pattern, "volume_mib": mib,
                "bytes_changed": 2 * blocks * 4096, "seconds": round(wall, 2), "primary_bytes_read": r1 - r0,
                "link_bytes": l1 - l0, "equal": src == dst, **extra}
         print(json.dumps(row), flush=True)
@@ -156,14 +168,16 @@ def main(argv=None) -> int:
         return {"commands_primary": 1, "commands_backup": 1}
 
     rows = []
-    for p in percents:
-        blocks = run_guest(lab, CHANGE.format(seed=args.seed + p, mib=mib, percent=p, vg=VG), "primary")["blocks"]
-        rows.append(measure("rcopy", p, blocks, rcopy_sync()))
-        rows.append(measure("rsync", p, blocks, rsync_both))
-        rows.append(measure("full", p, blocks, rcopy_sync("--full")))
-    say(f"{'percent':>7} {'method':>6} {'seconds':>8} {'read MiB':>9} {'link MiB':>9} {'cmds P/B':>9} equal")
+    for pat in patterns:
+        for p in percents:
+            change = CHANGE.format(seed=args.seed + p, mib=mib, percent=p, vg=VG, run=RUNS[pat])
+            blocks = run_guest(lab, change, "primary")["blocks"]
+            rows.append(measure("rcopy", p, pat, blocks, rcopy_sync()))
+            rows.append(measure("rsync", p, pat, blocks, rsync_both))
+            rows.append(measure("full", p, pat, blocks, rcopy_sync("--full")))
+    say(f"{'percent':>7} {'pattern':>9} {'method':>6} {'seconds':>8} {'read MiB':>9} {'link MiB':>9} {'cmds P/B':>9} equal")
     for r in rows:
-        say(f"{r['percent']:>7} {r['method']:>6} {r['seconds']:>8} {r['primary_bytes_read'] / 2**20:>9.1f} "
+        say(f"{r['percent']:>7} {r['pattern']:>9} {r['method']:>6} {r['seconds']:>8} {r['primary_bytes_read'] / 2**20:>9.1f} "
             f"{r['link_bytes'] / 2**20:>9.1f} {str(r.get('commands_primary')) + '/' + str(r.get('commands_backup')):>9} "
             f"{r['equal']}")
     if not os.environ.get("RCOPY_LAB_KEEP"):
