@@ -65,6 +65,14 @@ class CowSnapshotter(LvmSnapshotter):
                 raise NoSpace(f"VG {vg} has {free[vg] // MIB} MiB free but its snapshots for this sync need "
                               f"{bytes_ // MIB} MiB: extend the VG (vgextend) or free space, then retry")
 
+    def _half_made(self, origin: lvm.LV, lv: lvm.LV) -> bool:
+        """``lvcreate -s`` commits the COW store as a plain LV under the snapshot's name, wipes its
+        header, then commits it again as the snapshot: stopped in between (power cut, SIGKILL) it
+        leaves that plain LV. Only one exactly so is taken for it: linear, not open, not tagged, of
+        the size rcopy asks for that snapshot (cow_size); anything else under the name is refused."""
+        return (lv.segtype == "linear" and lv.attr[:1] == "-" and not lv.origin and not lv.open
+                and not lv.tags and lv.size == self.cow_size(origin, lv.name))
+
     def _size(self, origin: lvm.LV, name: str) -> int:
         return self.cow_size(origin, name)
 

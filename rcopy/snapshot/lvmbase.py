@@ -45,6 +45,11 @@ class LvmSnapshotter:
     def _check_space(self, origins: list[lvm.LV], names: list[str]) -> None:
         """Hook: raise NoSpace, with the numbers, when the snapshots cannot be held."""
 
+    def _half_made(self, origin: lvm.LV, lv: lvm.LV) -> bool:
+        """Hook: ``lv``, under the name of a snapshot of ``origin`` this cut is about to take but not
+        one, is what an interrupted ``lvcreate -s`` of it left behind (safe to remove)."""
+        return False
+
     # -- Snapshotter -------------------------------------------------------------------------------
     def origin(self, path: str) -> lvm.LV:
         lv = lvm.by_path(path)
@@ -105,8 +110,11 @@ class LvmSnapshotter:
             if lv is None:
                 continue
             if not self._is_ours(lv) or lv.origin not in (o.name, ""):
-                self._foreign(o, name)
-            log.warning("removing %s: left by an interrupted cut, not consistent with the new one", lv.full_name)
+                if not self._half_made(o, lv):
+                    self._foreign(o, name)
+                log.warning("removing %s: the COW store an interrupted lvcreate of that snapshot left", lv.full_name)
+            else:
+                log.warning("removing %s: left by an interrupted cut, not consistent with the new one", lv.full_name)
             stale.append((lv.vg, lv.name))
         lvm.remove_all(stale)
         self._check_space(origins, names)

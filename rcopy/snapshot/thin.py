@@ -19,21 +19,19 @@ LVM already knows:
 
 HAZARD: a crash between ``delete ID`` and ``create_snap ID`` (two consecutive ioctls) leaves an LV whose
 thin device is gone; it cannot be activated and ``lvremove`` of it must be forced. SIGTERM and SIGINT
-are held back across the pair (SIGKILL cannot be). Changes between two thin snapshots come from the
-pool metadata (rcopy.changes.thin).
+are held back across the pair (rcopy.sys.interrupts; SIGKILL cannot be). Changes between two thin
+snapshots come from the pool metadata (rcopy.changes.thin).
 """
 from __future__ import annotations
 
 import os
-import signal
 
 from rcopy.errors import NoSpace
 from rcopy.ports import Snapshot
 from rcopy.snapshot.cut import CutPart
 from rcopy.snapshot.lvmbase import LvmSnapshotter
-from rcopy.sys import dmsetup, lvm
+from rcopy.sys import dmsetup, interrupts, lvm
 
-_HELD = {signal.SIGTERM, signal.SIGINT}
 
 
 def pool_device(vg: str, pool: str) -> str:
@@ -80,12 +78,9 @@ class ThinSnapshotter(LvmSnapshotter):
         def take() -> None:
             for o, lv in zip(origins, made):
                 pool = pools[(o.vg, o.pool)]
-                old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
-                try:
+                with interrupts.deferred():
                     dmsetup.message(pool, f"delete {lv.thin_id}")
                     dmsetup.message(pool, f"create_snap {lv.thin_id} {o.thin_id}")
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
         def finish() -> list[Snapshot]:
             return self._finished(origins, names, lvm.activate_all(made))

@@ -18,7 +18,7 @@ import threading
 
 from rcopy.errors import AlreadyExists, NotFound, Refused, ToolError
 from rcopy.poll import until
-from rcopy.sys import lvm_shell
+from rcopy.sys import interrupts, lvm_shell
 from rcopy.sys.run import Result, describe, run
 
 LVM_CONFIG = "devices { ignore_suspended_devices = 1 scan_lvs = 0 }"
@@ -155,21 +155,24 @@ def parse_lvs_json(text: str) -> list[LV]:
 def _lvm(*args, check=True, timeout=TIMEOUT) -> Result:
     """Run one LVM command: in this process's lvm shell when it runs (rcopy.sys.lvm_shell), else as a
     process. Either way the Result is the same: exit code, report JSON on stdout, errors on stderr."""
-    if args[0] not in ("lvs", "vgs"):
+    report = args[0] in ("lvs", "vgs")
+    if not report:
         _Reports.changed()
     argv = ("lvm", args[0], "--config", LVM_CONFIG, *args[1:])
     try:
         text = lvm_shell.line(argv[1:])
         shell = lvm_shell.get() if text is not None else None
-        try:
-            res = shell.run(argv, text, timeout) if shell else run(argv, timeout=timeout)
-        except lvm_shell.ShellUnavailable as e:
-            raise LvmError(f"{' '.join(argv)}: {e}") from None
+        # a command that changes something runs to its end: SIGTERM waits for it (rcopy.sys.interrupts)
+        with contextlib.nullcontext() if report else interrupts.deferred():
+            try:
+                res = shell.run(argv, text, timeout) if shell else run(argv, timeout=timeout)
+            except lvm_shell.ShellUnavailable as e:
+                raise LvmError(f"{' '.join(argv)}: {e}") from None
         if check and not res.ok:
             raise LvmError(describe(res))
         return res
     finally:
-        if args[0] not in ("lvs", "vgs"):
+        if not report:
             _Reports.changed()
 
 

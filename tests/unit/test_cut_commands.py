@@ -110,3 +110,68 @@ def test_an_idle_cut_is_one_lvcreate_per_volume_and_nothing_else(fake):
     assert [shlex.join(c[1:]) for c in f.log[1:3]] == ["-qq -s -kn -n rcopy.g.t1.R1 vg0/t1",
                                                        "-qq -s -kn -n rcopy.g.t2.R1 vg0/t2"]
     assert "-L" in f.log[3] and f.log[3][-3:] == ("-n", "rcopy.g.c1.R1", "vg0/c1")
+
+
+def _cow_store(f, name, size):
+    """What ``lvcreate -s`` stopped between its two commits leaves: a plain LV under the snapshot's name."""
+    f.rows[name] = f._row(name, segtype="linear", lv_attr="-wi-a-----", pool_lv="", thin_id="", lv_size=str(size))
+
+
+def _cow_size(name):
+    from rcopy.sys.lvm import parse_lvs_json
+    (o,) = parse_lvs_json(json.dumps({"report": [{"lv": [FakeLvm._row("c1", segtype="linear", lv_attr="-wi-a-----",
+                                                                       pool_lv="", thin_id="")]}]}))
+    return CowSnapshotter().cow_size(o, name)
+
+
+@pytest.mark.parametrize("name", ["rcopy.g.c1.P2", "rcopy.g.c1.R1"])
+def test_the_cow_store_an_interrupted_lvcreate_left_is_removed_and_the_snapshot_taken(fake, name):
+    """Found by the fault campaign (term-primary): the next sync refused the group until someone
+    removed the LV by hand."""
+    f = fake(0, 1)
+    _cow_store(f, name, _cow_size(name))
+    with lvm.reports():
+        (snap,) = cut.take([(CowSnapshotter(), [("/dev/vg0/c1", name)])], reuse=False, idle=name.endswith("R1"))
+    removes = [c for c in f.log if c[0] == "lvremove"]
+    assert removes == [("lvremove", "-qq", "-f", f"vg0/{name}")] and snap.path == f"/dev/vg0/{name}"
+    assert f.log.index(removes[0]) < max(i for i, c in enumerate(f.log) if c[0] == "lvcreate")
+
+
+@pytest.mark.parametrize("what", ["size", "open", "tags", "thin"])
+def test_an_lv_under_a_snapshot_name_that_is_not_such_a_cow_store_is_refused_not_removed(fake, what):
+    from rcopy.errors import Refused
+    f = fake(0, 1)
+    name = "rcopy.g.c1.P2"
+    _cow_store(f, name, _cow_size(name) + (4 << 20 if what == "size" else 0))
+    f.rows[name].update({"open": {"lv_device_open": "1"}, "tags": {"lv_tags": "mine"},
+                         "thin": {"segtype": "thin", "lv_attr": "Vwi-a-tz--"}}.get(what, {}))
+    with lvm.reports(), pytest.raises(Refused, match=f"{name} exists and is not a thick"):
+        cut.take([(CowSnapshotter(), [("/dev/vg0/c1", name)])], reuse=False)
+    assert not [c for c in f.log if c[0] in ("lvremove", "lvcreate")]
+
+
+def test_sigterm_during_an_lvm_command_lets_it_finish_then_unwinds(fake, monkeypatch):
+    """SIGTERM unwinds rcopy like Ctrl-C; raised mid-lvcreate it used to kill LVM between its commits."""
+    import os
+    import signal
+    f = fake(0, 1)
+    done = []
+    plain = f.run
+
+    def slow(argv, timeout=None, **k):
+        if argv[1] == "lvcreate":
+            os.kill(os.getpid(), signal.SIGTERM)           # arrives while LVM works
+            done.append(argv[1])
+        return plain(argv, timeout, **k)
+    monkeypatch.setattr(lvm, "run", slow)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with lvm.reports(), pytest.raises(KeyboardInterrupt):
+            lvm.snapshot_now("vg0", "c1", "rcopy.g.c1.P2", size=8 << 20)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert done == ["lvcreate"] and "rcopy.g.c1.P2" in f.rows        # the command ran to its end first
+    assert signal.getsignal(signal.SIGTERM) is old
