@@ -108,3 +108,36 @@ def test_thin_metadata_snapshot_is_always_released(clean_lab):
     assert out["ok"] and out["stale_ok"]
     assert "thin_delta" in out["error"]
     assert out["held_after_ok"] is None and out["held_after_error"] is None and out["held_after_stale"] is None
+
+
+HALF_MADE = """
+from rcopy.snapshot.cow import CowSnapshotter
+from rcopy.sys import lvm
+v = volume("cow", "vol", 8)
+s = CowSnapshotter()
+size = s.cow_size(lvm.by_path(v), "rcopy.g.vol.P2")
+# what lvcreate -s leaves when stopped between its two metadata commits: its COW store, a plain LV
+sh("lvcreate", "-qq", "-y", "-Wy", "-Zy", "-L", f"{size // 1024}k", "-n", "rcopy.g.vol.P2", VG)
+left = lvm.get(VG, "rcopy.g.vol.P2")
+OUT["left"] = [left.segtype, left.attr[:1], left.size == size]
+(snap,) = s.cut([(v, "rcopy.g.vol.P2")])
+now = lvm.get(VG, "rcopy.g.vol.P2")
+OUT["taken"] = [now.is_cow_snapshot, now.origin, s.valid(snap)]
+# the same name on an LV of another size is somebody's: refused, kept
+sh("lvcreate", "-qq", "-y", "-Wy", "-Zy", "-L", f"{size // 1024 + 4096}k", "-n", "rcopy.g.vol.P3", VG)
+try:
+    s.cut([(v, "rcopy.g.vol.P3")])
+    OUT["other"] = "taken"
+except Exception as e:
+    OUT["other"] = type(e).__name__
+OUT["kept"] = lvm.get(VG, "rcopy.g.vol.P3") is not None
+"""
+
+
+def test_what_an_interrupted_thick_snapshot_left_is_cleared_by_the_next_cut(clean_lab):
+    """Found by the fault campaign (seed 1201, term-primary): a sync killed inside ``lvcreate -s`` left
+    the snapshot's COW store as a plain LV, and every later sync refused the group."""
+    out = run_guest(clean_lab, HALF_MADE)
+    assert out["left"] == ["linear", "-", True]
+    assert out["taken"] == [True, "vol", True]
+    assert out["other"] == "Refused" and out["kept"]
