@@ -33,7 +33,6 @@ from rcopy.snapshot.lvmbase import LvmSnapshotter
 from rcopy.sys import dmsetup, interrupts, lvm
 
 
-
 def pool_device(vg: str, pool: str) -> str:
     """The dm device that takes pool messages: VG-POOL-tpool (or VG-POOL for a pool alone). Its node
     in /dev/mapper says which exists, without running dmsetup."""
