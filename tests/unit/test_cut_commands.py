@@ -1,7 +1,7 @@
 """What a group cut costs in LVM commands: LVM makes one LV per lvcreate, and nothing else may grow with
 the volume count (each lvs read back, each activation ~0.25-1 s in the lab: an eight-volume thin group
-spent 19 s in its cut on them). A fake lvm process answers from a fake VG; the real rcopy.sys.lvm, its
-report cache and both snapshotters run on it."""
+spent 19 s in its cut on them); and what a cut makes of an interrupted one. A fake lvm process answers
+from a fake VG; the real rcopy.sys.lvm, its report cache and both snapshotters run on it."""
 import json
 import shlex
 
