@@ -306,12 +306,7 @@ def create_thin_snapshot(vg: str, origin: str, name: str, *, active: bool = True
     """Thin snapshot VG/NAME of VG/ORIGIN. Idempotent. With ``active`` (the default) activation skip
     is cleared and it is activated; otherwise it stays inactive with activation skip set, LVM's
     default, which the group cut needs (rcopy.snapshot.thin re-takes it at the cut instant)."""
-    check_name(name)
-    lv = get(vg, name)
-    if lv is None:
-        _lvm("lvcreate", "-qq", "-s", "-ky", "-n", name, f"{vg}/{origin}")
-        lv = require(vg, name)
-    _same_snapshot(lv, origin)
+    (lv,) = create_thin_snapshots([(vg, origin, name)])
     return activate(lv) if active else lv
 
 
@@ -345,10 +340,9 @@ def snapshot_now(vg: str, origin: str, name: str, *, size: int = 0) -> str:
 
 def create_cow_snapshot(vg: str, origin: str, name: str, size: int) -> LV:
     """Classic dm-snapshot VG/NAME of VG/ORIGIN with a COW store of ``size`` bytes. Idempotent."""
-    check_name(name)
-    lv = get(vg, name)
+    lv = get(vg, check_name(name))
     if lv is None:
-        _lvm("lvcreate", "-qq", "-s", "-L", f"{-(-int(size) // 1024)}k", "-n", name, f"{vg}/{origin}")
+        snapshot_now(vg, origin, name, size=size)
         lv = require(vg, name)
     _same_snapshot(lv, origin)
     return lv
@@ -396,7 +390,7 @@ def activate(lv: LV) -> LV:
     """Clear activation skip and activate (thin snapshots default to skip); no-op when already so."""
     if not lv.skip_activation and lv.active:
         return lv
-    _lvm("lvchange", *(("-kn",) if lv.skip_activation else ()), "-ay", lv.full_name)
+    activate_all([lv])
     return require(lv.vg, lv.name)
 
 
