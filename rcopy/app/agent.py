@@ -412,8 +412,8 @@ class Agent:
                 # An existing complete R(n) is kept (reuse): a leftover of a failed begin, taken when the
                 # secondary already read as sync point n; deleting it could lose the only copy.
                 self.cut([(v.backend, v.local, snapshot_name(g.name, v.name, "R", g.generation)) for v in synced],
-                         idle=True)                     # read-only until the protect below: nobody writes
-                held = backends.protect(pairs, writable=True, known=known)
+                         idle=True)                     # read-only until open_for_sync below: nobody writes
+                held = backends.open_for_sync(pairs, known=known)
                 export = self.exporter({vols[r].name: r for r in remotes}, bind, client_cert, granule,
                                        links=tuple(links), peers=self._peer_links(g), unmap=unmap)
         except Exception:

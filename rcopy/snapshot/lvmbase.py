@@ -150,12 +150,19 @@ class LvmSnapshotter:
         if lv is None:
             log.info("rollback of %s: snapshot already gone (merged before)", snap.name)
             return
+        # LVM refuses to merge a classic snapshot into an origin read-only in its metadata (a
+        # secondary always is, rcopy.backends.open_for_sync): writable for the merge, read-only again after
+        was_read_only = lv.is_cow_snapshot and not lv.merging and o.attr[1:2] != "w"
         if not lv.merging:
             # An export of a killed agent lets go a moment after it (nbdkit --exit-with-parent): wait
             # for that rather than mark a secondary failed that a few seconds would have rolled back.
             if o.open and not dmsetup.wait_closed(o.dm_name, CLOSE_WAIT):
                 raise Busy(f"cannot roll back {o.path} to {snap.name}: the volume is open; close it "
                            f"(unmount, stop its export) and retry")
+            if was_read_only:
+                (o,) = lvm.set_access([o], writable=True)
             lvm.merge(o.vg, snap.name)
         lvm.wait_merged(o.vg, snap.name)
+        if was_read_only:
+            lvm.set_access([o], writable=False)
         udev.wait_for(o.path)

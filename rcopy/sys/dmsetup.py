@@ -1,5 +1,5 @@
-"""device-mapper wrapper: suspend, resume and message through the control device (rcopy.sys.dm_ioctl:
-no process per call), table, status and info through dmsetup.
+"""device-mapper wrapper: suspend, resume, message and a table's mode through the control device
+(rcopy.sys.dm_ioctl: no process per call), table, status and info through dmsetup.
 
 The only module that drives device-mapper. Table and status lines are parsed into :class:`Line` values;
 the targets rcopy reads (snapshot, snapshot-merge, thin-pool) get typed status parsers that follow the
@@ -14,6 +14,7 @@ import os
 
 from rcopy.errors import NotFound, ToolError
 from rcopy.poll import until
+from rcopy.sys import interrupts
 from rcopy.sys.run import Result, describe, run
 
 TIMEOUT = 60.0
@@ -192,6 +193,28 @@ def open_count(name: str) -> int:
     """How many openers NAME has right now (no process started)."""
     from rcopy.sys import dm_ioctl
     return _ioctl(name, "status", dm_ioctl.open_count)
+
+
+def set_writable(name: str, writable: bool, *, hidden: bool = False) -> int | None:
+    """Reload NAME's live table, unchanged but in the other mode, when it is not in ``writable``'s
+    already; returns the device's number if it changed (for ``udev.dm_events_processed``), else None.
+    The swap suspends the device for its moment (flushing what is in flight) and sets the kernel's
+    read-only flag, which refuses writers from then on. The resume's udev event carries the flags
+    LVM's activation gives the device (``hidden``: an LVM layer such as ``-real``, no /dev/VG link),
+    so udev's rules put back the links the read-only flag's own event took away."""
+    from rcopy.sys import dm_ioctl
+    readonly, devno = _ioctl(name, "status", dm_ioctl.mode)
+    if readonly != writable:
+        return None
+    flags = dm_ioctl.UDEV_PRIMARY_SOURCE | dm_ioctl.UDEV_DISABLE_LIBRARY_FALLBACK
+    if hidden:
+        flags |= (dm_ioctl.UDEV_DISABLE_SUBSYSTEM_RULES | dm_ioctl.UDEV_DISABLE_DISK_RULES
+                  | dm_ioctl.UDEV_DISABLE_OTHER_RULES)
+    targets = _ioctl(name, "table", dm_ioctl.table)
+    with interrupts.deferred():          # not a loaded table left waiting for a resume that never came
+        _ioctl(name, "table load", dm_ioctl.load, targets, readonly=not writable)
+        _ioctl(name, "resume", dm_ioctl.resume, udev_flags=flags)
+    return devno
 
 
 def wait_closed(name: str, seconds: float, poll: float = 0.2) -> bool:

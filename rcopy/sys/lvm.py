@@ -103,6 +103,19 @@ def dm_name(vg: str, lv: str, layer: str | None = None) -> str:
     return "-".join(parts)
 
 
+def dm_layers(lv: LV) -> list[str] | None:
+    """The device-mapper devices that must all take writes for ``lv`` to, lowest first: a thin LV is one
+    device; a linear or striped LV one, under which LVM puts a ``-real`` layer while it is the origin of
+    classic snapshots (LVM gives both the LV's permission; a caller skips the layer when it is not there:
+    a report read before a snapshot was taken would not say). None for other segment types, whose
+    stacks LVM alone knows."""
+    if lv.is_thin:
+        return [lv.dm_name]
+    if lv.segtype in ("linear", "striped") and not lv.is_cow_snapshot:
+        return [dm_name(lv.vg, lv.name, "real"), lv.dm_name]
+    return None
+
+
 def check_name(name: str) -> str:
     """LV names: [A-Za-z0-9+_.-], not starting with '-' (lvm(8) 'VALID NAMES'); refuse anything else."""
     if not NAME_RE.match(name) or name in (".", "..") or len(name) > 127:

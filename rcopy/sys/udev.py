@@ -6,9 +6,12 @@ pyudev object (blivet's ``device_to_dict`` habit).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import stat
+import time
 
 import pyudev
 
@@ -16,6 +19,8 @@ from rcopy.errors import DeviceError, NotFound
 from rcopy.poll import until
 from rcopy.sys.nodes import SECTOR, read_int
 
+log = logging.getLogger("rcopy")
+UDEV_CONTROL = "/run/udev/control"          # systemd-udevd's control socket: udev is running
 
 
 class DeviceNotFound(NotFound):
@@ -131,3 +136,32 @@ def watch_block(on_event) -> "pyudev.MonitorObserver":
                                       name="udev-watch", daemon=True)
     observer.start()
     return observer
+
+
+@contextlib.contextmanager
+def dm_events_processed(*, wait: bool = True, timeout: float = 15.0):
+    """Yield ``expect(devno)``; on leaving the block (normally), wait until udev has processed, for each
+    device expected, a device-mapper 'change' carrying a cookie (``DM_COOKIE``, rcopy.sys.dm_ioctl's
+    resume). libdevmapper waits the same way on a semaphore; without the wait a read-only flip would
+    return while udev still had LVM's /dev/VG/LV link removed, and a writer to that path meanwhile
+    would create a plain file in its place. ``wait=False``, or no udev daemon running (a container: no
+    /run/udev/control): no wait. Past ``timeout``, a warning and no more wait."""
+    pending: set[int] = set()
+    monitor = None
+    if wait and os.path.exists(UDEV_CONTROL):
+        try:
+            monitor = pyudev.Monitor.from_netlink(_context())
+            monitor.filter_by("block")
+            monitor.start()
+        except (OSError, ValueError) as e:
+            log.warning("no udev monitor (%s): not waiting for device-mapper events", e)
+            monitor = None
+    yield pending.add
+    deadline = time.monotonic() + timeout
+    while monitor is not None and pending and (left := deadline - time.monotonic()) > 0:
+        dev = monitor.poll(timeout=left)
+        if dev is not None and dev.action == "change" and dev.properties.get("DM_COOKIE"):
+            pending.discard(dev.device_number)
+    if pending and monitor is not None:
+        log.warning("udev did not report %d device-mapper change(s) within %.0f s: their /dev links may lag",
+                    len(pending), timeout)

@@ -141,3 +141,74 @@ def test_what_an_interrupted_thick_snapshot_left_is_cleared_by_the_next_cut(clea
     assert out["left"] == ["linear", "-", True]
     assert out["taken"] == [True, "vol", True]
     assert out["other"] == "Refused" and out["kept"]
+
+
+SYNC_WINDOW = """
+from rcopy import backends
+from rcopy.snapshot.cow import CowSnapshotter
+from rcopy.snapshot.thin import ThinSnapshotter
+from rcopy.sys import lvm
+vols = {"thin": volume("thin", "tv", 8), "cow": volume("cow", "kv", 8)}
+snappers = {"thin": ThinSnapshotter(), "cow": CowSnapshotter()}
+pairs = [(k, p) for k, p in vols.items()]
+backends.protect(pairs, writable=False)                 # as admitted: read-only in LVM's metadata
+snaps = {k: snappers[k].cut([(p, k + "R")])[0] for k, p in vols.items()}   # the begin's rollback points
+
+def digest(p):
+    import hashlib
+    with open(p, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+held_data = [digest(p) for p in vols.values()]
+
+def links():
+    return all(os.path.islink(p) and os.path.realpath(p).startswith("/dev/dm-") for p in vols.values())
+
+def writes(p):
+    try:
+        write_blocks(p, {3: os.urandom(BLOCK)})
+        return True
+    except OSError:
+        return False
+
+def lvm_perm():
+    return sorted(lvm.by_path(p).attr[1] for p in vols.values())
+
+OUT["before"] = [writes(p) for p in vols.values()]
+held = backends.open_for_sync(pairs)
+OUT["open"] = [writes(p) for p in vols.values()] + [links()]
+lvm._Reports.changed()
+OUT["open_lvm"] = lvm_perm()
+# what a crash of the backup mid-sync leaves: LVM re-activates (here: refreshes) from its metadata
+sh("lvchange", "-qq", "--refresh", *[lvm.by_path(p).full_name for p in vols.values()])
+sh("udevadm", "settle")
+OUT["after_refresh"] = [writes(p) for p in vols.values()]
+# a rollback into the read-only origins (LVM refuses a classic merge into one: rcopy lifts it for the merge)
+backends.open_for_sync(pairs)
+for k, p in vols.items():
+    snappers[k].rollback(snaps[k])
+lvm._Reports.changed()
+OUT["rolled_back_lvm"] = lvm_perm()
+OUT["rolled_back_gone"] = [lvm.get(VG, k + "R") is None for k in vols]
+OUT["rolled_back_data"] = [digest(p) for p in vols.values()] == held_data
+backends.open_for_sync(pairs)
+backends.protect(pairs, writable=False, group="g", mark="rcopy:g:2:x")
+OUT["closed"] = [writes(p) for p in vols.values()] + [links()]
+lvm._Reports.changed()
+OUT["tags"] = sorted(t for p in vols.values() for t in lvm.by_path(p).tags)
+"""
+
+
+def test_a_sync_writes_the_secondaries_while_lvm_keeps_them_read_only(clean_lab):
+    """Issue 15: the begin no longer runs ``lvchange -p rw`` nor the tidy-up ``-p r`` (each ~1.2 s per
+    secondary here); only the live tables open and close. LVM's metadata never says writable, so a
+    re-activation after a crash finds the secondaries read-only; a rollback still merges (a classic
+    one needs LVM's permission lifted for the merge); the /dev/VG/LV links survive every flip."""
+    out = run_guest(clean_lab, SYNC_WINDOW)
+    assert out["before"] == [False, False]
+    assert out["open"] == [True, True, True] and out["open_lvm"] == ["r", "r"]
+    assert out["after_refresh"] == [False, False]
+    assert out["rolled_back_lvm"] == ["r", "r"] and out["rolled_back_gone"] == [True, True]
+    assert out["rolled_back_data"]
+    assert out["closed"] == [False, False, True]
+    assert out["tags"] == ["rcopy:g:2:x", "rcopy:g:2:x"]

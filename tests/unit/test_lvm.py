@@ -1,4 +1,5 @@
 """LVM report parsing and naming rules."""
+import contextlib
 import json
 
 import pytest
@@ -162,23 +163,86 @@ def test_create_secondary_refuses_with_the_reason_and_creates_nothing(monkeypatc
     assert fake.made == []
 
 
-def test_protect_from_what_an_earlier_protect_left_reads_no_report_and_flips_the_permission(monkeypatch):
-    """The agent's commit makes the secondaries read-only from what its begin's protect returned
-    (no lvs after its lvremove): the LVs it hands back must say rw, or the commit would skip them."""
+def _secondaries(monkeypatch):
+    """A thin, a linear, a striped and a raid1 secondary, read-only in LVM; what lvm and dmsetup were
+    asked (no report beyond the first read, no device touched)."""
+    from rcopy.sys import dmsetup, udev
+    rows = {}
+    for name, attr, seg in (("thin", "Vri-a-tz--", "thin"), ("lin", "-ri-a-----", "linear"),
+                            ("str", "-ri-a-----", "striped"), ("mir", "rri-a-r---", "raid1")):
+        (lv,) = lvm.parse_lvs_json(_report(lv_name=name, lv_path=f"/dev/vg0/{name}", lv_attr=attr, segtype=seg,
+                                           lv_tags="rcopy:g:1:aa", pool_lv="pool" if seg == "thin" else "",
+                                           thin_id="1" if seg == "thin" else ""))
+        rows[lv.path] = lv
+    seen = {"asked": [], "ran": [], "dm": [], "udev": []}
+    monkeypatch.setattr(lvm, "by_path", lambda p: seen["asked"].append(p) or rows[p])
+    monkeypatch.setattr(lvm, "_lvm", lambda *a, **k: seen["ran"].append(a))
+
+    def set_writable(name, writable, hidden=False):
+        if name == "vg0-lin-real":              # not an origin of classic snapshots: no such layer
+            raise dmsetup.DmNotFound(name=name)
+        seen["dm"].append((name, writable, hidden))
+        return 1
+    monkeypatch.setattr(dmsetup, "set_writable", set_writable)
+
+    @contextlib.contextmanager
+    def processed(wait=True):             # what udev would be waited for, and whether
+        got = []
+        yield got.append
+        seen["udev"].append((wait, len(got)))
+    monkeypatch.setattr(udev, "dm_events_processed", processed)
+    return [("thin", "/dev/vg0/thin"), ("cow", "/dev/vg0/lin"), ("cow", "/dev/vg0/str"), ("cow", "/dev/vg0/mir")], seen
+
+
+def test_a_sync_opens_the_secondaries_live_tables_and_leaves_lvm_read_only(monkeypatch):
+    """Issue 15: no lvchange -p rw / -p r per sync (~1.2 s per LV each way in the lab). The tables LVM
+    knows the stack of are reloaded read-write, lowest layer first; a raid1 one goes through LVM; the
+    tidy-up after the commit re-tags with one lvchange and reloads the tables read-only, top first,
+    from what the begin returned (no report)."""
     from rcopy import backends
-    rows = {lv.path: lv for lv in lvm.parse_lvs_json(_report(lv_attr="Vri-a-tz--", lv_tags="rcopy:g:1:aa"))}
-    ran, asked = [], []
-    monkeypatch.setattr(lvm, "by_path", lambda p: asked.append(p) or rows[p])
-    monkeypatch.setattr(lvm, "_lvm", lambda *a, **k: ran.append(a))
-    pairs = [("thin", "/dev/vg0/data")]
+    pairs, seen = _secondaries(monkeypatch)
     known = backends.resolve(pairs)
-    held = backends.protect(pairs, writable=True, known=known)
-    assert asked == ["/dev/vg0/data"] and ran == [("lvchange", "-qq", "-p", "rw", "vg0/data")]
-    assert held["/dev/vg0/data"].attr[1] == "w"
+    held = backends.open_for_sync(pairs, known=known)
+    assert seen["ran"] == [("lvchange", "-qq", "-p", "rw", "vg0/mir")]
+    assert seen["dm"] == [("vg0-thin", True, False), ("vg0-lin", True, False),
+                          ("vg0-str-real", True, True), ("vg0-str", True, False)]
+    assert [held[p].attr[1] for _, p in pairs] == ["r", "r", "r", "w"]     # as LVM now has them
+    seen["dm"].clear()
     backends.protect(pairs, writable=False, group="g", mark="rcopy:g:2:bb", known=held)
-    assert asked == ["/dev/vg0/data"]                     # still the one report read before the change
-    assert ran[1] == ("lvchange", "-qq", "-p", "r", "--deltag", "rcopy:g:1:aa", "--addtag", "rcopy:g:2:bb",
-                      "vg0/data")
+    assert len(seen["asked"]) == 4                         # still the one report read before the begin
+    assert seen["ran"][1:] == [("lvchange", "-qq", "-p", "r", "--deltag", "rcopy:g:1:aa", "--addtag", "rcopy:g:2:bb",
+                                "vg0/mir"),
+                               ("lvchange", "-qq", "--deltag", "rcopy:g:1:aa", "--addtag", "rcopy:g:2:bb",
+                                "vg0/thin", "vg0/lin", "vg0/str")]
+    assert seen["dm"] == [("vg0-thin", False, False), ("vg0-lin", False, False),
+                          ("vg0-str", False, False), ("vg0-str-real", False, True)]
+    # a read-only flip waits for udev to put the /dev/VG/LV links back; a writable one removes none
+    assert seen["udev"] == [(False, 4), (True, 4)]
+
+
+def test_a_missing_secondary_device_fails_the_open_and_not_the_close(monkeypatch):
+    """An LV whose top device is gone cannot be written by a sync: the begin fails; making it read-only
+    finds nothing to do (its next activation reads LVM's read-only permission)."""
+    from rcopy import backends
+    from rcopy.sys import dmsetup
+    pairs, seen = _secondaries(monkeypatch)
+    monkeypatch.setattr(dmsetup, "set_writable", lambda name, w, hidden=False: (_ for _ in ()).throw(
+        dmsetup.DmNotFound(name=name)))
+    with pytest.raises(dmsetup.DmNotFound):
+        backends.open_for_sync(pairs[:1])
+    backends.protect(pairs[:1], writable=False)
+    assert seen["ran"] == []
+
+
+def test_a_role_change_still_sets_lvms_permission(monkeypatch):
+    """Failover, group removal and dismissal make secondaries writable for good: LVM's permission, one
+    lvchange, and read back from what the change returned."""
+    from rcopy import backends
+    pairs, seen = _secondaries(monkeypatch)
+    held = backends.protect(pairs[:1], writable=True)
+    assert seen["ran"] == [("lvchange", "-qq", "-p", "rw", "vg0/thin")] and held["/dev/vg0/thin"].attr[1] == "w"
+    backends.protect(pairs[:1], writable=False, known=held)
+    assert seen["ran"][1] == ("lvchange", "-qq", "-p", "r", "vg0/thin") and len(seen["asked"]) == 1
 
 
 def test_an_lv_of_a_vg_shared_through_lvmlockd_is_refused_at_admit(monkeypatch, tmp_path):
