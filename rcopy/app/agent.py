@@ -385,6 +385,7 @@ class Agent:
         if fd is None:
             raise Busy(f"group {group} is busy on {self.store.system().name}: another sync is being served")
         self._listen(group)                 # from now: a channel that moves mid-begin waits to be taken
+        held = None
         try:
             if g.pending_generation:
                 self._rollback(g, f"sync point {g.pending_generation} was left in flight")
@@ -418,6 +419,11 @@ class Agent:
                                        links=tuple(links), peers=self._peer_links(g), unmap=unmap)
         except Exception:
             self._unlisten(group)
+            if held is not None:            # opened for a sync that will not come: read-only again
+                try:
+                    backends.protect(pairs, writable=False, known=held)
+                except RcopyError as e:
+                    log.error("group %s: cannot make the secondaries read-only again: %s", group, e)
             self.store.abort_sync(group, "begin failed", state=None)
             self.books.pop(group, None)
             os.close(fd)

@@ -466,3 +466,27 @@ def test_the_backup_answers_digests_of_the_sync_in_flight_only(backup, tmp_path)
         got = list(digest.refine_remote(sec, str(new), cands, lambda s: peer.digests("g", "two", sec, s)))
         assert got == list(scan(sec, str(new), ranges=cands)) == [Extent(4096, 4096), Extent(69632, 4096)]
         peer.abort("g", 2, "two", "test")
+
+
+def test_a_begin_that_fails_after_opening_the_secondaries_makes_them_read_only_again(backup, monkeypatch):
+    """The export failing to start (nbdkit missing, a port clash) must not leave the secondaries
+    writable until some later sync's tidy-up: the begin closes what it opened."""
+    from rcopy import backends
+    from rcopy.app import agent as agent_mod
+    from rcopy.errors import ToolError
+    tmp, sec = backup
+    seen = []
+    monkeypatch.setattr(backends, "open_for_sync", lambda pairs, known=None: seen.append(("open", pairs)) or
+                        {sec: "as opened"})
+    monkeypatch.setattr(backends, "protect", lambda pairs, writable, known=None, **kw:
+                        seen.append(("protect", pairs, writable, known)) or {})
+
+    def no_export(*a, **k):
+        raise ToolError("nbdkit did not start")
+    store = Store(str(tmp / "B"))
+    a = agent_mod.Agent(store, exporter=no_export)
+    with pytest.raises(ToolError):
+        a.op_begin("g", 2, "two", 1, "one", [sec], "127.0.0.1")
+    assert seen == [("open", [("file", sec)]), ("protect", [("file", sec)], False, {sec: "as opened"})]
+    g = store.group("g")
+    assert (g.generation, g.pending_generation) == (1, 0)
