@@ -1,5 +1,6 @@
 """device-mapper wrapper: suspend, resume, message and a table's mode through the control device
-(rcopy.sys.dm_ioctl: no process per call), table, status and info through dmsetup.
+(rcopy.sys.dm_ioctl: no process per call; a table is read back that way too), status and info through
+dmsetup.
 
 The only module that drives device-mapper. Table and status lines are parsed into :class:`Line` values;
 the targets rcopy reads (snapshot, snapshot-merge, thin-pool) get typed status parsers that follow the
@@ -138,10 +139,6 @@ def parse_pool_status(line: Line) -> PoolStatus:
         return PoolStatus(int(a[0]), um, tm, ud, td, held, a[4])
     except ValueError:
         raise DmError(f"unexpected thin-pool status: {' '.join(a)!r}") from None
-
-
-def table(name: str) -> list[Line]:
-    return parse_lines(_checked(name, _dm("table", name, check=False)).stdout)
 
 
 def status(name: str) -> list[Line]:
