@@ -394,10 +394,10 @@ class Demo:
         self.step(f"4. the link is cut in the middle of sync point {n + 1}: the backup rolls back to {n}")
         changed = self.write(CUT_BLOCKS, seed=2)
         base = int(self.sh("backup", WRITTEN + "w", show=False).stdout)
-        # ~2 MB/s on the primary's side of the link (tc): the transfer takes seconds, so the cut below
+        # ~1 MB/s on the primary's side of the link (tc): the transfer takes seconds, so the cut below
         # lands inside it however fast this machine runs the lab (unthrottled it can finish first)
-        self.say("demo: lab.throttle: the primary's link limited to 16 Mbit/s for this step")
-        self.lab.throttle("primary", "16mbit")
+        self.say("demo: lab.throttle: the primary's link limited to 8 Mbit/s for this step")
+        self.lab.throttle("primary", "8mbit")
         self.sh("primary", "rm -f /tmp/demo-sync.rc; nohup sh -c 'rcopy sync g --wait; echo $? >/tmp/demo-sync.rc' "
                            "</dev/null >/tmp/demo-sync.out 2>&1 &", label="rcopy sync g --wait &    (in the background)")
         t = time.monotonic()
