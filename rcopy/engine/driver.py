@@ -246,6 +246,9 @@ class Driver:
                 split = next(i for i, a in enumerate(actions) if isinstance(a, P.PeerCommit))
                 self.execute(actions[len(run.done):split], run)
             finally:
+                release = getattr(self.sender, "release", None)
+                if release is not None:     # connections prepared for volumes that sent nothing
+                    release()
                 if run.heartbeat is not None:
                     run.heartbeat[0].set()
                     run.heartbeat[1].join()
@@ -334,6 +337,9 @@ class Driver:
         run.view = cycle.PeerView.from_dict(res.get("view", {}))
         for remote, v in res["volumes"].items():
             run.exports[remote] = ExportInfo(**v["export"])
+        prepare = getattr(self.sender, "prepare", None)
+        if prepare is not None:         # the handshakes overlap what precedes each send (the change scan)
+            prepare(run.exports.values())
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(stop, *run.in_flight), name="rcopy-heartbeat",
                                 daemon=True)
@@ -443,8 +449,13 @@ class Driver:
                 with self._db_mutex:
                     self.store.progress(g, a.volume, acked, total)
 
-        with _SLOTS:
-            sent = self.sender.send(source.path, flow, run.exports[a.remote], progress=progress)
+        try:
+            with _SLOTS:
+                sent = self.sender.send(source.path, flow, run.exports[a.remote], progress=progress)
+        finally:
+            # a send that failed half-way leaves its change scan open on both snapshots (its file
+            # descriptors live until the scan is closed): the abort could not remove P(n+1) then
+            flow.close()
         faults.point("after-send")
         with self._db_mutex:
             self.store.progress(g, a.volume, flow.bytes, flow.bytes)
@@ -528,6 +539,12 @@ class _Position:
         self.position = e.offset + e.length
         self.bytes += e.length
         return e
+
+    def close(self) -> None:
+        """Stop the extents' source (a change scan's reads and file descriptors), if it can be."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
     def estimate(self, size: int) -> int:
         """The bytes this send will write: exact once the extents ran out; before, what was found so

@@ -226,6 +226,10 @@ def test_link_cut_mid_sync_rolls_back_then_delta_after_link_up(clean_lab):
     lab.throttle("primary", None)
     g = status(lab)
     assert g["state"] == "stopped" and g["reason"], g
+    # the abort removed the half-sent sync point's snapshots (a send that failed half-way once kept its
+    # change scan open on them, and the thick volume's P2 stayed behind)
+    lvs = lab.run("primary", f"lvs --noheadings -o lv_name {VG}").stdout.split()
+    assert [n for n in lvs if n.startswith("rcopy.")] == [f"rcopy.g.{v}.P1" for v in sorted(VOLS)], lvs
     lab.run("backup", "for i in $(seq 300); do rcopy status --json | grep -q '\"syncing_generation\": 0' && exit 0; "
                       "sleep 1; done; exit 1", timeout=400)
     assert {v: sha(lab, "backup", dev(v)) for v in VOLS} == before      # the whole group at sync point 1

@@ -16,7 +16,9 @@ from rcopy.app.agent import Agent
 from rcopy.backends import Probe
 from rcopy.engine.driver import Driver
 from rcopy.ports import ExportInfo, Snapshot
-from rcopy.errors import DeviceError, LinkError
+from collections import Counter
+
+from rcopy.errors import Busy, DeviceError, LinkError
 from rcopy.extent import Extent, coalesce
 from rcopy.transport.peer import _error_class
 
@@ -32,6 +34,7 @@ class FakeSnapshotter:
 
     def __init__(self, disks: dict):
         self.disks, self.snaps, self.invalid, self.calls = disks, {}, set(), []
+        self.readers = Counter()    # snapshot path -> change scans holding it open (as LVM sees an open LV)
 
     def cut(self, requests):
         self.calls.append(("cut", tuple(requests)))
@@ -48,6 +51,8 @@ class FakeSnapshotter:
         return snap.name not in self.invalid
 
     def delete(self, snap):
+        if self.readers[snap.path]:
+            raise Busy(f"Logical volume {snap.name} in use")
         self.calls.append(("delete", snap.name))
         self.snaps.pop((snap.origin, snap.name), None)
 
@@ -77,12 +82,37 @@ def _blocks(old: bytes | None, new: bytes):
         yield Extent(off, len(b), zero=not any(b))
 
 
+class _Scan:
+    """Changed extents read from snapshots it holds open until it runs out or is closed, as the real
+    scan holds its file descriptors (rcopy.changes.scan): while open, the snapshots cannot be deleted."""
+
+    def __init__(self, snapper: FakeSnapshotter, paths, extents):
+        self.snapper, self.paths, self._it, self._open = snapper, paths, iter(extents), True
+        snapper.readers.update(paths)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.close()
+            raise
+
+    def close(self):
+        if self._open:
+            self._open = False
+            self.snapper.readers.subtract(self.paths)
+
+
 class FakeChanges:
     def __init__(self, snapper: FakeSnapshotter):
         self.snapper = snapper
 
     def changed(self, old, new, *, block_size=BLOCK, remote=None):
-        return coalesce(_blocks(self.snapper.data(old.path), self.snapper.data(new.path)))
+        return _Scan(self.snapper, [old.path, new.path],
+                     coalesce(_blocks(self.snapper.data(old.path), self.snapper.data(new.path))))
 
     def unchanged_since(self, base, origin):
         """The fake compares content (the real sources know from metadata whether anything was written)."""
