@@ -67,6 +67,7 @@ STATUS = "rcopy status --json && date +%s.%N"    # the guest's clock for the lag
 # Sectors written to the backup's secondaries so far (bash builtins but readlink: cheap enough to poll).
 WRITTEN = ("w() { s=0; for v in " + " ".join(VOLS) + f"; do d=$(readlink -f /dev/{VG}/$v); "
            "read -r _ _ _ _ _ _ ws _ </sys/block/${d##*/}/stat; s=$((s + ws)); done; echo $s; }; ")
+STALL_AT = 4 << 20      # bytes the primary sends in the link-cut step before its link goes silent
 FAIL_WITHIN = 90       # seconds after the cut by which each side must have given up (design: ~25 s)
 
 
@@ -394,27 +395,24 @@ class Demo:
         self.step(f"4. the link is cut in the middle of sync point {n + 1}: the backup rolls back to {n}")
         changed = self.write(CUT_BLOCKS, seed=2)
         base = int(self.sh("backup", WRITTEN + "w", show=False).stdout)
-        # ~1 MB/s on the primary's side of the link (tc): the transfer takes seconds, so the cut below
-        # lands inside it however fast this machine runs the lab (unthrottled it can finish first)
-        self.say("demo: lab.throttle: the primary's link limited to 8 Mbit/s for this step")
-        self.lab.throttle("primary", "8mbit")
+        # The cut must land inside the transfer however fast this machine runs the lab: the guest itself
+        # watches what the primary has sent and drops everything from STALL_AT bytes on (lab.stall_after,
+        # as the lab tests do). Polling `rcopy status` from here to decide when to cut raced the transfer:
+        # a poll took 4-5 s on a busy machine and the sync had committed before the cut.
+        self.say("demo: lab.throttle: the primary's link limited to 16 Mbit/s for this step (tc counts what it sends)")
+        self.lab.throttle("primary", "16mbit")
         self.sh("primary", "rm -f /tmp/demo-sync.rc; nohup sh -c 'rcopy sync g --wait; echo $? >/tmp/demo-sync.rc' "
-                           "</dev/null >/tmp/demo-sync.out 2>&1 &", label="rcopy sync g --wait &    (in the background)")
+                           "</dev/null >/tmp/demo-sync.out 2>&1 & echo $! >/tmp/demo-sync.pid",
+                label="rcopy sync g --wait &    (in the background)")
         t = time.monotonic()
-        # Until the backup has acknowledged the first blocks of n+1 (the primary's progress in its state),
-        # or the sync ended. Not the secondaries' write counters: nbdkit writes through the backup's page
-        # cache, so they may rise only at the flush before the commit (they did, with a zeroing pool and
-        # no read-modify-write filter on the export).
-        g, acked = g0, 0
-        while time.monotonic() - t < 300:
-            g, _ = self.status("primary", show="line")
-            acked = sum(v.get("bytes_done") or 0 for v in g["volumes"]) if g["syncing"] else 0
-            if acked or (not g["syncing"]                 # one command per look while it sends
-                         and self.lab.run("primary", "test -e /tmp/demo-sync.rc", check=False).returncode == 0):
-                break
-            time.sleep(0.2)
+        self.say(f"demo: lab.stall_after: once the primary has sent {size(STALL_AT)} on the link, "
+                 "the link drops all it sends (checked in the guest every 0.1 s)")
+        stalled = self.lab.stall_after("primary", STALL_AT, "/tmp/demo-sync.pid", timeout=600)
+        # what the backup acknowledged of sync point n+1 before the stall (the primary's progress in its state)
+        g, _ = self.status("primary", show="line")
+        acked = sum(v.get("bytes_done") or 0 for v in g["volumes"]) if g["syncing"] else 0
         self.say(f"demo: the backup has acknowledged {size(acked)} of sync point {n + 1}")
-        arriving = g["syncing"] and acked > 0
+        arriving = stalled and g["syncing"] and acked > 0
         self.say(f"demo: lab.link(False): cutting the replication link (both NICs lose carrier), "
                  f"{time.monotonic() - t:.0f} s after the sync started")
         self.lab.link(False)
