@@ -94,6 +94,10 @@ class Sender(Protocol):
         Returns the payload bytes sent. Raises a LinkError subclass when the connection is lost.
         """
 
+    # Optional (the engine looks them up): ``prepare(exports)`` opens the connections of a sync's exports
+    # ahead of their sends, ``release()`` closes those no send took, ``cancel(reason)`` fails every send
+    # in progress at once (rcopy.transport.sender.NbdSender has all three).
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportInfo:

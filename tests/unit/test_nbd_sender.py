@@ -222,7 +222,7 @@ def test_export_killed_mid_send_raises_link_error(serve, tmp_path):
 
 @pytest.mark.parametrize("kind,expected", [("nbdkit-file", 3), ("qemu-nbd", 1)])
 def test_multi_conn_only_where_the_server_offers_it(serve, tmp_path, kind, expected):
-    size = 8 * MiB
+    size = 32 * MiB          # several slices of the plan: the extra connections open
     source, _ = make_source(tmp_path / "src", size, seed=30)
     s = serve(kind, size=size, fill=PATTERN)
     opened = []
@@ -569,3 +569,104 @@ def test_a_data_connection_gets_the_targets_link_timeout_never_less_than_nbds():
     from rcopy.transport.client import DEFAULT_TIMEOUT
     assert session.driver(None, None, link_timeout=120).sender.timeout == 120
     assert session.driver(None, None, link_timeout=5).sender.timeout == DEFAULT_TIMEOUT
+
+
+class Opening(NbdSender):
+    """Records every connection it opens and the thread that opened it; ``gate``, when set, holds each
+    opening until released (a slow link)."""
+
+    def __init__(self, *a, gate=None, **k):
+        super().__init__(*a, **k)
+        self.opened, self.gate = [], gate
+
+    def _open(self, export, *where):
+        if self.gate is not None:
+            self.gate.wait()
+        c = super()._open(export, *where)
+        self.opened.append((c, threading.current_thread().name))
+        return c
+
+
+def _closed(c):
+    c._reader.join(10)
+    return not c._reader.is_alive()
+
+
+def test_prepared_connections_are_the_ones_the_sends_use_and_release_closes_the_rest(tmp_path):
+    size = 2 * MiB
+    srcs, vols = {}, {}
+    for name in ("alpha", "beta", "gamma"):
+        srcs[name], _ = make_source(tmp_path / f"src-{name}", size, seed=len(name) + 70)
+        vols[name] = tmp_path / f"dev-{name}"
+        vols[name].write_bytes(bytes(size))
+    with Export({n: str(p) for n, p in vols.items()}) as ex:
+        sender = Opening(connections=1)
+        sender.prepare(ex.infos.values())
+        for name in ("alpha", "beta"):           # gamma sends nothing: its connection is left over
+            sender.send(str(tmp_path / f"src-{name}"), [Extent(0, size)], ex.infos[name])
+        assert [t for _, t in sender.opened] == ["nbd-prepare"] * 3      # no send opened one of its own
+        assert sorted(c.export for c, _ in sender.opened) == ["alpha", "beta", "gamma"]
+        gamma = next(c for c, _ in sender.opened if c.export == "gamma")
+        assert not gamma._closing
+        sender.release()
+        assert _closed(gamma) and not sender._live
+        # after a release the sender opens as it did before any prepare
+        sender.send(str(tmp_path / "src-gamma"), [Extent(0, size)], ex.infos["gamma"])
+        assert len(sender.opened) == 4 and sender.opened[-1][1] != "nbd-prepare"
+    assert all(vols[n].read_bytes() == srcs[n] for n in vols)
+
+
+def test_a_prepared_connection_that_failed_fails_its_send_without_a_second_try(tmp_path):
+    dead = socket.create_server(("127.0.0.3", 0))      # bound, then closed: nobody listens, refused
+    port = dead.getsockname()[1]
+    dead.close()
+    (tmp_path / "src").write_bytes(bytes(MiB))
+    info = ExportInfo("127.0.0.3", port, "vol", MiB)
+    sender = Opening(timeout=2.0)
+    attempts = []
+    sender._open_first = lambda export, _real=sender._open_first: attempts.append(export) or _real(export)
+    sender.prepare([info])
+    with pytest.raises(LinkError):
+        sender.send(str(tmp_path / "src"), [Extent(0, MiB)], info)
+    assert attempts == [info]
+
+
+def test_a_connection_released_while_it_opens_is_closed_once_open(tmp_path):
+    vol = tmp_path / "vol"
+    vol.write_bytes(bytes(MiB))
+    with Export({"vol": str(vol)}) as ex:
+        gate = threading.Event()
+        sender = Opening(gate=gate)
+        sender.prepare(ex.infos.values())
+        sender.release()                          # returns at once: the opening is held at the gate
+        gate.set()
+        for _ in range(200):
+            if sender.opened and not sender._live:
+                break
+            time.sleep(0.05)
+        (c, _), = sender.opened
+        assert _closed(c) and not sender._live and not sender._ready
+
+
+def test_a_delta_of_one_slice_opens_no_second_connection_on_the_same_link(serve, tmp_path):
+    size = 8 * MiB
+    source, zero_runs = make_source(tmp_path / "src", size, seed=80)
+    extents = random_extents(size, zero_runs, seed=81)            # ~300 small extents: one slice
+    s = serve("nbdkit-file", size=size, fill=PATTERN)
+    sender = Opening(connections=3)
+    sender.send(str(tmp_path / "src"), extents, ExportInfo(s.host, s.port, s.name, size))
+    (c, _), = sender.opened
+    assert c.geometry.can_multi_conn                              # offered, and not worth a handshake
+    with open(s.path, "rb") as f:
+        check_exact(f.read(), source, extents, size)
+
+
+def test_the_dealer_reports_a_long_plan_once_at_its_second_slice():
+    from rcopy.transport.sender import _Dealer
+    calls = []
+    d = _Dealer(iter([Piece(i * MiB, MiB, False) for i in range(16)]), on_more=lambda: calls.append(1))
+    assert len(d.take()) == 8 and calls == []
+    assert len(d.take()) == 8 and calls == [1]
+    assert d.take() == [] and d.take() == [] and calls == [1]      # every connection's last look: no more
+    short = _Dealer(iter([Piece(0, MiB, False)]), on_more=lambda: calls.append(2))
+    assert len(short.take()) == 1 and short.take() == [] and short.take() == [] and calls == [1]
