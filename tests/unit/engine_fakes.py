@@ -7,17 +7,15 @@ rollback are exercised for real; only snapshots, extents and the NBD wire are fa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-
-import dataclasses
+from collections import Counter
 
 from rcopy.app.agent import Agent
 from rcopy.backends import Probe
 from rcopy.engine.driver import Driver
 from rcopy.ports import ExportInfo, Snapshot
-from collections import Counter
-
 from rcopy.errors import Busy, DeviceError, LinkError
 from rcopy.extent import Extent, coalesce
 from rcopy.transport.peer import _error_class
