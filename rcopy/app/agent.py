@@ -269,6 +269,7 @@ class Agent:
         return {"time": time.time()}
 
     def op_status(self, group: str):
+        faults.point("agent-at-status", 98)         # the link lost between hello and begin
         if not self.store.has_group(group):
             return {"exists": False}
         g = self.store.group(group)

@@ -8,6 +8,7 @@ per VG (rcopy.sys.lvm.reports), and every command run is counted (rcopy.sys.run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,7 +20,7 @@ from rcopy.app import alerts, devices
 from rcopy.app.local import fill_kinds, resume_origins
 from rcopy.app.reach import start
 from rcopy.app.signals import unwind_on_signals
-from rcopy.engine.driver import Driver, SyncReport
+from rcopy.engine.driver import Driver, SyncReport, fault_of
 from rcopy.engine.states import Event, transition
 from rcopy.errors import AuthFailed, Busy, RcopyError
 from rcopy.model import Group, GroupState, LinkState
@@ -58,13 +59,33 @@ def connect_or_stop(store: Store, g: Group, started=None):
     try:
         return connect(store, g.target, started)
     except (TargetUnreachable, AuthFailed) as e:
-        g = store.group(g.name)
-        if g.state in (GroupState.STARTED, GroupState.STARTING):
-            if isinstance(e, AuthFailed):
-                store.put_group(transition(g, Event.SYNC_FAILED, str(e), fault="auth"))
-            else:
-                store.put_group(transition(g, Event.LINK_DOWN, f"target {g.target} unreachable: {e}"))
+        stop_for(store, g.name, e, str(e) if isinstance(e, AuthFailed) else f"target {g.target} unreachable: {e}")
         raise
+
+
+@contextlib.contextmanager
+def stopping_on_failure(store: Store, group: str):
+    """``stop_for`` what the set-up of a sync raises."""
+    try:
+        yield
+    except RcopyError as e:
+        stop_for(store, group, e)
+        raise
+
+
+def stop_for(store: Store, group: str, e: RcopyError, reason: str = "") -> None:
+    """A sync that failed before it began (set-up, connect, reconcile) stops a running group with its
+    reason, as a failed sync does: a link fault as LINK_DOWN (auto_recover retries it once a link is
+    back), any other with its policy type. Recorded, because a detached sync has nobody to tell but the
+    record; a cause that recorded its own (a device gone, a fenced group) left the group stopped."""
+    g = store.group(group)
+    if g.state not in (GroupState.STARTED, GroupState.STARTING):
+        return
+    reason = reason or f"the sync did not begin: {e}"
+    if e.kind == "link":
+        store.put_group(transition(g, Event.LINK_DOWN, reason))
+    else:
+        store.put_group(transition(g, Event.SYNC_FAILED, reason, fault=fault_of(e)))
 
 
 def client_certificate(directory: str) -> tuple[str, str, str]:
@@ -149,18 +170,20 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
                 book.add(tuple(started.channel.argv))      # begun before this ledger (reach.start_early)
             started = started or start(store, g.target)   # ssh and the agent start while this host works
             try:
-                fill_kinds(store, group)
-                resume_origins(store, group)
-                lvm.prime(*(v.local for v in store.volumes(group)))
-                peer = connect_or_stop(store, g, started)
+                with stopping_on_failure(store, group):
+                    fill_kinds(store, group)
+                    resume_origins(store, group)
+                    lvm.prime(*(v.local for v in store.volumes(group)))
+                    peer = connect_or_stop(store, g, started)
             except BaseException:
                 started.close()
                 raise
             with peer:
                 peer.certify = lambda: client_certificate(certs)     # made when begin needs it
                 d = driver(store, peer, progress, link_timeout=peer.target.link_timeout)
-                d.reconcile(group)
-                devices.require(store, group)        # a volume gone or resized stops here, before any cut
+                with stopping_on_failure(store, group):
+                    d.reconcile(group)
+                    devices.require(store, group)    # a volume gone or resized stops here, before any cut
                 setup = time.monotonic() - t0        # connect, reconcile, device check: outside every phase
                 report = d.sync(group, event=event, full=full, confirm=confirm)
         store.set_report(group, {**report.as_dict(), **book.as_dict(), "setup_seconds": round(setup, 3)})

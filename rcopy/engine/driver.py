@@ -195,7 +195,17 @@ class Driver:
 
     # -- reconcile ----------------------------------------------------------------------------------
     def reconcile(self, name: str) -> list[P.Action]:
-        """Agree with the backup on the group's sync point before anything else (caller holds the lock)."""
+        """Agree with the backup on the group's sync point before anything else (caller holds the lock).
+        The control channel's link lost here (after hello, before begin) moves to another link, as it
+        does mid-sync, and the question is asked again: asking twice settles nothing twice."""
+        try:
+            return self._reconcile(name)
+        except RcopyError as e:
+            if not self._move_channel(name, "", e):
+                raise
+        return self._reconcile(name)
+
+    def _reconcile(self, name: str) -> list[P.Action]:
         g, vols = self.store.group(name), self.store.volumes(name)
         view = cycle.PeerView.from_dict(self.peer.status(name))
         fence = view.exists and view.role in ("primary", "primary-rev")

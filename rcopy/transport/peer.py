@@ -187,7 +187,9 @@ class Peer:
         and have it hand this new channel to the agent serving the sync, which keeps its exports (the
         data goes on over the links still up) and its rollback point. Returns the link now in use;
         raises if no other link answers or the sync is no longer in flight there (it rolled back), or,
-        with ``settled``, keeps the new channel then (a commit asked again learns what became of it)."""
+        with ``settled``, keeps the new channel then (a commit asked again learns what became of it).
+        No ``sync_id``: nothing of this session is in flight there (the link went between hello and
+        begin): the new channel is simply the one in use."""
         with self.lock:
             return self._reattach(group, sync_id, why, settled=settled)
 
@@ -200,7 +202,8 @@ class Peer:
                 raise TargetUnreachable(target=self.target.name, detail=f"{dead} is its only link")
             self._connect(others)
             try:
-                self.call("attach", group=group, sync_id=sync_id)
+                if sync_id:
+                    self.call("attach", group=group, sync_id=sync_id)
             except E.StateError:
                 if not settled:
                     raise

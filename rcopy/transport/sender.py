@@ -15,6 +15,7 @@ bytes), and only the aligned middle as WRITE_ZEROES.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import threading
@@ -123,7 +124,7 @@ class _Dealer:
         self.stopped = False
         self.exhausted = False          # every piece has been handed out
         self._deals = 0
-        self._on_more = on_more         # called once, when a second slice is dealt (the plan is long)
+        self.on_more = on_more          # called once, when a second slice is dealt (the plan is long)
 
     def take(self) -> list[Piece]:
         with self._lock:
@@ -136,7 +137,7 @@ class _Dealer:
                 out += itertools.islice(self._it, 1016)     # small requests: deal many at once
             if out:
                 self._deals += 1
-            more = self._on_more if out and self._deals == 2 else None
+            more = self.on_more if out and self._deals == 2 else None
         if more is not None:
             more()
         return out
@@ -349,7 +350,8 @@ class NbdSender:
         while True:
             ws = more if first else []
             openers, later = [], []
-            r = _Round(_Dealer(pieces, on_more=lambda: self._start(r, lock, later)))
+            r = _Round(_Dealer(pieces))
+            r.dealer.on_more = functools.partial(self._start, r, lock, later)    # this round's, bound now
             ctx = (lock, clients, alive, export, fd, path, failover)
             # One writer thread per connection, even for one: this thread reports progress meanwhile.
             r.working = [threading.Thread(target=self._work, args=(r, c, None, ctx), name="nbd-send",

@@ -432,3 +432,54 @@ def test_admit_create_refusals_are_one_line_and_admit_nothing(sys2):
         assert len(r.stderr.strip().splitlines()) == 1
     assert s.status(s.B)["groups"][0]["volumes"] == before
     assert len(s.status()["groups"][0]["volumes"]) == 2
+
+
+def test_the_control_link_lost_between_hello_and_begin_moves_to_the_other_link(tmp_path):
+    """The agent on link 127.0.0.1 answers hello, then its channel dies at the first question (the
+    link cut after the login): the sync asks again over 127.0.0.2 and commits; link 1 is recorded
+    down with an alert, link 2 up."""
+    s = Systems(tmp_path)
+    cut = tmp_path / "cut-link-1"
+    agent = (f"sh -c 'if [ {{link}} = 127.0.0.1 ] && [ -e {cut} ]; then export RCOPY_FAULT=agent-at-status; fi; "
+             f"exec {sys.executable} -m rcopy --state-dir {s.B} agent'")
+    s.rcopy("target", "create", "backup", "--link", "127.0.0.1", "--link", "127.0.0.2", "--agent", agent)
+    s.rcopy("group", "create", "g", "--target", "backup", "--period", "5m", "--policy", "auto_recover")
+    p, sec = s.volume("v1")
+    s.rcopy("group", "admit", "g", p, f"backup:{sec}")
+    _started(s)
+    s.write_random(p, 16, seed=190)
+    cut.touch()
+    s.rcopy("sync", "g", "--wait")
+    st = s.status()
+    assert st["groups"][0]["state"] == "started" and st["groups"][0]["sync_point"]["generation"] == 2
+    assert sha(sec) == sha(snap(p, 2))
+    links = {link["address"]: link["state"] for link in st["targets"][0]["links"]}
+    assert links == {"127.0.0.1": "down", "127.0.0.2": "up"}, links
+    alerts = json.loads(s.rcopy("status", "alerts", "--json").stdout)["alerts"]
+    assert {(a["kind"], a["object"]) for a in alerts} == {("link_down", "backup/127.0.0.1")}, alerts
+
+
+def test_a_detached_sync_whose_link_dies_before_begin_records_why(sys2):
+    """The only link lost after hello, in a detached sync (`rcopy sync` without --wait, whose output
+    nobody reads): the group stops with the reason and fault "link" (auto_recover retries it), the
+    backup stays at sync point 1, and the next sync is a delta."""
+    s = _started(sys2)
+    before = {sec: sha(sec) for sec in s.vols.values()}
+    for p in s.vols:
+        s.write_random(p, 5, seed=191)
+    assert "sync point 2 started" in s.rcopy("sync", "g", env={"RCOPY_FAULT": "agent-at-status"}).stdout
+    for _ in range(600):
+        st = s.status()["groups"][0]
+        if st["state"] != "started":
+            break
+        time.sleep(0.1)
+    assert st["state"] == "stopped" and "the sync did not begin" in st["reason"], st
+    import sqlite3
+    with sqlite3.connect(os.path.join(s.A, "rcopy.db")) as c:
+        assert c.execute("SELECT fault FROM groups WHERE name='g'").fetchone()[0] == "link"
+    assert {sec: sha(sec) for sec in s.vols.values()} == before
+    s.rcopy("sync", "g", "--wait")
+    st = s.status()["groups"][0]
+    assert st["state"] == "started" and st["sync_point"]["generation"] == 2
+    assert all(v["full_reason"] == "" for v in st["volumes"])
+    s.rcopy("verify", "g")
