@@ -37,7 +37,8 @@ PRIORITY = {"over_period": syslog.LOG_WARNING, "link_down": syslog.LOG_WARNING, 
             "device": syslog.LOG_ERR}
 
 
-def _syslog(priority: int, text: str) -> None:
+def to_syslog(priority: int, text: str) -> None:
+    """One line to syslog as ident rcopy, facility daemon (what journald keeps with its priority)."""
     syslog.openlog("rcopy", syslog.LOG_PID, syslog.LOG_DAEMON)
     syslog.syslog(priority, text)
 
@@ -47,7 +48,7 @@ def raise_(store: Store, kind: str, obj: str, message: str, group: str = "") -> 
     new = store.raise_alert(kind, obj, message, group)
     if new:
         text = f"ALERT {kind} {obj}: {message}"
-        _syslog(PRIORITY[kind], text)
+        to_syslog(PRIORITY[kind], text)
         log.info("%s", text)
     return new
 
@@ -57,7 +58,7 @@ def clear(store: Store, kind: str, obj: str, why: str = "") -> Alert | None:
     a = store.clear_alert(kind, obj)
     if a is not None:
         text = f"alert cleared: {kind} {obj}" + (f" ({why})" if why else "")
-        _syslog(syslog.LOG_NOTICE, text)
+        to_syslog(syslog.LOG_NOTICE, text)
         log.info("%s", text)
     return a
 

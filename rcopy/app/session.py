@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import syslog
 import tempfile
 import time
 
@@ -244,8 +245,15 @@ def background(store: Store, group: str, fn) -> int:
         unwind_on_signals()
         fn()
         code = 0
-    except BaseException:
+    except BaseException as e:
+        # Nobody reads this process's output: its failure goes to syslog (the record says why a
+        # running group stopped; this also covers what stops nothing, such as a stopped group's sync).
         code = 1
+        try:
+            what = str(e) if isinstance(e, RcopyError) else f"{type(e).__name__}: {e}"
+            alerts.to_syslog(syslog.LOG_ERR, f"detached sync of group {group} failed: {what}")
+        except BaseException:
+            pass
     os._exit(code)
 
 

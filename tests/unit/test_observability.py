@@ -354,3 +354,22 @@ def test_sender_progress_never_exceeds_what_landed_on_a_slow_server(serve, tmp_p
     assert all(done <= on_disk for done, on_disk in reports), reports
     assert any(0 < done < size for done, _ in reports), reports       # reports came while it was sending
     assert reports[-1][0] == size
+
+
+def test_a_detached_sync_that_fails_says_why_in_syslog(tmp_path, monkeypatch):
+    """Nobody reads a detached sync's output (``rcopy sync`` without --wait): its failure goes to syslog
+    at LOG_ERR, one line naming the group; a detached sync that succeeds logs nothing there."""
+    import syslog
+    from rcopy.app import session
+    from rcopy.errors import SyncFailed
+    seen = tmp_path / "syslog"
+    monkeypatch.setattr(syslog, "syslog", lambda prio, text: seen.open("a").write(f"{prio} {text}\n"))
+    store = Store(str(tmp_path / "A"))
+
+    def fails():
+        raise SyncFailed("group g: the backup said no")
+    for fn, code in ((fails, 1), (lambda: None, 0)):
+        pid = session.background(store, "g", fn)
+        assert os.waitpid(pid, 0)[1] >> 8 == code
+        store = Store(str(tmp_path / "A"))        # background closed it before forking
+    assert seen.read_text() == f"{syslog.LOG_ERR} detached sync of group g failed: group g: the backup said no\n"
