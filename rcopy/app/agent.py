@@ -373,6 +373,7 @@ class Agent:
 
     def op_begin(self, group: str, generation: int, sync_id: str, base_generation: int, base_id: str,
                  remotes: list[str], bind: str, client_cert: str = "", links: list[str] = ()):
+        faults.point("agent-at-begin", 98)          # the begin lost in the link: nothing done here
         g = self._secondary(group)
         if group in self.active:
             if self.active[group][2] == sync_id and group in self.begun:

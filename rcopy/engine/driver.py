@@ -333,17 +333,16 @@ class Driver:
 
     def _do_PeerBegin(self, a: P.PeerBegin, run):
         run.begin = (a.group, a.generation, a.sync_id, a.base_generation, a.base_id, list(a.remotes), self.peer.link)
-        run.begun = self.peer.begin_start(*run.begin)
+        try:
+            run.begun = self.peer.begin_start(*run.begin)
+        except RcopyError as e:          # the channel died before the request could go
+            run.begun = self._begin_again(run, e)
 
     def _do_PeerBegun(self, a: P.PeerBegun, run):
         try:
             res = run.begun()
         except RcopyError as e:
-            # the answer was lost with the link: the agent serving the sync gives it again (begin is
-            # idempotent for the sync in flight) once the channel has moved
-            if not self._move_channel(*run.in_flight, e):
-                raise
-            res = self.peer.begin_start(*run.begin)()
+            res = self._begin_again(run, e)()
         run.view = cycle.PeerView.from_dict(res.get("view", {}))
         for remote, v in res["volumes"].items():
             run.exports[remote] = ExportInfo(**v["export"])
@@ -412,7 +411,8 @@ class Driver:
     def _move_channel(self, group: str, sync_id: str, err: RcopyError, *, settled: bool = False) -> bool:
         """3PAR: one link lost is an alert, not a failure, whichever link it is. The sends on the links
         still up go on meanwhile; a data connection on the lost link fails over by its own timeout.
-        ``settled``: a sync no longer in flight there (committed meanwhile) still gets the new channel."""
+        ``settled``: a sync not in flight there (its begin lost in the link, or committed meanwhile)
+        still gets the new channel."""
         reattach = getattr(self.peer, "reattach", None)
         if reattach is None or err.kind != "link" or len(getattr(self.peer.target, "links", ())) < 2:
             return False
@@ -426,6 +426,16 @@ class Driver:
         log.warning("group %s: the control channel's link %s went silent (%s); it moved to link %s and the "
                     "sync goes on", group, lost, err, link)
         return True
+
+    def _begin_again(self, run: _Run, err: RcopyError):
+        """Begin once more after the control channel's link went during it. Either the begin reached the
+        agent (the moved channel attaches to the one serving the sync, which answers it again: begin is
+        idempotent for the sync in flight) or it died in the link with ssh (nothing is in flight there:
+        the agent over the new link serves it, bound to that link)."""
+        if not self._move_channel(*run.in_flight, err, settled=True):
+            raise err
+        run.begin = (*run.begin[:6], self.peer.link)
+        return self.peer.begin_start(*run.begin)
 
     def _send_one(self, a: P.Send, run: _Run):
         g = parse(a.source).group

@@ -187,7 +187,8 @@ class Peer:
         and have it hand this new channel to the agent serving the sync, which keeps its exports (the
         data goes on over the links still up) and its rollback point. Returns the link now in use;
         raises if no other link answers or the sync is no longer in flight there (it rolled back), or,
-        with ``settled``, keeps the new channel then (a commit asked again learns what became of it).
+        with ``settled``, keeps the new channel then (a commit asked again learns what became of it; a
+        begin that never arrived is served by the new agent).
         No ``sync_id``: nothing of this session is in flight there (the link went between hello and
         begin): the new channel is simply the one in use."""
         with self.lock:

@@ -434,13 +434,15 @@ def test_admit_create_refusals_are_one_line_and_admit_nothing(sys2):
     assert len(s.status()["groups"][0]["volumes"]) == 2
 
 
-def test_the_control_link_lost_between_hello_and_begin_moves_to_the_other_link(tmp_path):
-    """The agent on link 127.0.0.1 answers hello, then its channel dies at the first question (the
-    link cut after the login): the sync asks again over 127.0.0.2 and commits; link 1 is recorded
-    down with an alert, link 2 up."""
+@pytest.mark.parametrize("fault", ["agent-at-status", "agent-at-begin", "agent-after-begin"])
+def test_the_control_link_lost_before_the_begin_is_answered_moves_to_the_other_link(tmp_path, fault):
+    """The agent on link 127.0.0.1 answers hello, then its channel dies: at reconcile's first question
+    (the link cut after the login), at the begin (the request lost in the link), or once the begin is
+    on record there (its answer lost). The sync asks again over 127.0.0.2 and commits (what the dead
+    agent left in flight is rolled back first); link 1 is recorded down with an alert, link 2 up."""
     s = Systems(tmp_path)
     cut = tmp_path / "cut-link-1"
-    agent = (f"sh -c 'if [ {{link}} = 127.0.0.1 ] && [ -e {cut} ]; then export RCOPY_FAULT=agent-at-status; fi; "
+    agent = (f"sh -c 'if [ {{link}} = 127.0.0.1 ] && [ -e {cut} ]; then export RCOPY_FAULT={fault}; fi; "
              f"exec {sys.executable} -m rcopy --state-dir {s.B} agent'")
     s.rcopy("target", "create", "backup", "--link", "127.0.0.1", "--link", "127.0.0.2", "--agent", agent)
     s.rcopy("group", "create", "g", "--target", "backup", "--period", "5m", "--policy", "auto_recover")
