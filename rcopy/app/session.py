@@ -21,7 +21,7 @@ from rcopy.app import alerts, devices
 from rcopy.app.local import fill_kinds, resume_origins
 from rcopy.app.reach import start
 from rcopy.app.signals import unwind_on_signals
-from rcopy.engine.driver import Driver, SyncReport, fault_of
+from rcopy.engine.driver import Driver, SyncReport
 from rcopy.engine.states import Event, transition
 from rcopy.errors import AuthFailed, Busy, RcopyError
 from rcopy.model import Group, GroupState, LinkState
@@ -60,7 +60,7 @@ def connect_or_stop(store: Store, g: Group, started=None):
     try:
         return connect(store, g.target, started)
     except (TargetUnreachable, AuthFailed) as e:
-        stop_for(store, g.name, e, str(e) if isinstance(e, AuthFailed) else f"target {g.target} unreachable: {e}")
+        stop_for(store, g.name, e, f"target {g.target} unreachable: {e}" if e.kind == "link" else "")
         raise
 
 
@@ -75,18 +75,19 @@ def stopping_on_failure(store: Store, group: str):
 
 
 def stop_for(store: Store, group: str, e: RcopyError, reason: str = "") -> None:
-    """A sync that failed before it began (set-up, connect, reconcile) stops a running group with its
-    reason, as a failed sync does: a link fault as LINK_DOWN (auto_recover retries it once a link is
-    back), any other with its policy type. Recorded, because a detached sync has nobody to tell but the
-    record; a cause that recorded its own (a device gone, a fenced group) left the group stopped."""
+    """A sync that failed before it began (set-up, connect, reconcile) on a link fault stops a running
+    group as LINK_DOWN (auto_recover retries it once a link is back), on an identity ssh or the export
+    refuses with fault "auth" (the administrator's to fix): recorded, since a detached sync has nobody
+    to tell but the record. Anything else stops nothing: nothing began, and it may pass (a stale agent
+    on the backup still letting go), so the next run asks again; a cause that records its own (a
+    device gone, a fenced group) did so."""
     g = store.group(group)
     if g.state not in (GroupState.STARTED, GroupState.STARTING):
         return
-    reason = reason or f"the sync did not begin: {e}"
     if e.kind == "link":
-        store.put_group(transition(g, Event.LINK_DOWN, reason))
-    else:
-        store.put_group(transition(g, Event.SYNC_FAILED, reason, fault=fault_of(e)))
+        store.put_group(transition(g, Event.LINK_DOWN, reason or f"the sync did not begin: {e}"))
+    elif isinstance(e, AuthFailed):
+        store.put_group(transition(g, Event.SYNC_FAILED, reason or str(e), fault="auth"))
 
 
 def client_certificate(directory: str) -> tuple[str, str, str]:
