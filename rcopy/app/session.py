@@ -52,21 +52,9 @@ def connect(store: Store, target_name: str, started=None):
     return peer
 
 
-def connect_or_stop(store: Store, g: Group, started=None):
-    """``connect`` for a sync: a target unreachable on every link stops a running group with the
-    reason (fault "link", so auto_recover retries it when a link is back); a host key ssh refuses
-    stops it with fault "auth", which waits for the administrator."""
-    from rcopy.transport.peer import TargetUnreachable
-    try:
-        return connect(store, g.target, started)
-    except (TargetUnreachable, AuthFailed) as e:
-        stop_for(store, g.name, e, f"target {g.target} unreachable: {e}" if e.kind == "link" else "")
-        raise
-
-
 @contextlib.contextmanager
 def stopping_on_failure(store: Store, group: str):
-    """``stop_for`` what the set-up of a sync raises."""
+    """``stop_for`` what the set-up of a sync raises (local set-up, connect, reconcile)."""
     try:
         yield
     except RcopyError as e:
@@ -74,20 +62,23 @@ def stopping_on_failure(store: Store, group: str):
         raise
 
 
-def stop_for(store: Store, group: str, e: RcopyError, reason: str = "") -> None:
+def stop_for(store: Store, group: str, e: RcopyError) -> None:
     """A sync that failed before it began (set-up, connect, reconcile) on a link fault stops a running
     group as LINK_DOWN (auto_recover retries it once a link is back), on an identity ssh or the export
     refuses with fault "auth" (the administrator's to fix): recorded, since a detached sync has nobody
     to tell but the record. Anything else stops nothing: nothing began, and it may pass (a stale agent
     on the backup still letting go), so the next run asks again; a cause that records its own (a
     device gone, a fenced group) did so."""
+    from rcopy.transport.peer import TargetUnreachable
     g = store.group(group)
     if g.state not in (GroupState.STARTED, GroupState.STARTING):
         return
     if e.kind == "link":
-        store.put_group(transition(g, Event.LINK_DOWN, reason or f"the sync did not begin: {e}"))
+        reason = (f"target {g.target} unreachable: {e}" if isinstance(e, TargetUnreachable)
+                  else f"the sync did not begin: {e}")
+        store.put_group(transition(g, Event.LINK_DOWN, reason))
     elif isinstance(e, AuthFailed):
-        store.put_group(transition(g, Event.SYNC_FAILED, reason or str(e), fault="auth"))
+        store.put_group(transition(g, Event.SYNC_FAILED, str(e), fault="auth"))
 
 
 def client_certificate(directory: str) -> tuple[str, str, str]:
@@ -176,7 +167,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
                     fill_kinds(store, group)
                     resume_origins(store, group)
                     lvm.prime(*(v.local for v in store.volumes(group)))
-                    peer = connect_or_stop(store, g, started)
+                    peer = connect(store, g.target, started)
             except BaseException:
                 started.close()
                 raise
