@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import syslog
-import tempfile
 import time
 
 from rcopy import backends
@@ -26,7 +25,7 @@ from rcopy.engine.states import Event, transition
 from rcopy.errors import AuthFailed, Busy, RcopyError
 from rcopy.model import Group, GroupState, LinkState
 from rcopy.state import Store
-from rcopy.sys import lvm, nbdkit, netlink, run
+from rcopy.sys import lvm, nbdkit, netlink, run, scratch
 
 log = logging.getLogger("rcopy")
 
@@ -157,7 +156,7 @@ def run_sync(store: Store, group: str, *, event: Event = Event.SYNC, full: str =
     d = None
     try:
         with (_Nothing() if lock_held else store.lock(group)), run.ledger() as book, lvm.reports(), \
-                tempfile.TemporaryDirectory(prefix="rcopy-client-") as certs:
+                scratch.directory("client") as certs:
             t0 = time.monotonic()
             if started is not None and started.channel is not None:
                 book.add(tuple(started.channel.argv))      # begun before this ledger (reach.start_early)

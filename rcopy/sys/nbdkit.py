@@ -14,10 +14,10 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 
 from rcopy.errors import ToolError
+from rcopy.sys import scratch
 from rcopy.sys.run import run, spawn
 
 PROBE_DIR = "/run/rcopy"
@@ -150,7 +150,7 @@ def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | N
     last = ""
     for _ in range(attempts):
         p = port if port is not None else free_port(host)
-        workdir = tempfile.mkdtemp(prefix="rcopy-nbdkit-")
+        workdir = scratch.make("nbdkit")
         pidfile, logfile = os.path.join(workdir, "pid"), os.path.join(workdir, "stderr")
         argv = ["nbdkit", "--foreground", "--exit-with-parent", "-i", host, "-p", str(p), "-P", pidfile]
         if readonly:

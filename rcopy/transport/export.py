@@ -16,12 +16,11 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from typing import Mapping
 
 from rcopy.ports import ExportInfo
 from rcopy.errors import NotFound, UsageError
-from rcopy.sys import nbdkit
+from rcopy.sys import nbdkit, scratch
 
 log = logging.getLogger("rcopy")
 _NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+:-]{0,127}$")
@@ -73,7 +72,7 @@ class Export:
 
     def start(self) -> dict[str, ExportInfo]:
         sizes = {name: device_size(path) for name, path in self.volumes.items()}
-        self._dir = tempfile.mkdtemp(prefix="rcopy-export-")
+        self._dir = scratch.make("export")
         try:
             vols = os.path.join(self._dir, "volumes")
             os.mkdir(vols)

@@ -15,6 +15,7 @@ import pytest
 from rcopy.ports import ExportInfo
 from rcopy.errors import LinkError
 from rcopy.extent import Extent
+from rcopy.sys import scratch
 from rcopy.sys.nbdkit import NbdkitError
 from rcopy.transport.client import NbdClient
 from rcopy.transport.handshake import Geometry
@@ -242,7 +243,8 @@ def test_multi_conn_only_where_the_server_offers_it(serve, tmp_path, kind, expec
 
 
 def test_export_dies_with_its_parent(tmp_path):
-    """nbdkit runs with --exit-with-parent: an agent killed with SIGKILL leaves no writable export."""
+    """nbdkit runs with --exit-with-parent: an agent killed with SIGKILL leaves no writable export, and
+    the next scratch directory made on the host sweeps the killed agent's (its TLS key with it)."""
     vol = tmp_path / "vol"
     vol.write_bytes(bytes(MiB))
     code = ("import sys, time\nfrom rcopy.transport.export import Export\n"
@@ -263,6 +265,10 @@ def test_export_dies_with_its_parent(tmp_path):
             time.sleep(0.05)
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+        assert all(os.path.isdir(d) for d in leftovers)      # the export's TLS key is still there ...
+        made = scratch.make("export")                        # ... until the next rcopy makes a directory
+        os.rmdir(made)
+        assert not any(os.path.exists(d) for d in leftovers)
     finally:
         if child.poll() is None:
             child.kill()
