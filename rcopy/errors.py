@@ -164,3 +164,16 @@ class AuthFailed(RcopyError):
     """
 
     exit_code = 20
+
+
+def by_name(name: str, code: int) -> type[RcopyError]:
+    """The class of an error a peer reported by ``name`` and exit ``code`` (its JSON reply): the class
+    itself when this side knows it, else the one with that exit code, else PeerError."""
+    cls = globals().get(name)
+    if isinstance(cls, type) and issubclass(cls, RcopyError):
+        return cls
+    for c in (UsageError, NotFound, AlreadyExists, DeviceUnsafe, Refused, PermissionDenied, Busy, LinkError,
+              ToolError, DeviceError, StateError, SyncFailed, NoSpace):
+        if c.exit_code == code:
+            return c
+    return PeerError

@@ -51,7 +51,7 @@ from rcopy.app import handover
 from rcopy.app.local import fill_kinds
 from rcopy.names import snapshot_name, volume_name
 from rcopy.engine.states import Event, transition
-from rcopy.errors import Busy, NotFound, RcopyError, Refused, StateError
+from rcopy.errors import Busy, NotFound, RcopyError, Refused, StateError, by_name
 from rcopy.model import TARGET_TIMEOUT, Group, GroupState, Role, VolumePair, VolumeState, check_name
 from rcopy.state import Store
 from rcopy.sys import lvm, netlink, run
@@ -62,6 +62,7 @@ PROTOCOL = 1
 TAKEOVER_WAIT = 60.0
 TIDY_WAIT = 120.0        # s a begin waits for another agent's tidy-up after its commit (seconds, usually)
 HANDOVER_POLL = 1.0      # s between looks for a channel handed over while a sync is in flight
+JOIN_POLL = 0.1          # s between a begin's looks at a group another agent holds
 
 
 def export_address(bind: str) -> str:
@@ -379,14 +380,20 @@ class Agent:
             if self.active[group][2] == sync_id and group in self.begun:
                 return self.begun[group]      # asked again through a channel that moved (its answer was lost)
             raise Busy(f"group {group} already has a sync in flight on {self.store.system().name}")
+        args = dict(group=group, generation=generation, sync_id=sync_id, base_generation=base_generation,
+                    base_id=base_id, remotes=remotes, bind=bind, client_cert=client_cert, links=list(links))
+        if g.pending_generation and g.pending_id == sync_id and self._join(group):
+            return self._ask_joined("begin", args)
         if g.pending_generation:
             self.settle_abandoned(g)
             g = self.store.group(group)
-        # nothing in flight: a holder is finishing the last commit's tidy-up (seconds)
-        fd = self.store.try_lock(group) if g.pending_generation else self.store.wait_lock(group, TIDY_WAIT)
+        fd = self.store.try_lock(group) if g.pending_generation else self._lock_or_join(group)
         if fd is None:
+            if self.relay is not None:
+                return self._ask_joined("begin", args)
             raise Busy(f"group {group} is busy on {self.store.system().name}: another sync is being served")
         self._listen(group)                 # from now: a channel that moves mid-begin waits to be taken
+        faults.cut_unnoticed("agent-stalls-in-begin", self.listening.get(group))
         held = None
         try:
             if g.pending_generation:
@@ -435,6 +442,43 @@ class Agent:
         self.begun[group] = {"view": view, "volumes": {r: {"export": dataclasses.asdict(infos[vols[r].name])}
                                                        for r in remotes}}
         return self.begun[group]
+
+    def _lock_or_join(self, group: str) -> int | None:
+        """The group's lock for a begin with nothing on record in flight. Its holder is an agent finishing
+        the last commit's tidy-up (seconds: wait for it), or one that took this very begin over a link
+        that died under it before its answer came back (the primary asked again here): that one listens
+        for a channel from the moment it holds the lock, so join it (None, ``self.relay`` set). None
+        with no relay: still held after TIDY_WAIT."""
+        deadline = time.monotonic() + TIDY_WAIT
+        while True:
+            fd = self.store.try_lock(group)
+            if fd is not None or self._join(group) or time.monotonic() >= deadline:
+                return fd
+            time.sleep(JOIN_POLL)
+
+    def _join(self, group: str) -> bool:
+        """Attach to the agent serving ``group`` here, if one listens (``self.relay``)."""
+        try:
+            self.relay = handover.connect(self.store.dir, group)
+        except OSError:
+            return False
+        log.warning("group %s: the agent serving it took a begin whose link died; this channel joins it", group)
+        return True
+
+    def _ask_joined(self, op: str, args: dict):
+        """``op`` answered by the agent we joined (it serves this sync, so asked again it answers what it
+        answered the lost channel); on an error the relay is dropped, which ends its channel."""
+        reply = handover.ask(self.relay, {"id": 0, "op": op, "args": args}, self.idle_timeout)
+        if reply is None or not reply.get("ok"):
+            self.relay.close()
+            self.relay = None
+            if reply is None:
+                raise Busy(f"group {args['group']}: the agent serving its sync on {self.store.system().name} "
+                           "did not answer: retry")
+            err = reply.get("error") or {}
+            raise by_name(str(err.get("class", "")), int(err.get("exit_code", 11)))(
+                str(err.get("message", "the agent serving the sync failed")))
+        return reply.get("result")
 
     def settle_abandoned(self, g: Group):
         """Settle a sync in flight that another agent process still holds.

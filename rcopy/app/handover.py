@@ -15,6 +15,7 @@ state directory; only a process of the agent's own user is accepted (SO_PEERCRED
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import select
@@ -90,3 +91,24 @@ def relay(rfd: int, wfd: int, sock: socket.socket) -> None:
         log.info("channel relay ended: %s", e)
     finally:
         sock.close()
+
+
+def ask(sock: socket.socket, request: dict, timeout: float) -> dict | None:
+    """Send one request to the agent at the other end of ``sock`` and read its one reply line (None if
+    the agent ends the channel or stays silent past ``timeout``). Byte by byte: whatever follows the
+    reply is the relay's to copy."""
+    try:
+        sock.settimeout(timeout)
+        sock.sendall((json.dumps(request) + "\n").encode())
+        line = bytearray()
+        while not line.endswith(b"\n"):
+            b = sock.recv(1)
+            if not b:
+                return None
+            line += b
+        sock.settimeout(None)
+        reply = json.loads(line)
+    except (OSError, ValueError) as e:
+        log.warning("the agent serving the sync did not answer over the handover: %s", e)
+        return None
+    return reply if isinstance(reply, dict) else None

@@ -60,17 +60,6 @@ class AgentProtocolError(E.PeerError):
     """target {target}: the agent's answer is not rcopy's protocol ({detail}): is rcopy {version} installed there?"""
 
 
-def _error_class(name: str, code: int) -> type[E.RcopyError]:
-    cls = getattr(E, name, None)
-    if isinstance(cls, type) and issubclass(cls, E.RcopyError):
-        return cls
-    for c in (E.UsageError, E.NotFound, E.AlreadyExists, E.DeviceUnsafe, E.Refused, E.PermissionDenied,
-              E.Busy, E.LinkError, E.ToolError, E.DeviceError, E.StateError, E.SyncFailed, E.NoSpace):
-        if c.exit_code == code:
-            return c
-    return E.PeerError
-
-
 class Pending:
     """A request sent whose answer is read later (``Peer.request``)."""
 
@@ -281,7 +270,7 @@ class Peer:
         if ok:
             return reply.get("result")
         err = reply.get("error") or {}
-        cls = _error_class(err.get("class", ""), int(err.get("exit_code", 11)))
+        cls = E.by_name(err.get("class", ""), int(err.get("exit_code", 11)))
         raise cls(f"target {self.target.name}: {err.get('message', 'unknown error')}")
 
     # -- the operations the engine and the CLI use (agent.py documents each) --------------------------

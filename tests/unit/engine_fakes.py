@@ -16,9 +16,8 @@ from rcopy.app.agent import Agent
 from rcopy.backends import Probe
 from rcopy.engine.driver import Driver
 from rcopy.ports import ExportInfo, Snapshot
-from rcopy.errors import Busy, DeviceError, LinkError
+from rcopy.errors import Busy, DeviceError, LinkError, by_name
 from rcopy.extent import Extent, coalesce
-from rcopy.transport.peer import _error_class
 
 BLOCK = 4096
 
@@ -202,7 +201,7 @@ class LocalPeer:
         if reply["ok"]:
             return reply["result"]
         err = reply["error"]
-        raise _error_class(err["class"], err["exit_code"])(err["message"])
+        raise by_name(err["class"], err["exit_code"])(err["message"])
 
     def _died(self):
         """The agent process died: its locks go with it (those of syncs it serves or tidies, and the one

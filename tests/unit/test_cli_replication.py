@@ -434,11 +434,13 @@ def test_admit_create_refusals_are_one_line_and_admit_nothing(sys2):
     assert len(s.status()["groups"][0]["volumes"]) == 2
 
 
-@pytest.mark.parametrize("fault", ["agent-at-status", "agent-at-begin", "agent-after-begin"])
+@pytest.mark.parametrize("fault", ["agent-at-status", "agent-at-begin", "agent-stalls-in-begin", "agent-after-begin"])
 def test_the_control_link_lost_before_the_begin_is_answered_moves_to_the_other_link(tmp_path, fault):
     """The agent on link 127.0.0.1 answers hello, then its channel dies: at reconcile's first question
-    (the link cut after the login), at the begin (the request lost in the link), or once the begin is
-    on record there (its answer lost). The sync asks again over 127.0.0.2 and commits (what the dead
+    (the link cut after the login), at the begin (the request lost in the link), once the begin is
+    on record there (its answer lost), or in the begin while that agent lives on unaware (ssh on a cut
+    link), holding the group's lock before the sync is on record: the begin asked again over 127.0.0.2
+    joins it (before, it waited 120 s for the lock and failed Busy). The sync commits (what a dead
     agent left in flight is rolled back first); link 1 is recorded down with an alert, link 2 up."""
     s = Systems(tmp_path)
     cut = tmp_path / "cut-link-1"
