@@ -4,9 +4,10 @@ Tests of the crash windows (rcopy/engine/DESIGN.md) set it to kill the primary's
 agent exactly where a power cut or SIGKILL could land; ``os._exit`` runs no cleanup, like SIGKILL.
 Points: primary ``after-record-begin``, ``in-cut`` (every origin suspended, no snapshot taken),
 ``after-cut``, ``after-send``, ``after-peer-commit``, ``after-commit``; agent ``agent-at-status``,
-``agent-at-begin``, ``agent-stalls-in-begin`` (not an exit: ``cut_unnoticed``), ``agent-after-begin``, ``agent-before-commit``, ``agent-after-commit``,
-``agent-before-tidy``; disaster recovery (rcopy.app.dr) ``dr-after-takeover-cut``, ``dr-after-keep-cut``,
-``dr-after-one-rollback``, ``dr-after-handover``.
+``agent-at-begin``, ``agent-stalls-in-begin`` (not an exit: ``cut_unnoticed``), ``agent-after-begin``,
+``agent-before-commit``, ``agent-after-commit``, ``agent-before-tidy``; disaster recovery
+(rcopy.app.dr) ``dr-after-takeover-cut``, ``dr-after-keep-cut``, ``dr-after-one-rollback``,
+``dr-after-handover``.
 """
 from __future__ import annotations
 
