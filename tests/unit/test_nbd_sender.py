@@ -265,8 +265,7 @@ def test_export_dies_with_its_parent(tmp_path):
             time.sleep(0.05)
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
-        assert all(os.path.isdir(d) for d in leftovers)      # the export's TLS key is still there ...
-        made = scratch.make("export")                        # ... until the next rcopy makes a directory
+        made = scratch.make("export")       # (a test in another worker may have swept them already)
         os.rmdir(made)
         assert not any(os.path.exists(d) for d in leftovers)
     finally:
