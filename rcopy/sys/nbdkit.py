@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
 from rcopy.errors import ToolError
@@ -126,12 +127,14 @@ def _stamp(path: str) -> str:
 def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | None = None,
           readonly: bool = False, tls_dir: str | None = None, verify_peer: bool = False,
           filters: tuple[str, ...] = (), allow_peers: tuple[str, ...] = (), unmap: tuple[str, ...] = (),
-          extra: tuple[str, ...] = (), ready_timeout: float = 15.0) -> NbdkitServer:
+          extra: tuple[str, ...] = (), ready_timeout: float = 15.0, within: str | None = None) -> NbdkitServer:
     """Start ``nbdkit PLUGIN ARGS`` listening on host:port (a free port when None) and wait until it
     accepts connections. With ``allow_peers`` (IP addresses) every connection from another address is
     closed before the NBD handshake, by rcopy's peer filter; where nbdkit cannot load it, a warning, and
     the export relies on TLS (``verify_peer``) alone. ``unmap``: EXPORT:GRANULARITY:PATH entries for rcopy's
-    unmap filter, innermost (it sees the blocks the other filters leave); without it, zeroes are written."""
+    unmap filter, innermost (it sees the blocks the other filters leave); without it, zeroes are written.
+    nbdkit's pid and log files go in a directory made inside ``within`` (the caller's own scratch
+    directory, swept already), else in a scratch directory of their own."""
     if unmap:
         thin = unmap_filter()
         if thin:
@@ -150,7 +153,7 @@ def start(plugin: str, *plugin_args: str, host: str = "127.0.0.1", port: int | N
     last = ""
     for _ in range(attempts):
         p = port if port is not None else free_port(host)
-        workdir = scratch.make("nbdkit")
+        workdir = tempfile.mkdtemp(prefix="nbdkit-", dir=within) if within else scratch.make("nbdkit")
         pidfile, logfile = os.path.join(workdir, "pid"), os.path.join(workdir, "stderr")
         argv = ["nbdkit", "--foreground", "--exit-with-parent", "-i", host, "-p", str(p), "-P", pidfile]
         if readonly:

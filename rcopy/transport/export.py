@@ -96,7 +96,7 @@ class Export:
                         *([f"minblock={self.minblock}"] if self.minblock else []),
                         host=host, port=self.port if i == 0 else None, readonly=self.readonly, tls_dir=tls_dir,
                         verify_peer=bool(self.client_cert_pem), filters=("exportname", *blocks),
-                        allow_peers=self.allow_peers, unmap=unmap))
+                        allow_peers=self.allow_peers, unmap=unmap, within=self._dir))
                 except nbdkit.NbdkitError as e:
                     if i == 0:
                         raise
