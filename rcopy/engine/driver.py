@@ -26,6 +26,7 @@ from rcopy import faults
 from rcopy.engine import cycle
 from rcopy.engine import plan as P
 from rcopy.engine import roles
+from rcopy.engine.ahead import Ahead
 from rcopy.names import parse
 from rcopy.ports import Backend, ExportInfo, Sender, Snapshot
 from rcopy.engine.states import Event, transition
@@ -451,7 +452,8 @@ class Driver:
             base = backend.snapshotter.find(a.origin, a.base)
             if base is None:
                 raise SyncFailed(f"base snapshot {a.base} vanished during the sync: the next sync is full")
-            extents = backend.changes.changed(base, source, remote=self._remote_digests(run, a))
+            # found on a thread of its own: the refine of the next candidates overlaps this send
+            extents = Ahead(backend.changes.changed(base, source, remote=self._remote_digests(run, a)))
         else:
             extents = backend.full(source)
         flow = _Position(extents)
