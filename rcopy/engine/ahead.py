@@ -28,7 +28,7 @@ class Ahead:
     it runs count in the caller's ledger), up to ``limit`` extents ahead of the consumer."""
 
     def __init__(self, source: Iterable[Extent], *, limit: int = LIMIT, name: str = "rcopy-detect"):
-        self._source = source
+        self._it = iter(source)             # here: a source that cannot even start fails its caller
         self._limit = limit
         self._found: collections.deque[Extent] = collections.deque()
         self._ready = threading.Condition()
@@ -65,7 +65,7 @@ class Ahead:
             self._thread.join()
 
     def _run(self) -> None:
-        it = iter(self._source)
+        it = self._it
         error = None
         try:
             for e in it:

@@ -92,6 +92,15 @@ def test_a_source_that_fails_to_close_says_so():
         list(Ahead(Source()))
 
 
+def test_a_source_that_cannot_start_fails_its_caller_at_once():
+    class Source:
+        def __iter__(self):
+            raise DeviceError("cannot open /dev/vg/snap")
+
+    with pytest.raises(DeviceError, match="cannot open"):
+        Ahead(Source())
+
+
 def test_the_source_runs_in_the_callers_context():
     ledger = contextvars.ContextVar("ledger", default=None)
     seen = []
